@@ -1,0 +1,342 @@
+"""The ``chexd`` command line. Every command reads settings the same way (``--config``, ``CHEXD_*``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon import queries, scu
+from daemon.db import (
+    DatabaseError,
+    create_db_engine,
+    current_revision,
+    head_revision,
+    session_factory,
+    upgrade_to_head,
+)
+from daemon.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="chexd - DICOM chest radiograph reporting daemon. The bundled demo model is synthetic: NOT FOR DIAGNOSIS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic) commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML settings file (default: $CHEXD_CONFIG or <data_dir>/chexd.toml)"
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class _State:
+    config: Path | None = None
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return load_settings(_State.config)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+        raise  # unreachable
+
+
+def sessions(cfg: Settings, *, migrate: bool = False):  # type: ignore[no-untyped-def]
+    """A session factory for the configured database, which must be at the head revision."""
+    engine = create_db_engine(cfg.effective_database_url)
+    try:
+        if migrate:
+            upgrade_to_head(engine)
+        else:
+            current = current_revision(engine)
+            if current != head_revision():
+                fail(
+                    f"database {cfg.masked()['database_url']} is at revision {current or '(empty)'}, "
+                    f"not {head_revision()} - run 'chexd db upgrade' (or start 'chexd serve', which upgrades)"
+                )
+    except SQLAlchemyError as exc:
+        fail(
+            f"cannot use database {cfg.masked()['database_url']}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
+        )
+    return session_factory(engine)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.callback()
+def main(config: ConfigOption = None) -> None:
+    _State.config = config
+
+
+@app.command()
+def serve() -> None:
+    """Run the daemon: upgrade the database, recover, then accept DICOM associations until SIGTERM/SIGINT."""
+    from daemon.service import Daemon, configure_logging
+
+    cfg = settings()
+    configure_logging(cfg.log_level)
+    try:
+        daemon = Daemon(cfg)
+    except (DatabaseError, OSError) as exc:
+        fail(str(exc))
+    err.print(
+        f"chexd: AE title {cfg.ae_title}, port {cfg.port}, data in {cfg.data_dir}, "
+        f"database {cfg.masked()['database_url']}",
+        highlight=False,
+    )
+    try:
+        daemon.serve_forever()
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except SQLAlchemyError as exc:
+        fail(f"database error at start-up: {exc}")
+
+
+@app.command("config")
+def config_cmd(as_json: JsonOption = False) -> None:
+    """Print the effective settings (database password masked)."""
+    values = settings().masked()
+    if as_json:
+        emit_json(values)
+        return
+    table = Table("setting", "value", title="effective settings")
+    for key, value in values.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Queue by state, the last errors, and free disk in the spool."""
+    cfg = settings()
+    summary = queries.queue_summary(sessions(cfg))
+    spool_root = cfg.spool_dir if cfg.spool_dir.exists() else cfg.data_dir
+    usage = shutil.disk_usage(spool_root if spool_root.exists() else Path.cwd())
+    summary["disk"] = {
+        "path": str(spool_root),
+        "free_mb": usage.free // 2**20,
+        "reserve_mb": cfg.disk_reserve_mb,
+        "below_reserve": usage.free < cfg.disk_reserve_mb * 2**20,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table("state", "jobs", title=f"{summary['instances']} instances in {summary['studies']} studies")
+    for state, count in summary["jobs"].items():
+        table.add_row(state, str(count))
+    out.print(table)
+    disk = summary["disk"]
+    warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
+    out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
+    if summary["last_errors"]:
+        errors = Table("SOP Instance UID", "state", "attempts", "error", title="last errors")
+        for e in summary["last_errors"]:
+            errors.add_row(e["sop_instance_uid"], e["state"], str(e["attempts"]), e["error"] or "")
+        out.print(errors)
+
+
+@app.command()
+def studies(
+    as_json: JsonOption = False, limit: Annotated[int, typer.Option(help="Most recent N studies.")] = 100
+) -> None:
+    """Studies received, most recent first."""
+    rows = queries.list_studies(sessions(settings()), limit=limit)
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("Study Instance UID", "date", "series", "images", "jobs", "last received")
+    for r in rows:
+        jobs = ", ".join(f"{k.lower()} {v}" for k, v in sorted(r["jobs"].items()))
+        table.add_row(
+            r["study_instance_uid"],
+            r["study_date"] or "",
+            str(r["series"]),
+            str(r["instances"]),
+            jobs,
+            r["last_received"] or "",
+        )
+    out.print(table)
+
+
+@app.command("show")
+def show_cmd(uid: str, as_json: JsonOption = False) -> None:
+    """Everything stored for a study, series or SOP instance UID."""
+    try:
+        data = queries.show(sessions(settings()), uid)
+    except queries.NotFoundError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(data)
+        return
+    out.print(f"{data['level']} {uid}: {len(data['instances'])} instance(s)", highlight=False)
+    for inst in data["instances"]:
+        job = inst["job"] or {}
+        table = Table(show_header=False, title=inst["sop_instance_uid"])
+        for key in (
+            "study_instance_uid",
+            "series_instance_uid",
+            "sop_class_uid",
+            "modality",
+            "body_part",
+            "view_position",
+            "transfer_syntax_uid",
+            "path",
+            "size_bytes",
+            "calling_ae",
+            "received_at",
+            "skip_reason",
+        ):
+            table.add_row(key, str(inst[key]) if inst[key] is not None else "")
+        table.add_row("job", f"{job.get('state')} (attempts {job.get('attempts')})")
+        if job.get("error"):
+            table.add_row("error", job["error"])
+        if inst["image_stats"]:
+            table.add_row("image stats", json.dumps(inst["image_stats"]))
+        out.print(table)
+
+
+@app.command("reprocess")
+def reprocess_cmd(uid: str, as_json: JsonOption = False) -> None:
+    """Re-queue the jobs of a study, series or instance (a running daemon picks them up)."""
+    try:
+        result = queries.reprocess(sessions(settings()), uid)
+    except queries.NotFoundError as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(result)
+        return
+    out.print(
+        f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are"
+    )
+
+
+@app.command("echo")
+def echo_cmd(
+    host: str,
+    port: int,
+    called_ae: Annotated[str, typer.Option("--aec", help="Called AE title.")] = "ANY-SCP",
+    calling_ae: Annotated[str, typer.Option("--aet", help="Calling AE title.")] = "CHEXD-SCU",
+    timeout: Annotated[float, typer.Option(help="Seconds.")] = 10,
+) -> None:
+    """C-ECHO a DICOM node (verification)."""
+    try:
+        status_code = scu.echo(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout)
+    except (scu.AssociationError, OSError, ValueError) as exc:
+        fail(str(exc))
+    if status_code != 0:
+        fail(f"C-ECHO status 0x{status_code:04X}")
+    out.print(f"C-ECHO {called_ae}@{host}:{port}: success (0x0000)", highlight=False)
+
+
+@app.command("send")
+def send_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).")],
+    host: Annotated[str, typer.Option(help="Destination host (default: this chexd).")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Destination port (default: the configured port).")] = None,
+    called_ae: Annotated[
+        str | None, typer.Option("--aec", help="Called AE (default: the configured AE title).")
+    ] = None,
+    calling_ae: Annotated[str, typer.Option("--aet", help="Calling AE title.")] = "CHEXD-SCU",
+    as_json: JsonOption = False,
+) -> None:
+    """C-STORE DICOM files or folders (default: to this chexd), with a progress bar; exit 1 if any file failed."""
+    cfg = settings()
+    port = cfg.port if port is None else port
+    called_ae = called_ae or cfg.ae_title
+    try:
+        files = scu.collect_files(paths)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    if not files:
+        fail("no files to send")
+    progress = Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json or not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("send", total=len(files))
+        try:
+            results = scu.send(
+                files,
+                host,
+                port,
+                called_ae=called_ae,
+                calling_ae=calling_ae,
+                on_result=lambda _r: progress.advance(task),
+            )
+        except (scu.AssociationError, OSError, ValueError) as exc:
+            fail(str(exc))
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        emit_json(
+            [
+                {
+                    "path": str(r.path),
+                    "sop_instance_uid": r.sop_instance_uid,
+                    "status": None if r.status is None else f"0x{r.status:04X}",
+                    "error": r.error,
+                }
+                for r in results
+            ]
+        )
+    else:
+        for r in failed:
+            what = f"status 0x{r.status:04X}" if r.status is not None else r.error
+            err.print(f"failed: {r.path}: {what}", highlight=False)
+        out.print(f"sent {len(results) - len(failed)} of {len(results)} file(s)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all pending schema migrations."""
+    cfg = settings()
+    try:
+        revision = upgrade_to_head(create_db_engine(cfg.effective_database_url))
+    except (SQLAlchemyError, DatabaseError) as exc:
+        fail(f"upgrade failed: {exc}")
+    out.print(f"database {cfg.masked()['database_url']} at revision {revision} (head)", highlight=False)
+
+
+@db_app.command("current")
+def db_current(as_json: JsonOption = False) -> None:
+    """Show the database's schema revision and the head revision."""
+    cfg = settings()
+    try:
+        current = current_revision(create_db_engine(cfg.effective_database_url))
+    except (SQLAlchemyError, DatabaseError) as exc:
+        fail(f"cannot read the database: {exc}")
+    data = {"database_url": cfg.masked()["database_url"], "current": current, "head": head_revision()}
+    if as_json:
+        emit_json(data)
+        return
+    note = "" if current == data["head"] else "  (run 'chexd db upgrade')"
+    out.print(f"current {current or '(empty)'}, head {data['head']}{note}", highlight=False)

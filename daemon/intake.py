@@ -1,0 +1,93 @@
+"""What the C-STORE edge learns from a received dataset before it stores it: validated UIDs, the checks that decide
+0xC000 versus storage, and the input gate (is this a frontal chest radiograph?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.uid import UID
+
+from daemon.spool import validate_uid
+
+CHEST_MODALITIES = frozenset({"CR", "DX"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE"})
+
+
+class UnusableDatasetError(ValueError):
+    """The dataset parses but cannot be an image chexd can keep (e.g. Rows is 0); maps to 0xC000."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InstanceMeta:
+    """Identifying, non-patient attributes of one received instance; all UIDs already validated."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part: str | None
+    view_position: str | None
+    study_date: str | None
+    skip_reason: str | None  # set when the input gate keeps the instance away from the model
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip().upper() or None
+
+
+def gate_reason(modality: str | None, body_part: str | None, view_position: str | None) -> str | None:
+    """Why an instance is not a frontal chest radiograph, or None when it is (PS3.3 C.8.11.5 View Position)."""
+    if modality not in CHEST_MODALITIES:
+        return f"not a chest radiograph: Modality={modality or '(missing)'} - expected CR or DX"
+    if body_part is not None and body_part != "CHEST":
+        return f"not a chest radiograph: BodyPartExamined={body_part}"
+    if view_position is not None and view_position in LATERAL_VIEWS:
+        return f"not a frontal view: ViewPosition={view_position}"
+    return None
+
+
+def check_pixel_module(ds: Dataset) -> None:
+    """Reject images no decoder could use: missing PixelData, zero Rows/Columns, or native pixel data shorter than
+    Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames (PS3.3 C.7.6.3). Raises UnusableDatasetError."""
+    if "PixelData" not in ds:
+        raise UnusableDatasetError("PixelData is missing")
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        value = ds.get(keyword)
+        if not value:
+            raise UnusableDatasetError(f"{keyword} is {value!r} - an image needs a positive value")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and not UID(ts).is_compressed:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
+        expected = expected * int(ds.BitsAllocated) // 8 if ds.BitsAllocated >= 8 else (expected + 7) // 8
+        got = len(ds.PixelData)
+        if got < expected:
+            raise UnusableDatasetError(f"pixel data truncated: expected {expected} bytes, got {got}")
+
+
+def inspect(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
+    """Validate and extract what storage needs. Raises InvalidUIDError or UnusableDatasetError (both 0xC000)."""
+    modality = _text(ds, "Modality")
+    body_part = _text(ds, "BodyPartExamined")
+    view_position = _text(ds, "ViewPosition")
+    meta = InstanceMeta(
+        sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+        sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+        study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        transfer_syntax_uid=validate_uid(transfer_syntax_uid, "TransferSyntaxUID"),
+        modality=modality,
+        body_part=body_part,
+        view_position=view_position,
+        study_date=(str(ds.get("StudyDate") or "")[:8] or None),
+        skip_reason=gate_reason(modality, body_part, view_position),
+    )
+    check_pixel_module(ds)
+    return meta

@@ -1,0 +1,170 @@
+"""Read-side views of the database for the CLI (plain JSON-able dicts) and the reprocess command."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.store import audit
+from daemon.tables import Instance, Job, JobState, Series, Study, utcnow
+
+
+class NotFoundError(LookupError):
+    """No study, series or instance has the given UID."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> dict[str, Any]:
+    """Jobs by state, the most recent failures and skips, and instance/study totals."""
+    with sessions() as session:
+        counts = {state.value: 0 for state in JobState}
+        for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
+            counts[JobState(state).value] = n
+        failures = session.execute(
+            select(Instance.sop_instance_uid, Job.state, Job.error, Job.attempts, Job.updated_at)
+            .join(Instance, Job.instance_id == Instance.id)
+            .where(Job.error.is_not(None), Job.state.in_([JobState.FAILED, JobState.QUEUED]))
+            .order_by(Job.updated_at.desc())
+            .limit(last_errors)
+        ).all()
+        return {
+            "jobs": counts,
+            "instances": session.scalar(select(func.count()).select_from(Instance)),
+            "studies": session.scalar(select(func.count()).select_from(Study)),
+            "last_errors": [
+                {
+                    "sop_instance_uid": uid,
+                    "state": JobState(state).value,
+                    "attempts": attempts,
+                    "error": error,
+                    "at": _iso(at),
+                }
+                for uid, state, error, attempts, at in failures
+            ],
+        }
+
+
+def list_studies(sessions: sessionmaker[Session], *, limit: int = 100) -> list[dict[str, Any]]:
+    """Most recently received studies first, with instance counts and job states."""
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                Study.study_instance_uid,
+                Study.study_date,
+                func.count(func.distinct(Series.id)),
+                func.count(func.distinct(Instance.id)),
+                func.max(Instance.received_at),
+            )
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .group_by(Study.id)
+            .order_by(func.max(Instance.received_at).desc())
+            .limit(limit)
+        ).all()
+        out = []
+        for uid, date, n_series, n_instances, last in rows:
+            states = dict(
+                session.execute(
+                    select(Job.state, func.count())
+                    .join(Instance, Job.instance_id == Instance.id)
+                    .join(Series, Instance.series_id == Series.id)
+                    .join(Study, Series.study_id == Study.id)
+                    .where(Study.study_instance_uid == uid)
+                    .group_by(Job.state)
+                ).all()
+            )
+            out.append(
+                {
+                    "study_instance_uid": uid,
+                    "study_date": date,
+                    "series": n_series,
+                    "instances": n_instances,
+                    "jobs": {JobState(k).value: v for k, v in states.items()},
+                    "last_received": _iso(last),
+                }
+            )
+        return out
+
+
+def _instance_dict(instance: Instance) -> dict[str, Any]:
+    job = max(instance.jobs, key=lambda j: j.id) if instance.jobs else None
+    return {
+        "sop_instance_uid": instance.sop_instance_uid,
+        "sop_class_uid": instance.sop_class_uid,
+        "series_instance_uid": instance.series.series_instance_uid,
+        "study_instance_uid": instance.series.study.study_instance_uid,
+        "modality": instance.modality,
+        "body_part": instance.body_part,
+        "view_position": instance.view_position,
+        "transfer_syntax_uid": instance.transfer_syntax_uid,
+        "path": instance.path,
+        "size_bytes": instance.size_bytes,
+        "calling_ae": instance.calling_ae,
+        "received_at": _iso(instance.received_at),
+        "skip_reason": instance.skip_reason,
+        "image_stats": instance.image_stats,
+        "job": None
+        if job is None
+        else {
+            "state": JobState(job.state).value,
+            "attempts": job.attempts,
+            "error": job.error,
+            "finished_at": _iso(job.finished_at),
+        },
+    }
+
+
+def _instances_for(session: Session, uid: str) -> tuple[str, list[Instance]]:
+    instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == uid))
+    if instance is not None:
+        return "instance", [instance]
+    series = session.scalar(select(Series).where(Series.series_instance_uid == uid))
+    if series is not None:
+        return "series", list(series.instances)
+    study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+    if study is not None:
+        return "study", [i for s in study.series for i in s.instances]
+    raise NotFoundError(f"no study, series or instance with UID {uid}")
+
+
+def show(sessions: sessionmaker[Session], uid: str) -> dict[str, Any]:
+    """Everything known about a study, series or instance UID. Raises NotFoundError."""
+    with sessions() as session:
+        level, instances = _instances_for(session, uid)
+        return {"uid": uid, "level": level, "instances": [_instance_dict(i) for i in instances]}
+
+
+def reprocess(sessions: sessionmaker[Session], uid: str) -> dict[str, int]:
+    """Re-queue the jobs of a study, series or instance (attempts reset). Skipped instances stay skipped."""
+    with sessions.begin() as session:
+        _, instances = _instances_for(session, uid)
+        ids = [i.id for i in instances if not i.skip_reason]
+        requeued = 0
+        if ids:
+            requeued = session.execute(
+                update(Job)
+                .where(Job.instance_id.in_(ids), Job.state != JobState.RUNNING)
+                .values(
+                    state=JobState.QUEUED,
+                    attempts=0,
+                    error=None,
+                    finished_at=None,
+                    available_at=utcnow(),
+                    leased_by=None,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+    audit(
+        sessions,
+        "reprocess_requested",
+        sop_instance_uid=uid if len(uid) <= 64 else None,
+        detail=f"{requeued} job(s) re-queued",
+    )
+    return {"requeued": requeued, "skipped": len(instances) - len(ids)}

@@ -1,0 +1,80 @@
+"""Start-up recovery: make spool and database agree again after a crash or power loss.
+
+1. partial writes in the spool's temp folder are deleted (their senders never got 0x0000);
+2. jobs whose lease expired, or whose holder on this host is gone, are re-queued;
+3. files on disk with no instance row (a crash between rename and commit) are adopted: rows and a job are created.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.intake import inspect
+from daemon.spool import Spool, SpooledFile
+from daemon.store import audit, record_instance
+from daemon.tables import Instance
+from daemon.worker import requeue_expired
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecoveryReport:
+    temp_files_removed: int
+    jobs_requeued: int
+    files_reindexed: int
+    files_quarantined: int
+
+
+def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
+    """Adopt spool files missing from the database; quarantine ones that no longer parse. Returns (adopted,
+    quarantined)."""
+    with sessions() as session:
+        known = set(session.scalars(select(Instance.path)))
+    adopted = quarantined = 0
+    for rel in spool.iter_files():
+        if rel in known:
+            continue
+        path = spool.path_of(rel)
+        try:
+            ds = pydicom.dcmread(path)
+            meta = inspect(ds, str(ds.file_meta.TransferSyntaxUID))
+        except Exception as exc:
+            spool.quarantine_bytes(path.read_bytes(), f"re-index: stored file cannot be parsed: {exc}")
+            spool.remove(rel)
+            quarantined += 1
+            continue
+        spooled = SpooledFile(relative_path=rel, absolute_path=path, size_bytes=path.stat().st_size)
+        try:
+            with sessions.begin() as session:
+                record_instance(session, meta, spooled, calling_ae=None)
+        except IntegrityError:
+            log.warning(
+                "re-index: %s is already recorded under another path; left in place", meta.sop_instance_uid
+            )
+            continue
+        adopted += 1
+        log.info("re-indexed orphan file sop_instance_uid=%s", meta.sop_instance_uid)
+    return adopted, quarantined
+
+
+def recover(spool: Spool, sessions: sessionmaker[Session]) -> RecoveryReport:
+    removed = spool.remove_stale_temp_files()
+    requeued = requeue_expired(sessions, at_startup=True)
+    adopted, quarantined = reindex(spool, sessions)
+    report = RecoveryReport(
+        temp_files_removed=removed,
+        jobs_requeued=requeued,
+        files_reindexed=adopted,
+        files_quarantined=quarantined,
+    )
+    if any((removed, requeued, adopted, quarantined)):
+        audit(sessions, "startup_recovery", detail=str(report))
+    log.info("start-up recovery %s", report)
+    return report

@@ -1,0 +1,75 @@
+"""The daemon process: database at head, start-up recovery, worker threads, then the Storage SCP."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from daemon.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.recovery import RecoveryReport, recover
+from daemon.scp import StorageSCP
+from daemon.settings import Settings
+from daemon.spool import Spool
+from daemon.store import InstanceStore
+from daemon.worker import Processor, WorkerPool, decode_statistics
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+class Daemon:
+    """One chexd node. ``start()`` returns once the SCP listens; ``stop()`` drains workers and closes the port."""
+
+    def __init__(self, settings: Settings, processor: Processor = decode_statistics) -> None:
+        self.settings = settings
+        self.engine = create_db_engine(settings.effective_database_url)
+        self.sessions = session_factory(self.engine)
+        self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
+        self.store = InstanceStore(self.spool, self.sessions)
+        self.workers = WorkerPool(self.sessions, self.spool, settings, processor)
+        self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
+        self.recovery: RecoveryReport | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        revision = upgrade_to_head(self.engine)
+        log.info("database at revision %s", revision)
+        self.recovery = recover(self.spool, self.sessions)
+        self.workers.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping: closing the DICOM port, then draining workers")
+        self.scp.stop()
+        self.workers.stop()
+        self.engine.dispose()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def _signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received signal %s", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,178 @@
+"""The one settings object: embedded defaults, then a TOML file, then ``CHEXD_*`` environment variables.
+
+Every command (``serve``, ``status``, ``db upgrade`` …) calls :func:`load_settings` so they all see the same values.
+The TOML file is, in order of precedence: the ``--config`` option, ``$CHEXD_CONFIG``, ``<data_dir>/chexd.toml``
+(used only when it exists). Keys in the file and the environment have the field names below
+(``port = 104`` / ``CHEXD_PORT=104``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+ENV_PREFIX = "CHEXD_"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, no control chars
+
+
+class SettingsError(ValueError):
+    """A setting has a value chexd cannot use; the message names the setting, the value and the rule."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "chexd"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Effective configuration of one chexd node.
+
+    Sizes are in MiB, durations in seconds. ``allowed_calling_aes`` entries are ``AE`` or ``AE@IP``; an empty list
+    admits any calling AE.
+    """
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    database_url: str = ""  # empty: sqlite:///<data_dir>/chexd.db
+    ae_title: str = "CHEXD"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    require_called_ae: bool = True
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = 25
+    disk_reserve_mb: int = 1024
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    worker_threads: int = 1
+    job_lease_seconds: int = 300
+    job_max_attempts: int = 3
+    worker_poll_seconds: float = 0.5
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
+            raise SettingsError(
+                f"Invalid ae_title {self.ae_title!r} - must be 1-16 printable characters, no '\\'"
+            )
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"Invalid port {self.port} - must be in 1..65535")
+        if self.max_associations < 1:
+            raise SettingsError(f"Invalid max_associations {self.max_associations} - must be >= 1")
+        if self.disk_reserve_mb < 0:
+            raise SettingsError(f"Invalid disk_reserve_mb {self.disk_reserve_mb} - must be >= 0")
+        if self.worker_threads < 0:
+            raise SettingsError(f"Invalid worker_threads {self.worker_threads} - must be >= 0")
+        if self.job_max_attempts < 1 or self.job_lease_seconds < 1:
+            raise SettingsError("job_max_attempts and job_lease_seconds must be >= 1")
+        for entry in self.allowed_calling_aes:
+            ae = entry.split("@", 1)[0]
+            if not _AE_TITLE.match(ae):
+                raise SettingsError(f"Invalid allowed_calling_aes entry {entry!r} - expected 'AE' or 'AE@IP'")
+        if self.database_url:
+            try:
+                make_url(self.database_url)
+            except Exception as exc:
+                raise SettingsError(f"Invalid database_url: {exc}") from None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'chexd.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    def masked(self) -> dict[str, Any]:
+        """Settings as plain JSON-able values, with the database password replaced by ``***``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (
+                str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            )
+        url = make_url(self.effective_database_url)
+        out["database_url"] = url.render_as_string(hide_password=True)
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Convert a TOML or environment value to the field's type; raise SettingsError naming the key."""
+    kind = _FIELDS[name].type
+    try:
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            if isinstance(raw, str):
+                return tuple(p.strip() for p in raw.split(",") if p.strip())
+            return tuple(str(p) for p in raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"Invalid value for {name!r}: {raw!r} - {exc}") from None
+
+
+def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Build the effective settings. Raises SettingsError for an unknown key, a bad value or an unreadable file."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+
+    env_values: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in _FIELDS:
+            env_values[name] = _coerce(name, raw)
+
+    data_dir = env_values.get("data_dir") or _default_data_dir()
+    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    explicit = path is not None
+    if path is None:
+        path = Path(data_dir) / "chexd.toml"
+    if explicit or path.exists():
+        try:
+            with open(path, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except FileNotFoundError:
+            raise SettingsError(f"Configuration file not found: {path}") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"Cannot read configuration file {path}: {exc}") from None
+        file_values = file_values.get("chexd", file_values)
+        for name, raw in file_values.items():
+            if name not in _FIELDS:
+                raise SettingsError(
+                    f"Unknown setting {name!r} in {path} - known: {', '.join(sorted(_FIELDS))}"
+                )
+            values[name] = _coerce(name, raw)
+
+    values.update(env_values)
+    return Settings(**values)

@@ -1,0 +1,274 @@
+"""The job worker: claims queued jobs under a lease and runs the processing step on the stored file.
+
+Claiming is one ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) RETURNING`` statement, so several workers
+(threads or daemons on one PostgreSQL) never run the same job; on SQLite the row lock clause is dropped and the
+single statement is serialised by SQLite itself. A job whose worker died is re-queued when its lease expires, or at
+start-up when the lease holder was a process of this host that no longer exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.settings import Settings
+from daemon.spool import Spool
+from daemon.tables import Instance, Job, JobState, utcnow
+from model.errors import ImageDecodeError
+from model.preprocess import image_stats
+
+log = logging.getLogger(__name__)
+
+Processor = Callable[[Path], dict[str, Any]]
+HOST = socket.gethostname()
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (the input itself is unusable); the job fails at once with this message."""
+
+
+def decode_statistics(path: Path) -> dict[str, Any]:
+    """The pre-model processing step: decode the stored image and return its statistics (normalised units).
+
+    Raises PermanentJobError when the file or its pixel data cannot be decoded."""
+    try:
+        ds = pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise PermanentJobError(f"stored file is missing from the spool: {path.name}") from None
+    except Exception as exc:
+        raise PermanentJobError(f"stored file cannot be read: {exc}") from exc
+    try:
+        return image_stats(ds).to_dict()
+    except ImageDecodeError as exc:
+        raise PermanentJobError(f"pixel data cannot be decoded: {exc}") from exc
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClaimedJob:
+    job_id: int
+    attempts: int
+    instance_id: int
+    sop_instance_uid: str
+    path: str
+
+
+def worker_identity(index: int) -> str:
+    return f"{HOST}/{os.getpid()}/{index}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def requeue_expired(sessions: sessionmaker[Session], *, at_startup: bool = False) -> int:
+    """Return RUNNING jobs whose lease expired (or, at start-up, whose holder on this host is dead) to QUEUED."""
+    now = utcnow()
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(Job.id, Job.leased_by, Job.lease_expires_at).where(Job.state == JobState.RUNNING)
+        ).all()
+        stale = []
+        for job_id, leased_by, expires in rows:
+            host, _, rest = (leased_by or "").partition("/")
+            pid = rest.partition("/")[0]
+            dead_here = at_startup and host == HOST and pid.isdigit() and not _pid_alive(int(pid))
+            if expires is None or expires < now or dead_here:
+                stale.append(job_id)
+        if stale:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(stale), Job.state == JobState.RUNNING)
+                .values(state=JobState.QUEUED, leased_by=None, lease_expires_at=None, available_at=now)
+            )
+    if stale:
+        log.warning("re-queued %d job(s) with expired leases", len(stale))
+    return len(stale)
+
+
+class Worker:
+    """Runs jobs one at a time in the calling thread; run several for parallelism."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        settings: Settings,
+        *,
+        identity: str,
+        processor: Processor = decode_statistics,
+    ) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.settings = settings
+        self.identity = identity
+        self.processor = processor
+
+    def claim(self) -> ClaimedJob | None:
+        now = utcnow()
+        candidate = (
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.available_at <= now)
+            .order_by(Job.available_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        with self.sessions.begin() as session:
+            row = session.execute(
+                update(Job)
+                .where(Job.id == candidate, Job.state == JobState.QUEUED)
+                .values(
+                    state=JobState.RUNNING,
+                    attempts=Job.attempts + 1,
+                    leased_by=self.identity,
+                    lease_expires_at=now + timedelta(seconds=self.settings.job_lease_seconds),
+                    updated_at=now,
+                )
+                .returning(Job.id, Job.attempts, Job.instance_id)
+            ).first()
+            if row is None:
+                return None
+            instance = session.execute(
+                select(Instance.sop_instance_uid, Instance.path).where(Instance.id == row.instance_id)
+            ).one()
+        return ClaimedJob(
+            job_id=row.id,
+            attempts=row.attempts,
+            instance_id=row.instance_id,
+            sop_instance_uid=instance.sop_instance_uid,
+            path=instance.path,
+        )
+
+    def run_one(self) -> bool:
+        """Claim and run one job; False when the queue had nothing ready."""
+        job = self.claim()
+        if job is None:
+            return False
+        try:
+            result = self.processor(self.spool.path_of(job.path))
+        except PermanentJobError as exc:
+            self._finish(job, JobState.FAILED, error=str(exc))
+        except Exception as exc:
+            log.exception("job failed job_id=%s sop_instance_uid=%s", job.job_id, job.sop_instance_uid)
+            if job.attempts >= self.settings.job_max_attempts:
+                self._finish(
+                    job, JobState.FAILED, error=f"{type(exc).__name__}: {exc} (attempt {job.attempts})"
+                )
+            else:
+                self._retry(job, f"{type(exc).__name__}: {exc}")
+        else:
+            self._finish(job, JobState.DONE, result=result)
+        return True
+
+    def _owned(self, job: ClaimedJob) -> Any:
+        return and_(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.leased_by == self.identity)
+
+    def _finish(
+        self, job: ClaimedJob, state: JobState, *, error: str | None = None, result: dict | None = None
+    ) -> None:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            updated = session.execute(
+                update(Job)
+                .where(self._owned(job))
+                .values(state=state, error=error, finished_at=now, lease_expires_at=None, updated_at=now)
+            ).rowcount
+            if updated and result is not None:
+                session.execute(
+                    update(Instance).where(Instance.id == job.instance_id).values(image_stats=result)
+                )
+        if not updated:
+            log.warning("lost lease before finishing job_id=%s", job.job_id)
+        elif state is JobState.FAILED:
+            log.warning(
+                "job failed job_id=%s sop_instance_uid=%s: %s", job.job_id, job.sop_instance_uid, error
+            )
+        else:
+            log.info(
+                "job %s job_id=%s sop_instance_uid=%s", state.value.lower(), job.job_id, job.sop_instance_uid
+            )
+
+    def _retry(self, job: ClaimedJob, error: str) -> None:
+        now = utcnow()
+        delay = timedelta(seconds=min(300, 2**job.attempts))
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Job)
+                .where(self._owned(job))
+                .values(
+                    state=JobState.QUEUED,
+                    error=error,
+                    leased_by=None,
+                    lease_expires_at=None,
+                    available_at=now + delay,
+                    updated_at=now,
+                )
+            )
+
+
+class WorkerPool:
+    """``count`` worker threads plus periodic lease recovery; ``wake()`` after enqueueing to skip the poll wait."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], spool: Spool, settings: Settings, processor: Processor
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.workers = [
+            Worker(sessions, spool, settings, identity=worker_identity(i), processor=processor)
+            for i in range(settings.worker_threads)
+        ]
+        self._threads: list[threading.Thread] = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        for worker in self.workers:
+            thread = threading.Thread(
+                target=self._loop, args=(worker,), name=f"chexd-{worker.identity}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _loop(self, worker: Worker) -> None:
+        last_recovery = 0.0
+        clock = threading.Event()
+        while not self._stop.is_set():
+            try:
+                now = utcnow().timestamp()
+                if worker is self.workers[0] and now - last_recovery > 30:
+                    requeue_expired(self.sessions)
+                    last_recovery = now
+                if worker.run_one():
+                    continue
+            except Exception:
+                log.exception("worker loop error; retrying shortly")
+                clock.wait(2.0)
+            self._wake.wait(self.settings.worker_poll_seconds)
+            self._wake.clear()
