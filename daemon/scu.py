@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
@@ -85,6 +85,7 @@ def send(
     """C-STORE each file's bytes as stored (no re-encoding). Files that are not DICOM get a SendResult with an error.
     Raises AssociationError when the peer refuses or cannot be reached."""
     results: list[SendResult] = []
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file's dataset bytes as stored instead of re-encoding
 
     def report(result: SendResult) -> None:
         results.append(result)

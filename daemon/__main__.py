@@ -1,0 +1,3 @@
+from daemon.cli import app
+
+app(prog_name="chexd")
