@@ -244,6 +244,11 @@ class StorageSCP:
         except Exception as exc:
             return reject(Status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", requested_uid)
 
+        missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not ds.get(k)]
+        if missing:
+            return reject(
+                Status.CANNOT_UNDERSTAND, f"dataset has no {' or '.join(missing)} - not a DICOM image", requested_uid
+            )
         if (
             str(ds.get("SOPClassUID", "")) != requested_class
             or str(ds.get("SOPInstanceUID", "")) != requested_uid
