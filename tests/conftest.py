@@ -128,16 +128,17 @@ class DaemonProcess:
         return self.data_dir.parent / f"{self.data_dir.name}.log"
 
     def start(self, timeout: float = 60) -> DaemonProcess:
+        offset = len(self.log())
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*CHEXD, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"chexd exited with {self.proc.returncode}:\n{self.log()}")
-            if self.echo():
+            if f"storage SCP listening ae_title={self.ae_title} port={self.port}" in self.log()[offset:]:
                 return self
             time.sleep(0.2)
-        raise RuntimeError(f"chexd did not answer C-ECHO within {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"chexd did not start listening within {timeout}s:\n{self.log()}")
 
     def echo(self) -> bool:
         result = subprocess.run(

@@ -1,0 +1,160 @@
+"""daemon.settings: embedded defaults, then the TOML file, then CHEXD_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import Settings, SettingsError, load_settings
+
+
+def write_toml(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_need_no_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    settings = load_settings(environ={})
+    assert settings.ae_title == "CHEXD"
+    assert settings.port == 11112
+    assert settings.data_dir == tmp_path / "chexd"
+    assert settings.database_url == ""
+    assert settings.effective_database_url == f"sqlite:///{tmp_path / 'chexd' / 'chexd.db'}"
+    assert settings.spool_dir == tmp_path / "chexd" / "spool"
+    assert settings.quarantine_dir == tmp_path / "chexd" / "quarantine"
+    assert settings.allowed_calling_aes == ()
+
+
+def test_sqlite_default_follows_the_data_dir(tmp_path: Path) -> None:
+    settings = load_settings(environ={"CHEXD_DATA_DIR": str(tmp_path / "d")})
+    assert settings.data_dir == tmp_path / "d"
+    assert settings.effective_database_url == f"sqlite:///{tmp_path / 'd' / 'chexd.db'}"
+
+
+def test_toml_file_overrides_defaults(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", 'port = 104\nae_title = "RADIOLOGY"\njob_max_attempts = 5\n')
+    settings = load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+    assert (settings.port, settings.ae_title, settings.job_max_attempts) == (104, "RADIOLOGY", 5)
+    assert settings.disk_reserve_mb == 1024  # untouched keys keep their defaults
+
+
+def test_environment_overrides_toml(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", 'port = 104\nae_title = "RADIOLOGY"\n')
+    settings = load_settings(config, environ={"CHEXD_PORT": "4242", "CHEXD_DATA_DIR": str(tmp_path)})
+    assert settings.port == 4242
+    assert settings.ae_title == "RADIOLOGY"
+
+
+def test_chexd_table_form_is_read(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", '[chexd]\nport = 2104\nrequire_called_ae = false\n')
+    settings = load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+    assert settings.port == 2104
+    assert settings.require_called_ae is False
+
+
+def test_config_file_from_chexd_config_variable(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "elsewhere.toml", "port = 3104\n")
+    settings = load_settings(environ={"CHEXD_CONFIG": str(config), "CHEXD_DATA_DIR": str(tmp_path / "d")})
+    assert settings.port == 3104
+
+
+def test_chexd_toml_in_data_dir_is_used_when_present(tmp_path: Path) -> None:
+    write_toml(tmp_path / "chexd.toml", 'ae_title = "FROMDATADIR"\n')
+    settings = load_settings(environ={"CHEXD_DATA_DIR": str(tmp_path)})
+    assert settings.ae_title == "FROMDATADIR"
+
+
+def test_unknown_toml_key_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "port = 104\nprot = 105\n")
+    with pytest.raises(SettingsError, match="'prot'"):
+        load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_unknown_key_in_chexd_table_is_an_error(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "[chexd]\nworkers = 4\n")
+    with pytest.raises(SettingsError, match="'workers'"):
+        load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-1"])
+def test_port_out_of_range_is_rejected(tmp_path: Path, port: str) -> None:
+    with pytest.raises(SettingsError, match="port"):
+        load_settings(environ={"CHEXD_PORT": port, "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_non_numeric_port_is_rejected_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="'port'.*'eleven'"):
+        load_settings(environ={"CHEXD_PORT": "eleven", "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_boolean_port_in_toml_is_rejected(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "port = true\n")
+    with pytest.raises(SettingsError, match="'port'"):
+        load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize("ae_title", ["", "   ", "A" * 17, "BAD\\AE", "TAB\tAE"])
+def test_invalid_ae_title_is_rejected(tmp_path: Path, ae_title: str) -> None:
+    with pytest.raises(SettingsError, match="ae_title"):
+        load_settings(environ={"CHEXD_AE_TITLE": ae_title, "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_sixteen_character_ae_title_is_accepted() -> None:
+    assert Settings(ae_title="A" * 16).ae_title == "A" * 16
+
+
+def test_allowed_calling_aes_from_comma_separated_environment(tmp_path: Path) -> None:
+    settings = load_settings(
+        environ={"CHEXD_ALLOWED_CALLING_AES": "MODALITY1, PACS@10.0.0.5,,", "CHEXD_DATA_DIR": str(tmp_path)}
+    )
+    assert settings.allowed_calling_aes == ("MODALITY1", "PACS@10.0.0.5")
+
+
+def test_allowed_calling_aes_from_toml_list(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", 'allowed_calling_aes = ["CR1", "DX2@192.168.1.9"]\n')
+    settings = load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+    assert settings.allowed_calling_aes == ("CR1", "DX2@192.168.1.9")
+
+
+def test_invalid_allowed_calling_ae_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="allowed_calling_aes"):
+        load_settings(environ={"CHEXD_ALLOWED_CALLING_AES": "A" * 17, "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_masked_hides_postgresql_password() -> None:
+    settings = Settings(database_url="postgresql+psycopg://chexd:s3cr3t-pw@db.example:5432/chexd")
+    masked = settings.masked()
+    assert "s3cr3t-pw" not in str(masked)
+    assert masked["database_url"] == "postgresql+psycopg://chexd:***@db.example:5432/chexd"
+    assert masked["port"] == 11112
+    assert isinstance(masked["data_dir"], str)
+    assert masked["allowed_calling_aes"] == []
+
+
+def test_masked_shows_effective_sqlite_url(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path).masked()["database_url"] == f"sqlite:///{tmp_path / 'chexd.db'}"
+
+
+def test_explicit_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(missing, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_missing_file_named_by_chexd_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(environ={"CHEXD_CONFIG": str(tmp_path / "nope.toml"), "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_malformed_toml_is_an_error(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", "port = = 1\n")
+    with pytest.raises(SettingsError, match="Cannot read"):
+        load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_invalid_database_url_is_rejected() -> None:
+    with pytest.raises(SettingsError, match="database_url"):
+        Settings(database_url="not a url")
