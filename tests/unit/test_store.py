@@ -1,0 +1,202 @@
+"""daemon.store: file in the spool and rows in the database, both or neither (SQLite and real PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+import daemon.store
+from daemon import spool as spool_module
+from daemon.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.intake import InstanceMeta
+from daemon.spool import Spool
+from daemon.store import InstanceStore, StoreOutcome
+from daemon.tables import Instance, Job, JobState, Series, Study
+
+ROOT = "1.2.826.0.1.3680043.10.9999"
+PAYLOAD = b"\x00" * 128 + b"DICM" + bytes(range(200))
+
+
+@dataclass
+class Env:
+    engine: Engine
+    sessions: sessionmaker[Session]
+    spool: Spool
+    store: InstanceStore
+
+    def count(self, table: type) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(table)) or 0
+
+    def nothing_left(self) -> None:
+        assert list(self.spool.iter_files()) == []
+        assert list(self.spool.tmp.iterdir()) == []
+        assert [self.count(t) for t in (Study, Series, Instance, Job)] == [0, 0, 0, 0]
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = create_db_engine(db_url)
+    upgrade_to_head(engine)
+    sessions = session_factory(engine)
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    yield Env(engine, sessions, spool, InstanceStore(spool, sessions))
+    engine.dispose()
+
+
+def make_meta(n: int = 1, *, series: int = 1, skip_reason: str | None = None) -> InstanceMeta:
+    return InstanceMeta(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_instance_uid=f"{ROOT}.1.{series}.{n}",
+        study_instance_uid=f"{ROOT}.1",
+        series_instance_uid=f"{ROOT}.1.{series}",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality="DX",
+        body_part="CHEST",
+        view_position="PA",
+        study_date="20240101",
+        skip_reason=skip_reason,
+    )
+
+
+def rel_of(meta: InstanceMeta) -> str:
+    return f"{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
+
+
+def test_save_stores_file_rows_and_a_queued_job(env: Env) -> None:
+    meta = make_meta()
+    stored: list[bool] = []
+    outcome = env.store.save(meta, PAYLOAD, "MODALITY1", after_commit=lambda: stored.append(True))
+    assert outcome is StoreOutcome.STORED
+    assert stored == [True]
+    assert (env.spool.root / rel_of(meta)).read_bytes() == PAYLOAD
+    assert list(env.spool.tmp.iterdir()) == []
+    with env.sessions() as session:
+        study = session.scalars(select(Study)).one()
+        series = session.scalars(select(Series)).one()
+        instance = session.scalars(select(Instance)).one()
+        job = session.scalars(select(Job)).one()
+        assert (study.study_instance_uid, study.study_date) == (meta.study_instance_uid, "20240101")
+        assert (series.series_instance_uid, series.study_id, series.modality) == (
+            meta.series_instance_uid, study.id, "DX",
+        )
+        assert instance.sop_instance_uid == meta.sop_instance_uid
+        assert instance.series_id == series.id
+        assert instance.path == rel_of(meta)
+        assert instance.size_bytes == len(PAYLOAD)
+        assert instance.calling_ae == "MODALITY1"
+        assert (instance.body_part, instance.view_position, instance.skip_reason) == ("CHEST", "PA", None)
+        assert (job.instance_id, job.state, job.attempts, job.error) == (instance.id, JobState.QUEUED, 0, None)
+    assert env.store.exists(meta.sop_instance_uid)
+
+
+def test_instances_of_one_study_share_study_and_series_rows(env: Env) -> None:
+    for meta in (make_meta(1), make_meta(2), make_meta(1, series=2)):
+        assert env.store.save(meta, PAYLOAD, None) is StoreOutcome.STORED
+    assert [env.count(t) for t in (Study, Series, Instance, Job)] == [1, 2, 3, 3]
+
+
+def test_duplicate_changes_nothing(env: Env) -> None:
+    meta = make_meta()
+    env.store.save(meta, PAYLOAD, "FIRST")
+    calls: list[bool] = []
+    outcome = env.store.save(meta, b"different bytes", "SECOND", after_commit=lambda: calls.append(True))
+    assert outcome is StoreOutcome.DUPLICATE
+    assert calls == []
+    assert (env.spool.root / rel_of(meta)).read_bytes() == PAYLOAD
+    assert list(env.spool.tmp.iterdir()) == []
+    assert [env.count(t) for t in (Instance, Job)] == [1, 1]
+    with env.sessions() as session:
+        assert session.scalar(select(Instance.calling_ae)) == "FIRST"
+
+
+def test_concurrent_saves_of_one_instance_store_it_once(env: Env) -> None:
+    meta = make_meta()
+    outcomes: list[StoreOutcome] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def save(i: int) -> None:
+        try:
+            barrier.wait()
+            outcomes.append(env.store.save(meta, PAYLOAD + bytes([i]), f"AE{i}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(o.value for o in outcomes) == ["duplicate"] * 5 + ["stored"]
+    assert [env.count(t) for t in (Instance, Job)] == [1, 1]
+    assert list(env.spool.iter_files()) == [rel_of(meta)]
+    assert list(env.spool.tmp.iterdir()) == []
+
+
+def test_gated_instance_is_stored_with_a_skipped_job(env: Env) -> None:
+    reason = "not a frontal view: ViewPosition=LL"
+    meta = replace(make_meta(), view_position="LL", skip_reason=reason)
+    assert env.store.save(meta, PAYLOAD, None) is StoreOutcome.STORED
+    assert (env.spool.root / rel_of(meta)).exists()
+    with env.sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.state, job.error) == (JobState.SKIPPED, reason)
+        assert session.scalar(select(Instance.skip_reason)) == reason
+
+
+def test_database_failure_raises_and_leaves_no_file_and_no_rows(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_record = daemon.store.record_instance
+
+    def record_then_fail(session: Session, *args: object, **kwargs: object) -> Instance:
+        real_record(session, *args, **kwargs)  # type: ignore[arg-type]
+        session.flush()  # the rows reach the database before the failure, so rollback is what removes them
+        raise OperationalError("INSERT INTO jobs", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(daemon.store, "record_instance", record_then_fail)
+    calls: list[bool] = []
+    with pytest.raises(SQLAlchemyError):
+        env.store.save(make_meta(), PAYLOAD, None, after_commit=lambda: calls.append(True))
+    assert calls == []
+    env.nothing_left()
+    monkeypatch.undo()
+    assert env.store.save(make_meta(), PAYLOAD, None) is StoreOutcome.STORED  # nothing blocks a retry
+
+
+def test_disk_failure_raises_and_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        env.store.save(make_meta(), PAYLOAD, None)
+    monkeypatch.undo()
+    env.nothing_left()
+
+
+def test_failed_rename_raises_and_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space"):
+        env.store.save(make_meta(), PAYLOAD, None)
+    monkeypatch.undo()
+    env.nothing_left()
+
+
+def test_disk_reserve_refuses_the_write_and_leaves_nothing(env: Env) -> None:
+    env.spool.reserve_bytes = env.spool.free_bytes() + 2**40
+    with pytest.raises(OSError, match="reserve"):
+        env.store.save(make_meta(), PAYLOAD, None)
+    env.nothing_left()
