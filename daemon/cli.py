@@ -76,9 +76,8 @@ def sessions(cfg: Settings, *, migrate: bool = False):  # type: ignore[no-untype
                     f"not {head_revision()} - run 'chexd db upgrade' (or start 'chexd serve', which upgrades)"
                 )
     except SQLAlchemyError as exc:
-        fail(
-            f"cannot use database {cfg.masked()['database_url']}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
-        )
+        reason = exc.args[0] if exc.args else exc
+        fail(f"cannot use database {cfg.masked()['database_url']}: {exc.__class__.__name__}: {reason}")
     return session_factory(engine)
 
 
