@@ -42,6 +42,11 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip().upper() or None
 
 
+def _clip(value: str | None, length: int) -> str | None:
+    """Senders exceed VR lengths (e.g. ViewPosition 'POSTERO ANTERIOR ERECT'); keep what fits the column."""
+    return None if value is None else value[:length]
+
+
 def gate_reason(modality: str | None, body_part: str | None, view_position: str | None) -> str | None:
     """Why an instance is not a frontal chest radiograph, or None when it is (PS3.3 C.8.11.5 View Position)."""
     if modality not in CHEST_MODALITIES:
@@ -62,6 +67,8 @@ def check_pixel_module(ds: Dataset) -> None:
         value = ds.get(keyword)
         if not value:
             raise UnusableDatasetError(f"{keyword} is {value!r} - an image needs a positive value")
+    if ds.PixelData is None or len(ds.PixelData) == 0:
+        raise UnusableDatasetError("PixelData is empty")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and not UID(ts).is_compressed:
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -83,9 +90,9 @@ def inspect(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
         study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
         series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
         transfer_syntax_uid=validate_uid(transfer_syntax_uid, "TransferSyntaxUID"),
-        modality=modality,
-        body_part=body_part,
-        view_position=view_position,
+        modality=_clip(modality, 16),
+        body_part=_clip(body_part, 64),
+        view_position=_clip(view_position, 16),
         study_date=(str(ds.get("StudyDate") or "")[:8] or None),
         skip_reason=gate_reason(modality, body_part, view_position),
     )

@@ -21,7 +21,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> dict[str, Any]:
-    """Jobs by state, the most recent failures and skips, and instance/study totals."""
+    """Jobs by state, the most recent errors (failed jobs, and queued ones waiting to retry), and totals."""
     with sessions() as session:
         counts = {state.value: 0 for state in JobState}
         for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):

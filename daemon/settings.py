@@ -9,6 +9,8 @@ The TOML file is, in order of precedence: the ``--config`` option, ``$CHEXD_CONF
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import re
 import tomllib
@@ -26,8 +28,9 @@ class SettingsError(ValueError):
     """A setting has a value chexd cannot use; the message names the setting, the value and the rule."""
 
 
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def _default_data_dir(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "chexd"
 
 
@@ -70,6 +73,12 @@ class Settings:
             raise SettingsError(f"Invalid disk_reserve_mb {self.disk_reserve_mb} - must be >= 0")
         if self.worker_threads < 0:
             raise SettingsError(f"Invalid worker_threads {self.worker_threads} - must be >= 0")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise SettingsError(f"Invalid log_level {self.log_level!r} - expected DEBUG, INFO, WARNING or ERROR")
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout", "worker_poll_seconds"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise SettingsError(f"Invalid {name} {value} - must be a positive number of seconds")
         if self.job_max_attempts < 1 or self.job_lease_seconds < 1:
             raise SettingsError("job_max_attempts and job_lease_seconds must be >= 1")
         for entry in self.allowed_calling_aes:
@@ -115,6 +124,8 @@ def _coerce(name: str, raw: Any) -> Any:
     kind = _FIELDS[name].type
     try:
         if kind == "Path":
+            if not str(raw).strip():
+                raise ValueError("expected a folder path, got an empty value")
             return Path(str(raw)).expanduser()
         if kind == "bool":
             if isinstance(raw, bool):
@@ -153,7 +164,8 @@ def load_settings(config_file: Path | None = None, environ: dict[str, str] | Non
         if name in _FIELDS:
             env_values[name] = _coerce(name, raw)
 
-    data_dir = env_values.get("data_dir") or _default_data_dir()
+    data_dir = env_values.get("data_dir") or _default_data_dir(env)
+    values["data_dir"] = data_dir
     path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
     explicit = path is not None
     if path is None:

@@ -102,6 +102,27 @@ def requeue_expired(sessions: sessionmaker[Session], *, at_startup: bool = False
     return len(stale)
 
 
+def fail_exhausted(sessions: sessionmaker[Session], max_attempts: int) -> int:
+    """Fail queued jobs that already used every attempt: their worker was lost mid-job (a crash or kill, perhaps
+    caused by the image itself), so running them again could crash-loop the daemon."""
+    now = utcnow()
+    with sessions.begin() as session:
+        count = session.execute(
+            update(Job)
+            .where(Job.state == JobState.QUEUED, Job.attempts >= max_attempts)
+            .values(
+                state=JobState.FAILED,
+                error=f"worker lost during the final attempt (of {max_attempts}); not retried - "
+                "check the log, then 'chexd reprocess UID'",
+                finished_at=now,
+                updated_at=now,
+            )
+        ).rowcount
+    if count:
+        log.warning("failed %d job(s) whose worker was lost on their final attempt", count)
+    return count
+
+
 class Worker:
     """Runs jobs one at a time in the calling thread; run several for parallelism."""
 
@@ -124,7 +145,11 @@ class Worker:
         now = utcnow()
         candidate = (
             select(Job.id)
-            .where(Job.state == JobState.QUEUED, Job.available_at <= now)
+            .where(
+                Job.state == JobState.QUEUED,
+                Job.available_at <= now,
+                Job.attempts < self.settings.job_max_attempts,
+            )
             .order_by(Job.available_at, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -160,6 +185,7 @@ class Worker:
         """Claim and run one job; False when the queue had nothing ready."""
         job = self.claim()
         if job is None:
+            fail_exhausted(self.sessions, self.settings.job_max_attempts)
             return False
         try:
             result = self.processor(self.spool.path_of(job.path))

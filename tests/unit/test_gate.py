@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
@@ -145,6 +147,17 @@ def test_truncated_native_pixel_data_is_unusable() -> None:
     ds.PixelData = bytes(100)  # 8 x 8 x 2 = 128 expected
     with pytest.raises(UnusableDatasetError, match="expected 128 bytes, got 100"):
         check_pixel_module(ds)
+
+
+def test_empty_pixel_data_read_from_a_file_is_unusable() -> None:
+    # pydicom reads a zero-length (7FE0,0010) as None; the SCP must answer 0xC000, not 0x0110 from a TypeError
+    buffer = BytesIO()
+    ds = small_image()
+    ds.PixelData = b""
+    ds.save_as(buffer, enforce_file_format=True)
+    received = dcmread(BytesIO(buffer.getvalue()))
+    with pytest.raises(UnusableDatasetError, match="PixelData"):
+        check_pixel_module(received)
 
 
 def test_truncated_8_bit_pixel_data_is_unusable() -> None:

@@ -145,7 +145,10 @@ def test_recover_twice_adopts_nothing_the_second_time(env: Env) -> None:
     assert first.files_reindexed == 2
     second = recover(env.spool, env.sessions)
     assert (second.temp_files_removed, second.jobs_requeued, second.files_reindexed, second.files_quarantined) == (
-        0, 0, 0, 0,
+        0,
+        0,
+        0,
+        0,
     )
     assert [env.count(Instance), env.count(Job)] == [2, 2]
     with env.sessions() as session:  # a quiet start-up writes no audit event

@@ -16,8 +16,8 @@ def write_toml(path: Path, text: str) -> Path:
 
 
 def test_defaults_need_no_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    settings = load_settings(environ={})
+    monkeypatch.setenv("XDG_DATA_HOME", "/nonexistent/ignored")  # environ= replaces the process environment
+    settings = load_settings(environ={"XDG_DATA_HOME": str(tmp_path)})
     assert settings.ae_title == "CHEXD"
     assert settings.port == 11112
     assert settings.data_dir == tmp_path / "chexd"
@@ -49,7 +49,7 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
 
 
 def test_chexd_table_form_is_read(tmp_path: Path) -> None:
-    config = write_toml(tmp_path / "c.toml", '[chexd]\nport = 2104\nrequire_called_ae = false\n')
+    config = write_toml(tmp_path / "c.toml", "[chexd]\nport = 2104\nrequire_called_ae = false\n")
     settings = load_settings(config, environ={"CHEXD_DATA_DIR": str(tmp_path)})
     assert settings.port == 2104
     assert settings.require_called_ae is False
@@ -158,3 +158,21 @@ def test_malformed_toml_is_an_error(tmp_path: Path) -> None:
 def test_invalid_database_url_is_rejected() -> None:
     with pytest.raises(SettingsError, match="database_url"):
         Settings(database_url="not a url")
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "ERROR"])
+def test_standard_log_levels_are_accepted(tmp_path: Path, level: str) -> None:
+    assert load_settings(environ={"CHEXD_LOG_LEVEL": level, "CHEXD_DATA_DIR": str(tmp_path)}).log_level == level
+
+
+def test_unknown_log_level_is_rejected(tmp_path: Path) -> None:
+    # `chexd serve` passes log_level to logging.basicConfig, which raises a bare ValueError at start-up.
+    with pytest.raises(SettingsError, match="log_level"):
+        load_settings(environ={"CHEXD_LOG_LEVEL": "VERBOSE", "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+@pytest.mark.parametrize("name", ["acse_timeout", "dimse_timeout", "network_timeout", "worker_poll_seconds"])
+def test_negative_duration_is_rejected(tmp_path: Path, name: str) -> None:
+    # a negative poll interval makes Event.wait() return at once: an idle worker would spin on the database
+    with pytest.raises(SettingsError, match=name):
+        load_settings(environ={f"CHEXD_{name.upper()}": "-1", "CHEXD_DATA_DIR": str(tmp_path)})

@@ -143,9 +143,7 @@ def test_check_reserve_raises_when_reserve_exceeds_free_space(tmp_path: Path) ->
 def test_check_reserve_counts_the_incoming_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     usage = shutil.disk_usage(tmp_path)
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine", reserve_bytes=1000)
-    monkeypatch.setattr(
-        spool_module.shutil, "disk_usage", lambda _p: usage._replace(free=1500)
-    )
+    monkeypatch.setattr(spool_module.shutil, "disk_usage", lambda _p: usage._replace(free=1500))
     spool.check_reserve(500)  # exactly at the reserve: allowed
     with pytest.raises(DiskReserveError):
         spool.check_reserve(501)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import daemon.store
 from daemon import spool as spool_module
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.intake import InstanceMeta
+from daemon.intake import InstanceMeta, inspect
 from daemon.spool import Spool
 from daemon.store import InstanceStore, StoreOutcome
 from daemon.tables import Instance, Job, JobState, Series, Study
@@ -85,7 +88,9 @@ def test_save_stores_file_rows_and_a_queued_job(env: Env) -> None:
         job = session.scalars(select(Job)).one()
         assert (study.study_instance_uid, study.study_date) == (meta.study_instance_uid, "20240101")
         assert (series.series_instance_uid, series.study_id, series.modality) == (
-            meta.series_instance_uid, study.id, "DX",
+            meta.series_instance_uid,
+            study.id,
+            "DX",
         )
         assert instance.sop_instance_uid == meta.sop_instance_uid
         assert instance.series_id == series.id
@@ -153,9 +158,7 @@ def test_gated_instance_is_stored_with_a_skipped_job(env: Env) -> None:
         assert session.scalar(select(Instance.skip_reason)) == reason
 
 
-def test_database_failure_raises_and_leaves_no_file_and_no_rows(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_database_failure_raises_and_leaves_no_file_and_no_rows(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     real_record = daemon.store.record_instance
 
     def record_then_fail(session: Session, *args: object, **kwargs: object) -> Instance:
@@ -200,3 +203,23 @@ def test_disk_reserve_refuses_the_write_and_leaves_nothing(env: Env) -> None:
     with pytest.raises(OSError, match="reserve"):
         env.store.save(make_meta(), PAYLOAD, None)
     env.nothing_left()
+
+
+def test_over_long_view_position_from_a_sender_is_stored_on_every_backend(env: Env) -> None:
+    """A CS value longer than its 16-character limit is a sender's mistake, not a reason to answer 0xA700 (which
+    makes the sender retry for ever) on PostgreSQL while the same image is stored on SQLite."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = f"{ROOT}.1.1.1"
+    ds.StudyInstanceUID = f"{ROOT}.1"
+    ds.SeriesInstanceUID = f"{ROOT}.1.1"
+    ds.Modality = "DX"
+    with pytest.warns(UserWarning, match="exceeds the maximum length of 16"):
+        ds.ViewPosition = "POSTERO ANTERIOR ERECT"  # 22 characters
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 8, 8, 1, 8
+    ds.PixelData = bytes(64)
+    meta = inspect(ds, ExplicitVRLittleEndian)
+    assert env.store.save(meta, PAYLOAD, None) is StoreOutcome.STORED
+    assert env.count(Instance) == 1

@@ -291,3 +291,25 @@ def test_requeue_leaves_finished_jobs_alone(env: Env) -> None:
     assert env.job(job_id).state is JobState.DONE
     with env.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_expired_lease_on_the_final_attempt_fails_the_job_instead_of_running_it_again(env: Env) -> None:
+    """A job whose worker died during its last allowed attempt (e.g. killed decoding a poison image) must end FAILED;
+    re-queueing it without limit crash-loops the daemon on the same image."""
+    job_id = add_job(env, 1)
+    set_lease(env, job_id, "other-host/1234/0", timedelta(seconds=-5))
+    with env.sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(attempts=env.settings.job_max_attempts))
+    requeue_expired(env.sessions)
+    calls: list[Path] = []
+
+    def processor(path: Path) -> dict[str, Any]:
+        calls.append(path)
+        return stats_processor(path)
+
+    env.worker(processor).run_one()
+    job = env.job(job_id)
+    assert calls == []
+    assert job.state is JobState.FAILED
+    assert job.attempts == env.settings.job_max_attempts
+    assert job.error
