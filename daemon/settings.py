@@ -50,6 +50,7 @@ class Settings:
     require_called_ae: bool = True
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = 25
+    max_pdu_size: int = 262144  # bytes we accept per P-DATA PDU; 0 = unlimited (PS3.8 D.1)
     disk_reserve_mb: int = 1024
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -69,6 +70,8 @@ class Settings:
             raise SettingsError(f"Invalid port {self.port} - must be in 1..65535")
         if self.max_associations < 1:
             raise SettingsError(f"Invalid max_associations {self.max_associations} - must be >= 1")
+        if self.max_pdu_size != 0 and not 4096 <= self.max_pdu_size <= 2**32 - 1:
+            raise SettingsError(f"Invalid max_pdu_size {self.max_pdu_size} - 0 (unlimited) or 4096..4294967295 bytes")
         if self.disk_reserve_mb < 0:
             raise SettingsError(f"Invalid disk_reserve_mb {self.disk_reserve_mb} - must be >= 0")
         if self.worker_threads < 0:

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +19,13 @@ from pathlib import Path
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
+
+
+Payload = bytes | memoryview | Sequence[bytes | memoryview]
+
+
+def as_chunks(data: Payload) -> Sequence[bytes | memoryview]:
+    return [data] if isinstance(data, bytes | memoryview) else data
 
 
 class InvalidUIDError(ValueError):
@@ -100,14 +107,18 @@ class Spool:
                 f"{self.reserve_bytes // 2**20} MiB"
             )
 
-    def write_temp(self, data: bytes) -> Path:
-        """Write ``data`` to a new temp file and fsync it. On any failure the temp file is removed."""
-        self.check_reserve(len(data))
+    def write_temp(self, data: Payload) -> Path:
+        """Write ``data`` (bytes, or a sequence of byte chunks written in order) to a new temp file and fsync it.
+        On any failure the temp file is removed."""
+        chunks = as_chunks(data)
+        self.check_reserve(sum(len(c) for c in chunks))
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
+            with open(tmp, "xb", buffering=0) as fh:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[fh.write(view) :]
                 os.fsync(fh.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -165,13 +176,14 @@ class Spool:
                 if name.endswith(SUFFIX):
                     yield Path(dirpath, name).relative_to(self.root).as_posix()
 
-    def quarantine_bytes(self, data: bytes, reason: str) -> Path:
+    def quarantine_bytes(self, data: Payload, reason: str) -> Path:
         """Keep unparseable bytes with their reason; returns the data file's path."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         base = self.quarantine / f"{stamp}-{uuid.uuid4().hex[:12]}"
         data_path = base.with_suffix(".bin")
         with open(data_path, "xb") as fh:
-            fh.write(data)
+            for chunk in as_chunks(data):
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         base.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")

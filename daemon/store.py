@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.intake import InstanceMeta
-from daemon.spool import Spool, SpooledFile
+from daemon.spool import Payload, Spool, SpooledFile
 from daemon.tables import AuditEvent, Instance, Job, JobState, Series, Study
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,14 @@ class InstanceStore:
     def save(
         self,
         meta: InstanceMeta,
-        data: bytes,
+        data: Payload,
         calling_ae: str | None,
         *,
         after_commit: Callable[[], None] | None = None,
     ) -> StoreOutcome:
-        """Store ``data`` (the complete DICOM file bytes). Raises OSError (disk, reserve) or SQLAlchemyError
+        """Store ``data`` (the complete DICOM file: bytes or chunks). Raises OSError (disk, reserve) or SQLAlchemyError
         (database) with nothing left behind; a known SOP Instance UID returns DUPLICATE and changes nothing."""
         uid = meta.sop_instance_uid
-        if self.exists(uid):
-            return StoreOutcome.DUPLICATE
         rel = self.spool.relative_path(meta.study_instance_uid, meta.series_instance_uid, uid)
         tmp = self.spool.write_temp(data)
         with self._lock(uid):
