@@ -1,0 +1,146 @@
+"""The inference engine: one forward pass gives logits, CAMs and exact channel evidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from model.engine import IMAGENET_MEAN, IMAGENET_STD, Engine, InputError, prepare
+from model.errors import ModelError
+from model.types import LABELS, XRV_RECIPE, PreprocessRecipe
+
+RECIPE = PreprocessRecipe(input_size=96, resize=112)
+
+
+class TinyDenseNet(nn.Module):
+    """A small torchvision DenseNet exposing the engine's contract."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
+                                               num_classes=14)
+        if in_channels != 3:
+            self.net.features.conv0 = nn.Conv2d(in_channels, 8, 7, 2, 3, bias=False)
+        self.classifier = self.net.classifier
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.net.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _image(seed: int = 0, shape: tuple[int, int] = (130, 120)) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(TinyDenseNet(), recipe=RECIPE, model_version="abc123", top_k=5, batch_size=2)
+
+
+def test_logits_match_the_plain_forward_and_probabilities_are_their_sigmoid(engine: Engine) -> None:
+    images = [_image(i) for i in range(3)]
+    predictions = engine.predict(images)
+    with torch.no_grad():
+        reference = engine.model(torch.stack([prepare(im, RECIPE) for im in images])).numpy()
+    for pred, ref in zip(predictions, reference, strict=True):
+        np.testing.assert_allclose(pred.logits, ref, atol=1e-5)
+        np.testing.assert_allclose(pred.probabilities, 1 / (1 + np.exp(-ref)), atol=1e-6)
+        assert pred.labels == LABELS and pred.model_version == "abc123"
+
+
+def test_channel_contributions_plus_bias_sum_to_each_logit(engine: Engine) -> None:
+    image = _image(5)
+    (pred,) = engine.predict([image])
+    phi = engine.contributions(image)
+    assert phi.shape == (14, engine.weight.shape[1])
+    np.testing.assert_allclose(phi.sum(axis=1) + pred.bias, pred.logits, atol=1e-4)
+    top = np.take_along_axis(phi, pred.top_channels.astype(np.int64), axis=1)
+    np.testing.assert_allclose(top, pred.top_contributions, atol=1e-6)
+    assert np.all(np.abs(pred.top_contributions[:, :1]) >= np.abs(phi).max(axis=1, keepdims=True) - 1e-7)
+
+
+def test_cam_averages_to_logit_minus_bias_and_equals_grad_cam(engine: Engine) -> None:
+    image = _image(7)
+    (pred,) = engine.predict([image])
+    assert pred.cams.shape == (14, 3, 3)  # 96 px / 32
+    np.testing.assert_allclose(pred.cams.mean(axis=(1, 2)) + pred.bias, pred.logits, atol=1e-4)
+
+    # Grad-CAM at the post-ReLU features: weights = spatial mean of d logit_c / d A = W_c / (h*w); same map.
+    x = prepare(image, RECIPE)[None]
+    features = engine.model.forward_features(x).detach().requires_grad_(True)
+    logits = engine.model.classifier(features.mean(dim=(2, 3)))
+    c = 2
+    (grad,) = torch.autograd.grad(logits[0, c], features)
+    alpha = grad.mean(dim=(2, 3), keepdim=True) * features.shape[2] * features.shape[3]
+    grad_cam = (alpha * features).sum(dim=1)[0].detach().numpy()
+    np.testing.assert_allclose(pred.cams[c], grad_cam, atol=1e-5)
+
+
+def test_batching_does_not_change_results(engine: Engine) -> None:
+    images = [_image(i) for i in range(5)]
+    batched = engine.predict(images)
+    single = [engine.predict([im])[0] for im in images]
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((128, 128, 3), np.float32), "2-D"),
+        (np.zeros((128, 128), np.uint16), "dtype"),
+        (np.full((128, 128), np.nan, np.float32), "NaN"),
+        (np.full((128, 128), 0.5, np.float32), "constant"),
+        (np.random.default_rng(0).random((40, 128)).astype(np.float32), "smaller than 64"),
+        (np.random.default_rng(0).random((128, 128)).astype(np.float32) * 3, "expected [0, 1]"),
+    ],
+    ids=["rgb", "uint16", "nan", "constant", "tiny", "range"],
+)
+def test_bad_images_are_refused_with_a_clear_error(engine: Engine, bad: np.ndarray, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        engine.predict([_image(0), bad])
+
+
+def test_prepare_follows_the_recipe() -> None:
+    image = _image(1, (300, 200))
+    chexnet = prepare(image, PreprocessRecipe(input_size=224, resize=256))
+    assert chexnet.shape == (3, 224, 224)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    grey = chexnet * std + mean
+    torch.testing.assert_close(grey[0], grey[2])
+    assert float(grey[:, :, :10].max()) < 1e-5, "the narrow image is padded with air, not stretched"
+    xrv = prepare(image, XRV_RECIPE)
+    assert xrv.shape == (1, 224, 224)
+    assert -1024 <= float(xrv.min()) and float(xrv.max()) <= 1024 and float(xrv.max()) > 500
+
+
+def test_one_channel_models_run_with_their_recipe() -> None:
+    engine = Engine(TinyDenseNet(in_channels=1), recipe=PreprocessRecipe(channels=1, input_size=96, resize=None,
+                                                                          normalization="xrv"), model_version="x")
+    (pred,) = engine.predict([_image(3)])
+    assert np.all(np.isfinite(pred.logits))
+
+
+def test_a_model_without_the_contract_is_refused() -> None:
+    with pytest.raises(ModelError, match="forward_features"):
+        Engine(nn.Linear(3, 14), recipe=RECIPE, model_version="x")
+    with pytest.raises(ModelError, match="13 labels"):
+        Engine(TinyDenseNet(), recipe=RECIPE, model_version="x", labels=LABELS[:13])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run on the device machine)")
+def test_cuda_bf16_graph_path_agrees_with_cpu_within_bf16_tolerance() -> None:
+    model = TinyDenseNet()
+    cpu = Engine(model, recipe=RECIPE, model_version="x")
+    images = [_image(i) for i in range(3)]
+    expected = np.stack([p.logits for p in cpu.predict(images)])
+    gpu = Engine(TinyDenseNet(), recipe=RECIPE, model_version="x", device="cuda", cuda_graph_batch_sizes=(1, 4))
+    got = np.stack([p.logits for p in gpu.predict(images)])
+    np.testing.assert_allclose(got, expected, atol=0.05, rtol=0.05)
