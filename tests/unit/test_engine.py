@@ -144,3 +144,21 @@ def test_cuda_bf16_graph_path_agrees_with_cpu_within_bf16_tolerance() -> None:
     gpu = Engine(TinyDenseNet(), recipe=RECIPE, model_version="x", device="cuda", cuda_graph_batch_sizes=(1, 4))
     got = np.stack([p.logits for p in gpu.predict(images)])
     np.testing.assert_allclose(got, expected, atol=0.05, rtol=0.05)
+
+
+def test_dynamic_batcher_batches_concurrent_requests_and_isolates_bad_images(engine: Engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.batcher import DynamicBatcher
+
+    batcher = DynamicBatcher(engine, max_batch=4, max_wait_ms=50)
+    images = [_image(i) for i in range(8)] + [np.full((128, 128), 0.5, np.float32)]
+    with ThreadPoolExecutor(9) as pool:
+        futures = list(pool.map(batcher.submit, images))
+    results = [f.exception() or f.result() for f in futures]
+    batcher.close()
+    assert isinstance(results[-1], InputError)
+    expected = engine.predict(images[:8])
+    for got, want in zip(results[:8], expected, strict=True):
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+    assert batcher.batches_run < 9, "concurrent requests were batched"
