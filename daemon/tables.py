@@ -10,7 +10,19 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID_LENGTH = 64
@@ -102,6 +114,7 @@ class Instance(Base):
 
     series: Mapped[Series] = relationship(back_populates="instances")
     jobs: Mapped[list[Job]] = relationship(back_populates="instance")
+    predictions: Mapped[list[PredictionRow]] = relationship(back_populates="instance")
 
 
 class Job(Base):
@@ -137,3 +150,22 @@ class AuditEvent(Base):
     peer_address: Mapped[str | None] = mapped_column(String(64))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class PredictionRow(Base):
+    """One model's output for one instance. Reprocessing with the same model version updates the row (one per
+    instance and version); another version adds a row."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("instance_id", "model_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    synthetic_model: Mapped[bool] = mapped_column(default=False)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)  # label -> probability in [0, 1]
+    logits: Mapped[dict[str, float]] = mapped_column(JSON)  # label -> logit
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")

@@ -24,13 +24,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import Settings
 from daemon.spool import Spool
-from daemon.tables import Instance, Job, JobState, utcnow
+from daemon.tables import Instance, Job, JobState, PredictionRow, utcnow
 from model.errors import ImageDecodeError
 from model.preprocess import image_stats
+from model.types import Prediction
 
 log = logging.getLogger(__name__)
 
-Processor = Callable[[Path], dict[str, Any]]
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobResult:
+    """What processing one instance produced: image statistics and, when a model ran, its prediction."""
+
+    image_stats: dict[str, Any]
+    prediction: Prediction | None = None
+    model_name: str | None = None
+    synthetic_model: bool = False
+
+
+Processor = Callable[[Path], "JobResult | dict[str, Any]"]
 HOST = socket.gethostname()
 
 
@@ -61,6 +72,30 @@ class ClaimedJob:
     instance_id: int
     sop_instance_uid: str
     path: str
+
+
+def store_prediction(session: Session, instance_id: int, result: JobResult) -> None:
+    """Insert or replace the prediction of (instance, model version): reprocessing never duplicates."""
+    prediction = result.prediction
+    if prediction is None:
+        raise ValueError("store_prediction needs a result with a prediction")
+    values = {
+        "model_name": result.model_name or "unnamed",
+        "synthetic_model": result.synthetic_model,
+        "probabilities": prediction.as_dict(),
+        "logits": {label: float(v) for label, v in zip(prediction.labels, prediction.logits, strict=True)},
+        "created_at": utcnow(),
+    }
+    row = session.scalar(
+        select(PredictionRow).where(
+            PredictionRow.instance_id == instance_id, PredictionRow.model_version == prediction.model_version
+        )
+    )
+    if row is None:
+        session.add(PredictionRow(instance_id=instance_id, model_version=prediction.model_version, **values))
+    else:
+        for key, value in values.items():
+            setattr(row, key, value)
 
 
 def worker_identity(index: int) -> str:
@@ -207,8 +242,10 @@ class Worker:
         return and_(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.leased_by == self.identity)
 
     def _finish(
-        self, job: ClaimedJob, state: JobState, *, error: str | None = None, result: dict | None = None
+        self, job: ClaimedJob, state: JobState, *, error: str | None = None, result: JobResult | dict | None = None
     ) -> None:
+        if isinstance(result, dict):
+            result = JobResult(image_stats=result)
         now = utcnow()
         with self.sessions.begin() as session:
             updated = session.execute(
@@ -218,8 +255,10 @@ class Worker:
             ).rowcount
             if updated and result is not None:
                 session.execute(
-                    update(Instance).where(Instance.id == job.instance_id).values(image_stats=result)
+                    update(Instance).where(Instance.id == job.instance_id).values(image_stats=result.image_stats)
                 )
+                if result.prediction is not None:
+                    store_prediction(session, job.instance_id, result)
         if not updated:
             log.warning("lost lease before finishing job_id=%s", job.job_id)
         elif state is JobState.FAILED:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, inspect, text
 from daemon.db import alembic_config, create_db_engine, current_revision, head_revision, upgrade_to_head
 from daemon.tables import Base
 
-TABLES = {"studies", "series", "instances", "jobs", "audit_events"}
+TABLES = {"studies", "series", "instances", "jobs", "audit_events", "predictions"}
 
 
 @pytest.fixture
