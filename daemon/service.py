@@ -8,6 +8,7 @@ import threading
 from types import FrameType
 
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.inference import ModelProcessor, resolve_model_path
 from daemon.recovery import RecoveryReport, recover
 from daemon.scp import StorageSCP
 from daemon.settings import Settings
@@ -30,8 +31,9 @@ def configure_logging(level: str) -> None:
 class Daemon:
     """One chexd node. ``start()`` returns once the SCP listens; ``stop()`` drains workers and closes the port."""
 
-    def __init__(self, settings: Settings, processor: Processor = decode_statistics) -> None:
+    def __init__(self, settings: Settings, processor: Processor | None = None) -> None:
         self.settings = settings
+        processor = processor or self._default_processor()
         self.engine = create_db_engine(settings.effective_database_url)
         self.sessions = session_factory(self.engine)
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
@@ -40,6 +42,13 @@ class Daemon:
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
         self._stopped = threading.Event()
+
+    def _default_processor(self) -> Processor:
+        path = resolve_model_path(self.settings)
+        if path is None:
+            log.warning("no model configured and none bundled: images are stored and decoded but not analysed")
+            return decode_statistics
+        return ModelProcessor(path, device=self.settings.model_device, batch_size=self.settings.model_batch_size)
 
     def start(self) -> None:
         revision = upgrade_to_head(self.engine)

@@ -60,6 +60,9 @@ class Settings:
     job_max_attempts: int = 3
     worker_poll_seconds: float = 0.5
     log_level: str = "INFO"
+    model_path: str = ""  # artifact manifest (or folder); empty: the bundled demo model, if this build has one
+    model_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    model_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
@@ -82,6 +85,10 @@ class Settings:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise SettingsError(f"Invalid {name} {value} - must be a positive number of seconds")
+        if self.model_batch_size < 1:
+            raise SettingsError(f"Invalid model_batch_size {self.model_batch_size} - must be >= 1")
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.model_device):
+            raise SettingsError(f"Invalid model_device {self.model_device!r} - expected auto, cpu, cuda or cuda:N")
         if self.job_max_attempts < 1 or self.job_lease_seconds < 1:
             raise SettingsError("job_max_attempts and job_lease_seconds must be >= 1")
         for entry in self.allowed_calling_aes:

@@ -140,7 +140,12 @@ class ImageStats:
 
 def image_stats(ds: pydicom.Dataset) -> ImageStats:
     """Decode `ds` with :func:`decode_image` and summarise it; raises ImageDecodeError like it."""
-    image = decode_image(ds).astype(np.float64)
+    return stats_of(ds, decode_image(ds))
+
+
+def stats_of(ds: pydicom.Dataset, decoded: np.ndarray) -> ImageStats:
+    """Summarise an image already decoded from `ds` (float [rows, columns] in [0, 1])."""
+    image = decoded.astype(np.float64)
     return ImageStats(
         rows=image.shape[0],
         columns=image.shape[1],
