@@ -1,0 +1,54 @@
+"""Evaluation metrics, including on the real CheXNet predictions of ../shared/data/chexnet-preds."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from model.metrics import evaluate
+from model.types import LABELS
+from tests.conftest import SHARED_DATA
+
+
+def test_perfect_and_random_scores_give_auroc_1_and_about_half() -> None:
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, (400, 2))
+    perfect = evaluate(targets.astype(float), targets, ("a", "b"), n_bootstrap=50)
+    assert perfect.mean_auroc == 1.0 and perfect.classes[0].f1 == 1.0
+    noise = evaluate(rng.random((400, 2)), targets, ("a", "b"), n_bootstrap=50)
+    assert 0.4 < noise.mean_auroc < 0.6
+    lo, hi = noise.classes[0].auroc_ci
+    assert lo < noise.classes[0].auroc < hi
+
+
+def test_a_class_with_one_outcome_has_no_auroc() -> None:
+    targets = np.array([[0, 1], [0, 0], [0, 1], [0, 0]] * 5)
+    result = evaluate(np.random.default_rng(1).random(targets.shape), targets, ("never", "sometimes"))
+    assert result.classes[0].auroc is None and result.classes[1].auroc is not None
+    assert result.mean_auroc == result.classes[1].auroc
+
+
+def test_bad_shapes_and_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="shapes"):
+        evaluate(np.zeros((3, 2)), np.zeros((3, 3)), ("a", "b"))
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(np.full((3, 1), np.nan), np.zeros((3, 1)), ("a",))
+
+
+def test_real_chexnet_predictions_reproduce_the_published_aurocs() -> None:
+    preds = SHARED_DATA / "chexnet-preds"
+    header, *rows = (preds / "preds.csv").read_text().splitlines()
+    columns = header.split(",")
+    images = [r.split(",")[columns.index("Image Index")] for r in rows]
+    scores = np.array([[float(r.split(",")[columns.index(f"prob_{label}")]) for label in LABELS] for r in rows])
+    with gzip.open(SHARED_DATA / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as fh:
+        lines = fh.read().splitlines()
+    findings = {line.split(",")[0]: line.split(",")[1].split("|") for line in lines[1:]}
+    targets = np.array([[label in findings[image] for label in LABELS] for image in images], dtype=int)
+    result = evaluate(scores, targets, LABELS, n_bootstrap=20)
+    published = dict(line.split(",")[:2] for line in (preds / "aucs.csv").read_text().splitlines()[1:])
+    for metrics in result.classes:
+        assert metrics.auroc == pytest.approx(float(published[metrics.label]), abs=0.002), metrics.label
+    assert result.mean_auroc == pytest.approx(0.838, abs=0.002)
