@@ -23,6 +23,7 @@ from daemon.db import (
     session_factory,
     upgrade_to_head,
 )
+from daemon.model_cli import model_app
 from daemon.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic) commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)

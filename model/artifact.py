@@ -1,0 +1,450 @@
+"""chexd model artifacts: safetensors weights plus a JSON manifest, verified on load.
+
+An artifact is two files side by side, ``<name>.safetensors`` and ``<name>.json`` (usually alone in a folder named
+``<name>-<hash12>``). The manifest says what the weights are and how to use them: labels in output order, per-label
+decision thresholds, the preprocessing recipe, the architecture's channel counts, the provenance chain (every
+operation that produced this version from its parent, with the parent's weight hash), metrics, intended use, and the
+sha256 of the weights file. :func:`load_artifact` refuses an artifact whose weights do not match that hash, whose
+state dict does not match the architecture, or whose dummy forward pass does not give one finite logit per label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.errors import ModelError
+from model.network import Architecture, DenseNet
+from model.types import LABELS, PreprocessRecipe
+
+__all__ = [
+    "ArtifactError",
+    "Dtype",
+    "FORMAT",
+    "Manifest",
+    "content_hash",
+    "load_artifact",
+    "manifest_path",
+    "provenance_entry",
+    "read_manifest",
+    "save_artifact",
+    "sha256_file",
+]
+
+FORMAT = "chexd-artifact/1"
+SYNTHETIC_NOTICE = "synthetic demo model, not for diagnosis"
+Dtype = Literal["float16", "float32"]
+_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.+-]+)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FIELDS = (
+    "name",
+    "version",
+    "labels",
+    "thresholds",
+    "preprocessing",
+    "architecture",
+    "provenance",
+    "metrics",
+    "intended_use",
+    "synthetic",
+    "weights_sha256",
+    "dtype",
+    "parameters",
+)
+
+
+class ArtifactError(ModelError, ValueError):
+    """An artifact cannot be written or is not what its manifest says; the message names the file and the problem."""
+
+
+def _tool() -> str:
+    try:
+        return f"chexd {importlib.metadata.version('chexd')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "chexd (unknown version)"
+
+
+def provenance_entry(
+    operation: str, parameters: Mapping[str, Any] | None = None, *, parent_sha256: str | None = None
+) -> dict[str, Any]:
+    """One provenance record: ``{operation, parameters, parent_sha256, created_at (ISO 8601 UTC), tool}``."""
+    return {
+        "operation": operation,
+        "parameters": dict(parameters or {}),
+        "parent_sha256": parent_sha256,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tool": _tool(),
+    }
+
+
+def _check_provenance(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], ...]:
+    checked = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"Invalid provenance[{i}] {entry!r} - expected a mapping")
+        for key in ("operation", "created_at"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ValueError(f"Invalid provenance[{i}]: {key!r} missing - must be a non-empty string")
+        try:
+            created = datetime.fromisoformat(entry["created_at"])
+        except ValueError:
+            raise ValueError(
+                f"Invalid provenance[{i}] created_at {entry['created_at']!r} - expected ISO 8601"
+            ) from None
+        if created.tzinfo is None:
+            raise ValueError(f"Invalid provenance[{i}] created_at {entry['created_at']!r} - must carry a UTC offset")
+        parent = entry.get("parent_sha256")
+        if parent is not None and not (isinstance(parent, str) and _SHA256.match(parent)):
+            raise ValueError(f"Invalid provenance[{i}] parent_sha256 {parent!r} - expected 64 lowercase hex digits")
+        checked.append(dict(entry))
+    return tuple(checked)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    """What an artifact's weights are and how to use them.
+
+    - ``labels``: output order of the logits; ``len(labels) == architecture.num_classes``.
+    - ``thresholds``: label -> decision threshold on the probability, each in (0, 1), one per label.
+    - ``preprocessing``: the recipe; its ``channels`` equals ``architecture.in_channels``.
+    - ``provenance``: oldest first; each ``{operation, parameters, parent_sha256, created_at, tool}``.
+    - ``metrics``: JSON-able evaluation results (e.g. ``{"mean_auroc": 0.87, ...}``).
+    - ``synthetic``: True for models trained on the phantom; their ``intended_use`` must say
+      "synthetic demo model, not for diagnosis".
+    - ``weights_sha256``: sha256 (hex) of the safetensors file's bytes; ``dtype``: "float16" or "float32" as stored;
+      ``parameters``: trainable parameter count, equal to ``architecture.parameters()``.
+    """
+
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    thresholds: dict[str, float]
+    preprocessing: PreprocessRecipe
+    architecture: Architecture
+    provenance: tuple[dict[str, Any], ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    intended_use: str
+    synthetic: bool = False
+    weights_sha256: str
+    dtype: Dtype
+    parameters: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"Invalid name {self.name!r} - use 1-100 letters, digits, '.', '_' or '-'")
+        if not isinstance(self.version, str) or not _VERSION.match(self.version):
+            raise ValueError(f"Invalid version {self.version!r} - expected MAJOR.MINOR.PATCH, e.g. '1.0.0'")
+        labels = tuple(self.labels)
+        if not labels or not all(isinstance(label, str) and label for label in labels):
+            raise ValueError(f"Invalid labels {labels!r} - expected non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Invalid labels {labels!r} - duplicates")
+        if not isinstance(self.architecture, Architecture):
+            raise ValueError(f"Invalid architecture {self.architecture!r} - expected an Architecture")
+        if len(labels) != self.architecture.num_classes:
+            raise ValueError(
+                f"Invalid labels: {len(labels)} labels but the architecture has "
+                f"{self.architecture.num_classes} outputs (num_classes)"
+            )
+        thresholds = dict(self.thresholds)
+        missing = [label for label in labels if label not in thresholds]
+        extra = sorted(set(thresholds) - set(labels))
+        if missing or extra:
+            raise ValueError(f"Invalid thresholds: missing for {missing}, unknown labels {extra}")
+        for label in labels:
+            value = thresholds[label]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+                raise ValueError(f"Invalid threshold for {label!r}: {value!r} - must be in (0, 1)")
+        if not isinstance(self.preprocessing, PreprocessRecipe):
+            raise ValueError(f"Invalid preprocessing {self.preprocessing!r} - expected a PreprocessRecipe")
+        if self.preprocessing.channels != self.architecture.in_channels:
+            raise ValueError(
+                f"Invalid preprocessing channels {self.preprocessing.channels} - "
+                f"the architecture takes {self.architecture.in_channels} input channel(s)"
+            )
+        provenance = _check_provenance(self.provenance)
+        try:
+            metrics = json.loads(json.dumps(dict(self.metrics)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Invalid metrics - must be JSON-serialisable: {exc}") from None
+        if not isinstance(self.synthetic, bool):
+            raise ValueError(f"Invalid synthetic {self.synthetic!r} - expected true or false")
+        if not isinstance(self.intended_use, str) or not self.intended_use.strip():
+            raise ValueError("Invalid intended_use - must be a non-empty statement")
+        if self.synthetic and SYNTHETIC_NOTICE not in self.intended_use.lower():
+            raise ValueError(f"Invalid intended_use for a synthetic model - must say {SYNTHETIC_NOTICE!r}")
+        if not isinstance(self.weights_sha256, str) or not _SHA256.match(self.weights_sha256):
+            raise ValueError(f"Invalid weights_sha256 {self.weights_sha256!r} - expected 64 lowercase hex digits")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Invalid dtype {self.dtype!r} - expected 'float16' or 'float32'")
+        expected = self.architecture.parameters()
+        if self.parameters != expected:
+            raise ValueError(f"Invalid parameters {self.parameters!r} - the architecture has {expected}")
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "thresholds", {label: float(thresholds[label]) for label in labels})
+        object.__setattr__(self, "provenance", provenance)
+        object.__setattr__(self, "metrics", metrics)
+
+    @property
+    def short_hash(self) -> str:
+        return content_hash(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-able values (plus ``"format": "chexd-artifact/1"``)."""
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "thresholds": dict(self.thresholds),
+            "preprocessing": self.preprocessing.to_dict(),
+            "architecture": self.architecture.to_dict(),
+            "provenance": [dict(p) for p in self.provenance],
+            "metrics": dict(self.metrics),
+            "intended_use": self.intended_use,
+            "synthetic": self.synthetic,
+            "weights_sha256": self.weights_sha256,
+            "dtype": self.dtype,
+            "parameters": self.parameters,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Inverse of :meth:`to_dict`. Raises ValueError naming missing fields or the first invalid value."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"Invalid manifest - expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"Invalid manifest format {data.get('format')!r} - expected {FORMAT!r}")
+        missing = [name for name in _FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"Invalid manifest - missing fields {missing}")
+        unknown = sorted(set(data) - set(_FIELDS) - {"format"})
+        if unknown:
+            raise ValueError(f"Invalid manifest - unknown fields {unknown}")
+        pre = data["preprocessing"]
+        if not isinstance(pre, Mapping):
+            raise ValueError(f"Invalid preprocessing {pre!r} - expected an object")
+        return cls(
+            name=data["name"],
+            version=data["version"],
+            labels=tuple(data["labels"]),
+            thresholds=dict(data["thresholds"]),
+            preprocessing=PreprocessRecipe(**pre),
+            architecture=Architecture.from_dict(data["architecture"]),
+            provenance=tuple(data["provenance"]),
+            metrics=dict(data["metrics"]),
+            intended_use=data["intended_use"],
+            synthetic=data["synthetic"],
+            weights_sha256=data["weights_sha256"],
+            dtype=data["dtype"],
+            parameters=data["parameters"],
+        )
+
+
+def content_hash(manifest: Manifest) -> str:
+    """Short version id for display: the first 12 hex digits of the weights' sha256."""
+    return manifest.weights_sha256[:12]
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _paths(path: Path, name: str | None) -> tuple[Path, Path]:
+    """(manifest, weights) for a ``.json``/``.safetensors`` path or a folder holding ``<name>.json``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return path, path.with_suffix(".safetensors")
+    if path.suffix == ".safetensors":
+        return path.with_suffix(".json"), path
+    if name is None:
+        return manifest_path(path), manifest_path(path).with_suffix(".safetensors")
+    return path / f"{name}.json", path / f"{name}.safetensors"
+
+
+def manifest_path(path: Path) -> Path:
+    """The manifest of an artifact given as its folder, its ``.json`` or its ``.safetensors`` file.
+
+    Raises ArtifactError when a folder holds no manifest or more than one.
+    """
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors") and not path.is_dir():
+        return path.with_suffix(".json")
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact - expected a folder, a .json manifest or a .safetensors file")
+    found = sorted(p for p in path.glob("*.json") if p.with_suffix(".safetensors").exists())
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in found) or "none"
+        raise ArtifactError(
+            f"{path}: expected exactly one <name>.json manifest beside its <name>.safetensors, found {listed}"
+        )
+    return found[0]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_artifact(
+    model: DenseNet,
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    preprocessing: PreprocessRecipe,
+    intended_use: str,
+    version: str = "1.0.0",
+    labels: Sequence[str] = LABELS,
+    thresholds: Mapping[str, float] | None = None,
+    provenance: Sequence[Mapping[str, Any]] = (),
+    metrics: Mapping[str, Any] | None = None,
+    synthetic: bool = False,
+    dtype: Dtype = "float16",
+) -> Path:
+    """Write ``model`` as an artifact and return the manifest's path.
+
+    ``path``: a folder (created; files ``<name>.safetensors`` and ``<name>.json`` inside) or a ``.json`` /
+    ``.safetensors`` path (the other file goes beside it). Floating-point tensors are stored as ``dtype``;
+    ``thresholds`` defaults to 0.5 per label. Files are written atomically, weights first.
+    Raises ArtifactError for non-finite weights (also after a float16 cast) or an invalid manifest field.
+    """
+    if not isinstance(model, DenseNet):
+        raise ArtifactError(f"cannot save {type(model).__name__} - expected a model.network.DenseNet")
+    if dtype not in _DTYPES:
+        raise ArtifactError(f"Invalid dtype {dtype!r} - expected 'float16' or 'float32'")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        tensor = value.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(_DTYPES[dtype])
+            if not torch.isfinite(tensor).all():
+                raise ArtifactError(f"cannot save {name}: {key!r} has non-finite values as {dtype}")
+        tensors[key] = tensor.contiguous().clone()
+    manifest_file, weights_file = _paths(Path(path), name)
+    manifest_file.parent.mkdir(parents=True, exist_ok=True)
+    labels = tuple(labels)
+    draft = dict(
+        name=name,
+        version=version,
+        labels=labels,
+        thresholds=dict(thresholds) if thresholds is not None else dict.fromkeys(labels, 0.5),
+        preprocessing=preprocessing,
+        architecture=model.architecture,
+        provenance=tuple(provenance),
+        metrics=dict(metrics or {}),
+        intended_use=intended_use,
+        synthetic=synthetic,
+        dtype=dtype,
+        parameters=model.architecture.parameters(),
+    )
+    try:  # validate the manifest before writing anything
+        Manifest(weights_sha256="0" * 64, **draft)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ArtifactError(f"cannot save {name}: {exc}") from None
+    _atomic_write(weights_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    manifest = Manifest(weights_sha256=sha256_file(weights_file), **draft)  # type: ignore[arg-type]
+    text = json.dumps(manifest.to_dict(), sort_keys=True, indent=2) + "\n"
+    _atomic_write(manifest_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return manifest_file
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and validate an artifact's manifest (no weights). ``path`` as for :func:`load_artifact`."""
+    manifest_file = manifest_path(Path(path))
+    try:
+        data = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest_file}: manifest not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_file}: cannot read the manifest: {exc}") from None
+    try:
+        return Manifest.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{manifest_file}: {exc}") from None
+
+
+def _names(keys: Sequence[str] | set[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_artifact(path: str | os.PathLike[str]) -> tuple[DenseNet, Manifest]:
+    """Load and verify an artifact; return the model (eval mode, float32, CPU) and its manifest.
+
+    ``path``: the artifact's folder, its ``.json`` manifest or its ``.safetensors`` weights.
+    Raises ArtifactError naming the file when: the manifest is missing, unreadable or invalid (missing fields,
+    label count != architecture outputs, a threshold outside (0, 1) ...); the weights' sha256 differs from the
+    manifest's; tensor keys are missing or extra (listed by name), shapes or dtype differ from the manifest; or a
+    dummy forward on zeros ``[1, channels, input_size, input_size]`` does not return ``[1, n_labels]`` finite logits.
+    """
+    manifest = read_manifest(path)
+    manifest_file = manifest_path(Path(path))
+    weights_file = manifest_file.with_suffix(".safetensors")
+    if not weights_file.is_file():
+        raise ArtifactError(f"{weights_file}: weights file not found (manifest {manifest_file.name})")
+    actual = sha256_file(weights_file)
+    if actual != manifest.weights_sha256:
+        raise ArtifactError(
+            f"{weights_file}: weights do not match manifest hash: expected {manifest.weights_sha256} got {actual}"
+        )
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{weights_file}: cannot read safetensors: {exc}") from None
+    model = DenseNet(manifest.architecture)
+    expected = model.state_dict()
+    missing = set(expected) - set(tensors)
+    extra = set(tensors) - set(expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_names(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected: {_names(extra)}")
+        raise ArtifactError(f"{weights_file}: state dict does not match the architecture - {'; '.join(parts)}")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise ArtifactError(
+                f"{weights_file}: {key!r} has shape {list(tensor.shape)}, the architecture expects "
+                f"{list(expected[key].shape)}"
+            )
+        if tensor.is_floating_point() and tensor.dtype != _DTYPES[manifest.dtype]:
+            raise ArtifactError(f"{weights_file}: {key!r} is {tensor.dtype}, the manifest says {manifest.dtype}")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    model.eval()
+    size = manifest.preprocessing.input_size
+    with torch.inference_mode():
+        out = model(torch.zeros(1, manifest.preprocessing.channels, size, size))
+    if out.shape != (1, len(manifest.labels)) or not torch.isfinite(out).all():
+        raise ArtifactError(
+            f"{weights_file}: dummy forward gave {list(out.shape)} "
+            f"{'finite' if torch.isfinite(out).all() else 'non-finite'} outputs - expected [1, {len(manifest.labels)}] "
+            "finite logits"
+        )
+    return model, manifest
