@@ -45,7 +45,6 @@ class ModelProcessor:
 
     def __init__(self, artifact_path: Path, *, device: str = "auto", batch_size: int = 16) -> None:
         from model.artifact import load_artifact
-
         from model.batcher import DynamicBatcher
         from model.engine import Engine
 
