@@ -162,3 +162,19 @@ def test_dynamic_batcher_batches_concurrent_requests_and_isolates_bad_images(eng
     for got, want in zip(results[:8], expected, strict=True):
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
     assert batcher.batches_run < 9, "concurrent requests were batched"
+
+
+def test_engine_runs_chexd_densenets_including_pruned_heads() -> None:
+    from model.network import Architecture, DenseNet
+    from tests.unit.test_network import randomize
+
+    base = Architecture.tiny()
+    pruned = Architecture.from_dict({**base.to_dict(), "head_inputs": list(range(0, base.feature_channels, 2))})
+    for arch in (base, pruned):
+        model = randomize(DenseNet(arch)).eval()
+        engine = Engine(model, recipe=RECIPE, model_version="x")
+        image = _image(11)
+        (pred,) = engine.predict([image])
+        with torch.no_grad():
+            np.testing.assert_allclose(pred.logits, model(prepare(image, RECIPE)[None])[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(engine.contributions(image).sum(axis=1) + pred.bias, pred.logits, atol=1e-4)
