@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import queries, scu
+from daemon import queries, scu, train_cli
 from daemon.db import (
     DatabaseError,
     create_db_engine,
@@ -34,6 +34,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema (Alembic) commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+app.command("train")(train_cli.train)
+app.command("evaluate")(train_cli.evaluate)
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
