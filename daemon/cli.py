@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import queries, scu, train_cli
+from daemon import phantom_cli, queries, scu, train_cli
 from daemon.db import (
     DatabaseError,
     create_db_engine,
@@ -36,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 app.command("train")(train_cli.train)
 app.command("evaluate")(train_cli.evaluate)
+app.command("phantom")(phantom_cli.phantom)
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)

@@ -1,0 +1,201 @@
+"""``chexd train`` and ``chexd evaluate``: train the phantom demo model and evaluate artifacts (torch loads lazily)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+_out = Console()
+_err = Console(stderr=True, soft_wrap=True)
+SYNTHETIC_USE = "synthetic demo model, not for diagnosis: trained only on chexd's chest phantom"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_err,
+        disable=quiet,
+    )
+
+
+def _reporter(progress: Progress):  # type: ignore[no-untyped-def]
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done)
+
+    return report
+
+
+def train(
+    out: Annotated[Path, typer.Option(help="Artifact folder to write.")] = Path("chexd-demo"),
+    size: Annotated[int, typer.Option(help="Network input size in pixels.")] = 128,
+    arch: Annotated[str, typer.Option(help="densenet121 or tiny (for smoke tests).")] = "densenet121",
+    train_images: Annotated[int, typer.Option(help="Phantom training images.")] = 6000,
+    val_images: Annotated[int, typer.Option(help="Phantom validation images.")] = 1000,
+    test_images: Annotated[int, typer.Option(help="Phantom test images for the reported metrics.")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights in the artifact: float16 or float32.")] = "float16",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a DenseNet on the chest phantom (resumable) and write an artifact with test-split metrics.
+
+    The result is a SYNTHETIC DEMO MODEL, NOT FOR DIAGNOSIS: it has only ever seen phantom images."""
+    import torch
+
+    from model.artifact import provenance_entry, save_artifact
+    from model.network import Architecture, DenseNet
+    from model.train import TrainConfig, evaluate_on_phantom
+    from model.train import train as run_training
+    from model.types import PreprocessRecipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if arch not in ("densenet121", "tiny"):
+        _fail(f"unknown --arch {arch!r} - expected densenet121 or tiny", 2)
+    if not 64 <= size <= 512:
+        _fail(f"--size {size} must be in 64..512", 2)
+    recipe = PreprocessRecipe(input_size=size, resize=None)
+    config = TrainConfig(
+        seed=seed,
+        train_images=train_images,
+        val_images=val_images,
+        test_images=test_images,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        extra={"arch": arch, "input_size": size},
+    )
+    architecture = Architecture.densenet121() if arch == "densenet121" else Architecture.tiny()
+    torch.manual_seed(seed)
+    model = DenseNet(architecture)
+    with _progress(quiet) as progress:
+        report = _reporter(progress)
+        model, metrics = run_training(
+            model, config, recipe=recipe, state_path=out.with_name(out.name + ".train-state.pt"), progress=report
+        )
+        evaluation = evaluate_on_phantom(
+            model, recipe=recipe, split="test", seed=seed, count=test_images, device=device, progress=report
+        )
+    metrics["test"] = evaluation.to_dict()
+    metrics["hardware"] = {
+        "device": metrics["device"],
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    manifest = save_artifact(
+        model,
+        out,
+        name="chexd-demo" if arch == "densenet121" else "chexd-demo-tiny",
+        preprocessing=recipe,
+        intended_use=SYNTHETIC_USE,
+        synthetic=True,
+        dtype=dtype,
+        metrics=metrics,
+        provenance=(provenance_entry("train", config.to_dict() | {"data": "chexd chest phantom (model.phantom)"}),),
+    )
+    _out.print(
+        f"wrote {manifest}: test mean AUROC {evaluation.mean_auroc:.4f} "
+        f"(95% CI {evaluation.mean_auroc_ci[0]:.4f}-{evaluation.mean_auroc_ci[1]:.4f})"
+        if evaluation.mean_auroc_ci
+        else f"wrote {manifest}",
+        highlight=False,
+    )
+
+
+def evaluate(
+    phantom: Annotated[str, typer.Option(help="Phantom split to evaluate on: train, val or test.")] = "test",
+    model: Annotated[Path | None, typer.Option(help="Artifact (default: the active model).")] = None,
+    count: Annotated[int, typer.Option(min=10, help="Images.")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Per-finding and mean AUROC (bootstrap 95% CI), F1, recall and precision at the artifact's thresholds."""
+    from daemon.cli import settings
+    from daemon.inference import resolve_model_path
+    from model.artifact import load_artifact
+    from model.errors import ModelError
+    from model.train import SPLITS, evaluate_on_phantom
+
+    if phantom not in SPLITS:
+        _fail(f"--phantom {phantom!r} - expected one of {', '.join(SPLITS)}", 2)
+    try:
+        path = model or resolve_model_path(settings())
+        if path is None:
+            _fail("no model: pass --model PATH or set model_path (this build bundles no demo model)")
+        network, manifest = load_artifact(path)
+    except ModelError as exc:
+        _fail(str(exc))
+    with _progress(quiet=as_json) as progress:
+        result = evaluate_on_phantom(
+            network,
+            recipe=manifest.preprocessing,
+            split=phantom,
+            seed=seed,
+            count=count,
+            thresholds=dict(manifest.thresholds),
+            device=device,
+            progress=_reporter(progress),
+        )
+    data = {
+        "model": manifest.name,
+        "model_version": manifest.short_hash,
+        "synthetic": manifest.synthetic,
+        "split": phantom,
+        "images": count,
+    } | result.to_dict()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table(
+        "finding",
+        "AUROC",
+        "95% CI",
+        "threshold",
+        "F1",
+        "recall",
+        "precision",
+        "positives",
+        title=f"{manifest.name} {manifest.short_hash} on phantom {phantom} ({count} images)",
+    )
+    for c in result.classes:
+        ci = f"{c.auroc_ci[0]:.3f}-{c.auroc_ci[1]:.3f}" if c.auroc_ci else "-"
+        table.add_row(
+            c.label,
+            f"{c.auroc:.3f}" if c.auroc is not None else "-",
+            ci,
+            f"{c.threshold:.2f}",
+            f"{c.f1:.3f}",
+            f"{c.recall:.3f}",
+            f"{c.precision:.3f}",
+            str(c.positives),
+        )
+    _out.print(table)
+    _out.print(f"mean AUROC {result.mean_auroc:.4f}" if result.mean_auroc is not None else "mean AUROC -")
+    if manifest.synthetic:
+        _out.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")

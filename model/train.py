@@ -1,0 +1,242 @@
+"""Training on the chest phantom: patient-disjoint splits, mixed precision on a GPU, resumable, with progress.
+
+Splits are decided by a hash of the phantom patient id (train 70%, val 15%, test 15%), so no patient has images in
+two splits. Images are rendered once per run at ``render_size`` and kept in memory as float16 at the network's input
+size; the test split is what ``evaluate`` reports on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.engine import prepare
+from model.metrics import Evaluation, evaluate
+from model.types import LABELS, PreprocessRecipe
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def split_of(patient_id: str) -> str:
+    """'train' (70%), 'val' (15%) or 'test' (15%), fixed by the patient id alone."""
+    bucket = int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 70 else "val" if bucket < 85 else "test"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PhantomSplit:
+    """Prepared network inputs ``x`` float16 [N, C, S, S], labels uint8 [N, 14], phantom indices and patients."""
+
+    name: str
+    x: torch.Tensor
+    y: np.ndarray
+    indices: np.ndarray
+    patients: tuple[str, ...]
+
+
+def render_split(
+    name: str,
+    *,
+    seed: int,
+    count: int,
+    recipe: PreprocessRecipe,
+    render_size: int = 256,
+    progress: Progress | None = None,
+) -> PhantomSplit:
+    """Render phantom images of one split until ``count`` are collected (indices whose patient falls in it)."""
+    from model.phantom import generate, sample_labels
+
+    if name not in SPLITS:
+        raise ValueError(f"Invalid split {name!r} - expected one of {SPLITS}")
+    xs, ys, indices, patients = [], [], [], []
+    index = 0
+    while len(xs) < count:
+        if split_of(sample_labels(seed, index).patient_id) == name:  # cheap: no pixels rendered
+            sample = generate(seed, index, size=render_size)
+            xs.append(prepare(sample.image, recipe).half())
+            ys.append(np.asarray(sample.labels, dtype=np.uint8))
+            indices.append(index)
+            patients.append(sample.patient_id)
+            if progress:
+                progress(f"render {name}", len(xs), count)
+            if len(xs) % 1000 == 0:
+                log.info("rendered %d/%d %s images", len(xs), count, name)
+        index += 1
+    return PhantomSplit(
+        name=name, x=torch.stack(xs), y=np.stack(ys), indices=np.array(indices), patients=tuple(patients)
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Hyper-parameters; sizes in images, ``lr`` for AdamW with cosine decay over all steps."""
+
+    seed: int = 0
+    train_images: int = 6000
+    val_images: int = 1000
+    test_images: int = 1000
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    render_size: int = 256
+    device: str = "auto"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"} | dict(self.extra)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Small random shifts and contrast changes (no flips: laterality matters on a chest radiograph)."""
+    dy, dx = (int(v) for v in rng.integers(-6, 7, 2))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    gain = torch.from_numpy(rng.uniform(0.9, 1.1, (x.shape[0], 1, 1, 1)).astype(np.float32)).to(x.device)
+    return x * gain
+
+
+@torch.inference_mode()
+def predict_scores(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid probabilities [N, n_labels] for prepared inputs."""
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size].to(device).float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(torch.sigmoid(model(batch).float()).cpu())
+    return torch.cat(out).numpy()
+
+
+def train(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    *,
+    recipe: PreprocessRecipe,
+    state_path: Path,
+    progress: Progress | None = None,
+) -> tuple[torch.nn.Module, dict[str, object]]:
+    """Train ``model`` in place on phantom data; return it and metrics (val and test evaluation, timings).
+
+    Resumable: after every epoch the model, optimiser and epoch are saved to ``state_path`` (loaded back with
+    ``weights_only=True``); a later call with the same config continues from there."""
+    from model.engine import pick_device
+
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+    train_set = render_split("train", seed=config.seed, count=config.train_images, recipe=recipe,
+                             render_size=config.render_size, progress=progress)
+    val_set = render_split("val", seed=config.seed, count=config.val_images, recipe=recipe,
+                           render_size=config.render_size, progress=progress)
+    render_seconds = time.perf_counter() - started
+
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set.x) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                    pct_start=0.15)
+    prevalence = torch.from_numpy(train_set.y.mean(axis=0).clip(1e-3, 0.5)).float()
+    pos_weight = ((1 - prevalence) / prevalence).sqrt().to(device)  # soften imbalance without over-weighting
+    start_epoch = 0
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("config") != json.dumps(config.to_dict(), sort_keys=True):
+            raise ValueError(f"{state_path} was written for another training configuration - remove it to restart")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        rng = np.random.default_rng(config.seed + start_epoch)
+        log.info("resuming training at epoch %d from %s", start_epoch + 1, state_path)
+
+    y_train = torch.from_numpy(train_set.y).float()
+    train_started = time.perf_counter()
+    history = []
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        losses = []
+        for step, idx in enumerate(_batches(len(train_set.x), config.batch_size, rng)):
+            x = train_set.x[idx].to(device).float().contiguous(memory_format=torch.channels_last)
+            x = _augment(x, rng)
+            y = y_train[idx].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if (step + 1) % 50 == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, steps_per_epoch, np.mean(losses[-50:]))
+            if progress:
+                progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+        val = evaluate(predict_scores(model, val_set.x, device), val_set.y, LABELS, n_bootstrap=0)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_mean_auroc": val.mean_auroc})
+        log.info("epoch %d loss %.4f val mean AUROC %s", epoch + 1, np.mean(losses), val.mean_auroc)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "config": json.dumps(config.to_dict(), sort_keys=True),
+            },
+            state_path,
+        )
+    train_seconds = time.perf_counter() - train_started
+    model.eval()
+    metrics: dict[str, object] = {
+        "history": history,
+        "render_seconds": round(render_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "train_images": len(train_set.x),
+        "val_images": len(val_set.x),
+    }
+    return model.cpu(), metrics
+
+
+def evaluate_on_phantom(
+    model: torch.nn.Module,
+    *,
+    recipe: PreprocessRecipe,
+    split: str = "test",
+    seed: int = 0,
+    count: int = 1000,
+    render_size: int = 256,
+    thresholds: dict[str, float] | None = None,
+    device: str = "auto",
+    n_bootstrap: int = 200,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Per-class AUROC (bootstrap CI) and threshold metrics of ``model`` on a phantom split."""
+    from model.engine import pick_device
+
+    data = render_split(split, seed=seed, count=count, recipe=recipe, render_size=render_size, progress=progress)
+    target = pick_device(device)
+    model.to(target, memory_format=torch.channels_last)
+    scores = predict_scores(model, data.x, target)
+    return evaluate(scores, data.y, LABELS, thresholds, n_bootstrap=n_bootstrap)
