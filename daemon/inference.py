@@ -11,12 +11,10 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-import pydicom
-
 from daemon.settings import Settings
-from daemon.worker import JobResult, PermanentJobError
-from model.errors import ImageDecodeError, ModelError
-from model.preprocess import decode_image, stats_of
+from daemon.worker import JobResult, PermanentJobError, read_stored_image
+from model.errors import ModelError
+from model.preprocess import stats_of
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +66,7 @@ class ModelProcessor:
         )
 
     def __call__(self, path: Path) -> JobResult:
-        try:
-            ds = pydicom.dcmread(path)
-        except FileNotFoundError:
-            raise PermanentJobError(f"stored file is missing from the spool: {path.name}") from None
-        except Exception as exc:
-            raise PermanentJobError(f"stored file cannot be read: {exc}") from exc
-        try:
-            image = decode_image(ds)
-        except ImageDecodeError as exc:
-            raise PermanentJobError(f"pixel data cannot be decoded: {exc}") from exc
+        ds, image = read_stored_image(path)
         try:
             prediction = self.batcher.submit(image).result()
         except ModelError as exc:

@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +27,7 @@ from daemon.settings import Settings
 from daemon.spool import Spool
 from daemon.tables import Instance, Job, JobState, PredictionRow, utcnow
 from model.errors import ImageDecodeError
-from model.preprocess import image_stats
+from model.preprocess import decode_image, stats_of
 from model.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ class PermanentJobError(Exception):
     """Retrying cannot help (the input itself is unusable); the job fails at once with this message."""
 
 
-def decode_statistics(path: Path) -> dict[str, Any]:
-    """The pre-model processing step: decode the stored image and return its statistics (normalised units).
+def read_stored_image(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Read a spooled file and decode its pixels to float [rows, columns] in [0, 1] (bright = dense).
 
-    Raises PermanentJobError when the file or its pixel data cannot be decoded."""
+    Raises PermanentJobError when the file is missing or unreadable or its pixel data cannot be decoded."""
     try:
         ds = pydicom.dcmread(path)
     except FileNotFoundError:
@@ -60,9 +61,17 @@ def decode_statistics(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise PermanentJobError(f"stored file cannot be read: {exc}") from exc
     try:
-        return image_stats(ds).to_dict()
+        return ds, decode_image(ds)
     except ImageDecodeError as exc:
         raise PermanentJobError(f"pixel data cannot be decoded: {exc}") from exc
+
+
+def decode_statistics(path: Path) -> dict[str, Any]:
+    """The processing step without a model: decode the stored image and return its statistics (normalised units).
+
+    Raises PermanentJobError when the file or its pixel data cannot be decoded."""
+    ds, image = read_stored_image(path)
+    return stats_of(ds, image).to_dict()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
