@@ -15,14 +15,17 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.intake import InstanceMeta
 from daemon.settings import Settings
 from daemon.spool import Spool, SpooledFile
 from daemon.store import record_instance
 from daemon.tables import Instance, Job, JobState, utcnow
 from daemon.worker import PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
+from tests.unit.test_store import (
+    ROOT,  # noqa: E402  (one UID root for both)
+    make_meta,
+    rel_of,
+)
 
-ROOT = "1.2.826.0.1.3680043.10.9999"
 DEAD_PID = 999999  # above Linux's largest pid_max default (4194304 is the hard limit; we check below)
 
 
@@ -66,19 +69,8 @@ def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
 
 def add_job(env: Env, n: int, *, skip_reason: str | None = None) -> int:
     """Record instance ``n`` (no file needed: the processors here never open it); return its job id."""
-    meta = InstanceMeta(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        sop_instance_uid=f"{ROOT}.1.1.{n}",
-        study_instance_uid=f"{ROOT}.1",
-        series_instance_uid=f"{ROOT}.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="DX",
-        body_part="CHEST",
-        view_position="PA",
-        study_date="20240101",
-        skip_reason=skip_reason,
-    )
-    rel = f"{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
+    meta = make_meta(n, skip_reason=skip_reason)
+    rel = rel_of(meta)
     spooled = SpooledFile(relative_path=rel, absolute_path=env.spool.root / rel, size_bytes=128)
     with env.sessions.begin() as session:
         instance = record_instance(session, meta, spooled, calling_ae="MODALITY")
