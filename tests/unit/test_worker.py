@@ -21,7 +21,7 @@ from daemon.store import record_instance
 from daemon.tables import Instance, Job, JobState, utcnow
 from daemon.worker import PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
 from tests.unit.test_store import (
-    ROOT,  # noqa: E402  (one UID root for both)
+    ROOT,
     make_meta,
     rel_of,
 )
