@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import phantom_cli, queries, scu, train_cli
+from daemon.console import err, fail, out
 from daemon.db import (
     DatabaseError,
     create_db_engine,
@@ -38,25 +38,16 @@ app.command("train")(train_cli.train)
 app.command("evaluate")(train_cli.evaluate)
 app.command("phantom")(phantom_cli.phantom)
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option(
-        "--config", "-c", help="TOML settings file (default: $CHEXD_CONFIG or <data_dir>/chexd.toml)"
-    ),
+    typer.Option("--config", "-c", help="TOML settings file (default: $CHEXD_CONFIG or <data_dir>/chexd.toml)"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 class _State:
     config: Path | None = None
-
-
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def settings() -> Settings:
@@ -232,9 +223,7 @@ def reprocess_cmd(uid: str, as_json: JsonOption = False) -> None:
     if as_json:
         emit_json(result)
         return
-    out.print(
-        f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are"
-    )
+    out.print(f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are")
 
 
 @app.command("echo")

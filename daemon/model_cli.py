@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+
+from daemon.console import fail
+from daemon.console import out as stdout
 
 __all__ = ["model_app"]
 
@@ -22,14 +24,7 @@ model_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_out = Console()
-_err = Console(stderr=True, soft_wrap=True)
 _FORMATS = ("auto", "chexnet", "xrv", "torchvision", "artifact")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code)
 
 
 def _data_dir() -> Path:
@@ -75,9 +70,9 @@ def import_cmd(
 ) -> None:
     """Import a CheXNet, torchxrayvision or torchvision DenseNet checkpoint (or a chexd artifact) as an artifact."""
     if fmt not in _FORMATS:
-        _fail(f"Invalid --format {fmt!r} - expected one of {', '.join(_FORMATS)}", 2)
+        fail(f"Invalid --format {fmt!r} - expected one of {', '.join(_FORMATS)}", 2)
     if dtype not in ("float32", "float16"):
-        _fail(f"Invalid --dtype {dtype!r} - expected float32 or float16", 2)
+        fail(f"Invalid --dtype {dtype!r} - expected float32 or float16", 2)
     from model.checkpoints import import_checkpoint
     from model.errors import ModelError
 
@@ -88,13 +83,13 @@ def import_cmd(
             manifest_file = _import_to_registry(path, _data_dir() / "models", name=name, fmt=fmt, dtype=dtype)
         summary = _summary(manifest_file)
     except ModelError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot import {path}: {exc}")
+        fail(f"cannot import {path}: {exc}")
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    _out.print(
+    stdout.print(
         f"imported {summary['source_format']} {path.name} as {summary['name']} {summary['version']} "
         f"({summary['content_hash']}, {summary['parameters']:,} parameters, {summary['dtype']}) -> {manifest_file}",
         highlight=False,

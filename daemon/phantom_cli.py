@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from daemon.console import err, fail
 from model.phantom import generate, to_dicom
 from model.types import LABELS
 
@@ -22,12 +22,6 @@ __all__ = ["LABELS_CSV", "phantom"]
 
 LABELS_CSV = "labels.csv"
 _MIN_SIZE, _MAX_SIZE = 64, 4096
-_err = Console(stderr=True, soft_wrap=True)
-
-
-def _bad(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def phantom(
@@ -45,22 +39,22 @@ def phantom(
     of the same names are overwritten. SYNTHETIC PHANTOM - NOT A PATIENT.
     """
     if count < 1:
-        _bad(f"invalid --count {count} - must be >= 1")
+        fail(f"invalid --count {count} - must be >= 1", 2)
     if not _MIN_SIZE <= size <= _MAX_SIZE:
-        _bad(f"invalid --size {size} - must be in {_MIN_SIZE}..{_MAX_SIZE} pixels")
+        fail(f"invalid --size {size} - must be in {_MIN_SIZE}..{_MAX_SIZE} pixels", 2)
     if seed < 0:
-        _bad(f"invalid --seed {seed} - must be >= 0")
+        fail(f"invalid --seed {seed} - must be >= 0", 2)
     if start < 0:
-        _bad(f"invalid --start {start} - must be >= 0")
+        fail(f"invalid --start {start} - must be >= 0", 2)
     modality = modality.upper()
     if modality not in ("DX", "CR"):
-        _bad(f"invalid --modality {modality!r} - expected DX or CR")
+        fail(f"invalid --modality {modality!r} - expected DX or CR", 2)
     if out.exists() and not out.is_dir():
-        _bad(f"{out} exists and is not a folder")
+        fail(f"{out} exists and is not a folder", 2)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        _bad(f"cannot create {out}: {exc.strerror or exc}")
+        fail(f"cannot create {out}: {exc.strerror or exc}", 2)
 
     rows: list[list[object]] = []
     progress = Progress(
@@ -68,8 +62,8 @@ def phantom(
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=_err,
-        disable=not _err.is_terminal,
+        console=err,
+        disable=not err.is_terminal,
     )
     try:
         with progress:
@@ -88,7 +82,9 @@ def phantom(
             writer.writerows(rows)
         os.replace(tmp, out / LABELS_CSV)
     except OSError as exc:
-        _err.print(f"[bold red]error:[/] cannot write to {out}: {exc.strerror or exc}", highlight=False)
-        raise typer.Exit(1) from exc
-    _err.print(f"wrote {count} {modality} images ({size}x{size}, seed {seed}, indices {start}..{start + count - 1}) "
-               f"and {LABELS_CSV} to {out} - synthetic phantoms, not patient data", highlight=False)
+        fail(f"cannot write to {out}: {exc.strerror or exc}")
+    err.print(
+        f"wrote {count} {modality} images ({size}x{size}, seed {seed}, indices {start}..{start + count - 1}) "
+        f"and {LABELS_CSV} to {out} - synthetic phantoms, not patient data",
+        highlight=False,
+    )

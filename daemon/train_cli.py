@@ -10,18 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-_out = Console()
-_err = Console(stderr=True, soft_wrap=True)
+from daemon.console import err, fail
+from daemon.console import out as stdout
+
 SYNTHETIC_USE = "synthetic demo model, not for diagnosis: trained only on chexd's chest phantom"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -30,7 +25,7 @@ def _progress(quiet: bool) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=_err,
+        console=err,
         disable=quiet,
     )
 
@@ -74,9 +69,9 @@ def train(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if arch not in ("densenet121", "tiny"):
-        _fail(f"unknown --arch {arch!r} - expected densenet121 or tiny", 2)
+        fail(f"unknown --arch {arch!r} - expected densenet121 or tiny", 2)
     if not 64 <= size <= 512:
-        _fail(f"--size {size} must be in 64..512", 2)
+        fail(f"--size {size} must be in 64..512", 2)
     recipe = PreprocessRecipe(input_size=size, resize=None)
     config = TrainConfig(
         seed=seed,
@@ -118,7 +113,7 @@ def train(
         metrics=metrics,
         provenance=(provenance_entry("train", config.to_dict() | {"data": "chexd chest phantom (model.phantom)"}),),
     )
-    _out.print(
+    stdout.print(
         f"wrote {manifest}: test mean AUROC {evaluation.mean_auroc:.4f} "
         f"(95% CI {evaluation.mean_auroc_ci[0]:.4f}-{evaluation.mean_auroc_ci[1]:.4f})"
         if evaluation.mean_auroc_ci
@@ -143,14 +138,14 @@ def evaluate(
     from model.train import SPLITS, evaluate_on_phantom
 
     if phantom not in SPLITS:
-        _fail(f"--phantom {phantom!r} - expected one of {', '.join(SPLITS)}", 2)
+        fail(f"--phantom {phantom!r} - expected one of {', '.join(SPLITS)}", 2)
     try:
         path = model or resolve_model_path(settings())
         if path is None:
-            _fail("no model: pass --model PATH or set model_path (this build bundles no demo model)")
+            fail("no model: pass --model PATH or set model_path (this build bundles no demo model)")
         network, manifest = load_artifact(path)
     except ModelError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     with _progress(quiet=as_json) as progress:
         result = evaluate_on_phantom(
             network,
@@ -195,7 +190,7 @@ def evaluate(
             f"{c.precision:.3f}",
             str(c.positives),
         )
-    _out.print(table)
-    _out.print(f"mean AUROC {result.mean_auroc:.4f}" if result.mean_auroc is not None else "mean AUROC -")
+    stdout.print(table)
+    stdout.print(f"mean AUROC {result.mean_auroc:.4f}" if result.mean_auroc is not None else "mean AUROC -")
     if manifest.synthetic:
-        _out.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
+        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
