@@ -8,8 +8,13 @@ analysed, and the daemon says so at start-up.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from importlib import resources
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import Settings
 from daemon.worker import JobResult, PermanentJobError, read_stored_image
@@ -80,3 +85,101 @@ class ModelProcessor:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+class ActiveModelProcessor:
+    """The worker step that follows the registry: between jobs it notices a newly activated version (checked at
+    most every ``check_seconds``), loads it, and sends new jobs to it. Jobs already running finish on the model they
+    started with; the old model is released once its last job is done. A version that fails to load is logged and
+    the current one kept."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *, check_seconds: float = 1.0) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.check_seconds = check_seconds
+        self._lock = threading.Lock()
+        self._current: ModelProcessor | None = None
+        self._version: str | None = None
+        self._in_flight: dict[int, int] = {}
+        self._retiring: list[ModelProcessor] = []
+        self._checked = 0.0
+
+    @property
+    def current(self) -> ModelProcessor | None:
+        return self._current
+
+    def load(self) -> None:
+        """Load the active model now (registry's active version, else model_path, else the bundled demo)."""
+        from daemon.registry import active_version
+
+        active = active_version(self.sessions)
+        path = active[1] if active else resolve_model_path(self.settings)
+        if path is None:
+            raise ModelError("no model configured and none bundled")
+        self._swap(ModelProcessor(path, device=self.settings.model_device, batch_size=self.settings.model_batch_size))
+        self._version = active[0] if active else None
+        self._checked = time.monotonic()
+
+    def _swap(self, processor: ModelProcessor) -> None:
+        with self._lock:
+            old, self._current = self._current, processor
+            if old is not None:
+                self._retiring.append(old)
+        self._release_idle()
+
+    def _release_idle(self) -> None:
+        with self._lock:
+            idle = [p for p in self._retiring if not self._in_flight.get(id(p))]
+            self._retiring = [p for p in self._retiring if p not in idle]
+        for processor in idle:
+            processor.close()
+
+    def _maybe_reload(self) -> None:
+        from daemon.registry import active_version
+
+        now = time.monotonic()
+        if now - self._checked < self.check_seconds:
+            return
+        self._checked = now
+        try:
+            active = active_version(self.sessions)
+        except SQLAlchemyError as exc:
+            log.warning("cannot check the model registry: %s", exc)
+            return
+        if active is None or active[0] == self._version:
+            return
+        version, path = active
+        try:
+            processor = ModelProcessor(
+                path, device=self.settings.model_device, batch_size=self.settings.model_batch_size
+            )
+        except (ModelError, OSError, ValueError) as exc:
+            log.error("cannot load newly activated model version %s (keeping the current one): %s", version, exc)
+            self._version = version  # do not retry on every job; a new activation changes the version again
+            return
+        self._swap(processor)
+        self._version = version
+        log.info("switched to model version %s (activated in the registry)", version)
+
+    def __call__(self, path: Path) -> JobResult:
+        if self._current is None:
+            self.load()
+        else:
+            self._maybe_reload()
+        with self._lock:
+            processor = self._current
+            assert processor is not None
+            self._in_flight[id(processor)] = self._in_flight.get(id(processor), 0) + 1
+        try:
+            return processor(path)
+        finally:
+            with self._lock:
+                self._in_flight[id(processor)] -= 1
+            self._release_idle()
+
+    def close(self) -> None:
+        with self._lock:
+            processors = [*self._retiring, *([self._current] if self._current else [])]
+            self._retiring, self._current = [], None
+        for processor in processors:
+            processor.close()

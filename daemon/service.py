@@ -8,7 +8,7 @@ import threading
 from types import FrameType
 
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.inference import ModelProcessor, resolve_model_path
+from daemon.inference import ActiveModelProcessor, resolve_model_path
 from daemon.recovery import RecoveryReport, recover
 from daemon.scp import StorageSCP
 from daemon.settings import Settings
@@ -33,11 +33,12 @@ class Daemon:
 
     def __init__(self, settings: Settings, processor: Processor | None = None) -> None:
         self.settings = settings
-        processor = processor or self._default_processor()
         self.engine = create_db_engine(settings.effective_database_url)
         self.sessions = session_factory(self.engine)
+        processor = processor or self._default_processor()
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
         self.store = InstanceStore(self.spool, self.sessions)
+        self.processor = processor
         self.workers = WorkerPool(self.sessions, self.spool, settings, processor)
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
@@ -48,12 +49,14 @@ class Daemon:
         if path is None:
             log.warning("no model configured and none bundled: images are stored and decoded but not analysed")
             return decode_statistics
-        return ModelProcessor(path, device=self.settings.model_device, batch_size=self.settings.model_batch_size)
+        return ActiveModelProcessor(self.settings, self.sessions)
 
     def start(self) -> None:
         revision = upgrade_to_head(self.engine)
         log.info("database at revision %s", revision)
         self.recovery = recover(self.spool, self.sessions)
+        if isinstance(self.processor, ActiveModelProcessor):
+            self.processor.load()
         self.workers.start()
         self.scp.start()
 
@@ -64,6 +67,8 @@ class Daemon:
         log.info("stopping: closing the DICOM port, then draining workers")
         self.scp.stop()
         self.workers.stop()
+        if isinstance(self.processor, ActiveModelProcessor):
+            self.processor.close()
         self.engine.dispose()
 
     def serve_forever(self) -> None:

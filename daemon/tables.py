@@ -169,3 +169,182 @@ class PredictionRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
+    findings: Mapped[list[FindingRow]] = relationship(back_populates="prediction", cascade="all, delete-orphan")
+
+
+class ModelState(enum.StrEnum):
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+class ModelVersion(Base):
+    """One model artifact known to the registry. Exactly one row is ``active`` once anything has been activated;
+    jobs only ever add ``candidate`` rows."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)  # weights sha256[:16]
+    name: Mapped[str] = mapped_column(String(128))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    manifest_path: Mapped[str] = mapped_column(Text)  # absolute path of the artifact's JSON manifest
+    parent_version: Mapped[str | None] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(32))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    synthetic: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[ModelState] = mapped_column(
+        Enum(
+            ModelState,
+            name="model_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+        ),
+        default=ModelState.CANDIDATE,
+        index=True,
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AdminJob(Base):
+    """A maintenance job run from the CLI (calibrate, correct, finetune, compress, decide, activate...)."""
+
+    __tablename__ = "admin_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # running, done, failed, refused
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    user: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    duration_s: Mapped[float | None] = mapped_column()
+
+
+class Feedback(Base):
+    """A radiologist's verdict on one finding of one image; the newest row per (instance, finding) counts."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    finding: Mapped[str] = mapped_column(String(64))
+    present: Mapped[bool] = mapped_column()
+    user: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FindingRow(Base):
+    """One finding of one prediction as reported: status present/absent/excluded with threshold and region."""
+
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("prediction_id", "label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column()
+    threshold: Mapped[float] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16))  # present, absent, excluded
+    reason: Mapped[str | None] = mapped_column(Text)
+    region: Mapped[str | None] = mapped_column(String(64))  # zone with the largest share of heat
+    regions: Mapped[dict[str, float] | None] = mapped_column(JSON)  # zone -> share of heat
+
+    prediction: Mapped[PredictionRow] = relationship(back_populates="findings")
+    evidence: Mapped[list[EvidenceRow]] = relationship(back_populates="finding", cascade="all, delete-orphan")
+
+
+class EvidenceRow(Base):
+    """A top channel behind a reported finding: contribution w_ck * mean(A_k) in logit units and share of the logit."""
+
+    __tablename__ = "channel_evidence"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[int] = mapped_column(Integer)
+    contribution: Mapped[float] = mapped_column()
+    share: Mapped[float] = mapped_column()
+
+    finding: Mapped[FindingRow] = relationship(back_populates="evidence")
+
+
+class ReportState(enum.StrEnum):
+    PENDING = "PENDING"  # waiting for the study's quiet time
+    DONE = "DONE"
+    SUPERSEDED = "SUPERSEDED"
+    FAILED = "FAILED"
+
+
+class StudyReportRow(Base):
+    """One revision of a study's report. A later image makes a new PENDING revision; when it is written, the
+    previous DONE revision becomes SUPERSEDED."""
+
+    __tablename__ = "study_reports"
+    __table_args__ = (UniqueConstraint("study_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    state: Mapped[ReportState] = mapped_column(
+        Enum(ReportState, name="report_state", native_enum=False, length=16), default=ReportState.PENDING, index=True
+    )
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    instance_uids: Mapped[list[str] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    files: Mapped[list[ReportFile]] = relationship(back_populates="report", cascade="all, delete-orphan")
+
+
+class ReportFile(Base):
+    """A written result document: kind pdf (plain PDF), sr, sc or epdf (DICOM objects), with its hash."""
+
+    __tablename__ = "report_files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("study_reports.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(Text)  # relative to the data dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    report: Mapped[StudyReportRow] = relationship(back_populates="files")
+
+
+class ForwardState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    DONE = "DONE"
+    DEAD = "DEAD"  # gave up after the configured attempts; `chexd forward --retry` re-queues
+
+
+class Forward(Base):
+    """Delivery of one DICOM result file to one configured destination (C-STORE SCU), retried with backoff."""
+
+    __tablename__ = "forwards"
+    __table_args__ = (
+        UniqueConstraint("report_file_id", "destination"),
+        Index("ix_forwards_state_available", "state", "available_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_file_id: Mapped[int] = mapped_column(ForeignKey("report_files.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))  # AE@host:port
+    state: Mapped[ForwardState] = mapped_column(
+        Enum(ForwardState, name="forward_state", native_enum=False, length=16), default=ForwardState.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
