@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 ENV_PREFIX = "CHEXD_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, no control chars
+_DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
 
 
 class SettingsError(ValueError):
@@ -63,6 +64,12 @@ class Settings:
     model_path: str = ""  # artifact manifest (or folder); empty: the bundled demo model, if this build has one
     model_device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_batch_size: int = 16
+    report_quiet_seconds: float = 5.0  # a study is reported once no new image arrived for this long
+    report_top_channels: int = 5  # channel evidence rows per positive finding
+    exclusion_margin: float = 2.0  # partner's probability/threshold ratio must exceed the finding's by this factor
+    forward_destinations: tuple[str, ...] = ()  # AE@host:port that receive the SR, SC and encapsulated PDF
+    forward_max_attempts: int = 8
+    forward_backoff_seconds: float = 2.0  # first retry delay; doubles per attempt, capped at 10 minutes
 
     def __post_init__(self) -> None:
         if not _AE_TITLE.match(self.ae_title) or not self.ae_title.strip():
@@ -91,6 +98,21 @@ class Settings:
             raise SettingsError(f"Invalid model_device {self.model_device!r} - expected auto, cpu, cuda or cuda:N")
         if self.job_max_attempts < 1 or self.job_lease_seconds < 1:
             raise SettingsError("job_max_attempts and job_lease_seconds must be >= 1")
+        if not math.isfinite(self.report_quiet_seconds) or self.report_quiet_seconds < 0:
+            raise SettingsError(f"Invalid report_quiet_seconds {self.report_quiet_seconds} - must be >= 0 seconds")
+        if self.report_top_channels < 1:
+            raise SettingsError(f"Invalid report_top_channels {self.report_top_channels} - must be >= 1")
+        if not math.isfinite(self.exclusion_margin) or self.exclusion_margin < 1:
+            raise SettingsError(f"Invalid exclusion_margin {self.exclusion_margin} - must be >= 1")
+        if self.forward_max_attempts < 1:
+            raise SettingsError(f"Invalid forward_max_attempts {self.forward_max_attempts} - must be >= 1")
+        if not math.isfinite(self.forward_backoff_seconds) or self.forward_backoff_seconds <= 0:
+            raise SettingsError(f"Invalid forward_backoff_seconds {self.forward_backoff_seconds} - must be > 0")
+        for entry in self.forward_destinations:
+            if not _DESTINATION.match(entry) or not _AE_TITLE.match(entry.split("@", 1)[0]):
+                raise SettingsError(
+                    f"Invalid forward_destinations entry {entry!r} - expected 'AE@host:port', e.g. 'PACS@10.0.0.5:104'"
+                )
         for entry in self.allowed_calling_aes:
             ae = entry.split("@", 1)[0]
             if not _AE_TITLE.match(ae):
