@@ -1,0 +1,99 @@
+"""Parameter and multiply-accumulate (MAC) counts of a DenseNet :class:`~model.network.Architecture`.
+
+MACs count the multiply-accumulates of every convolution and of the linear head for one image, exactly as
+torchvision's ``_ops`` figure does (2.834 G for densenet121 at 224 px with 1000 classes; 2,833,152,000 with the
+14-class CheXNet head). BatchNorm, ReLU, pooling and concatenation are memory-bound and not counted; tools that add
+them (ptflops) report about 2.87-2.88 GMac for the same network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.network import Architecture
+
+__all__ = ["Complexity", "complexity", "count_macs", "feature_size"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Complexity:
+    """Counts for one image of ``input_size`` × ``input_size`` pixels.
+
+    ``parameters``: trainable parameters (as ``Architecture.parameters()``); ``macs``: conv + linear
+    multiply-accumulates; ``macs_by_part``: the same split into ``stem``, ``conv1`` (1x1 bottlenecks), ``conv2``
+    (3x3), ``transition`` and ``classifier`` (the parts sum to ``macs``).
+    """
+
+    input_size: int
+    parameters: int
+    macs: int
+    macs_by_part: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "input_size": self.input_size,
+            "parameters": self.parameters,
+            "macs": self.macs,
+            "macs_by_part": dict(self.macs_by_part),
+        }
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _check_size(input_size: int) -> None:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise ValueError(f"Invalid input_size {input_size!r} - must be a positive number of pixels")
+
+
+def feature_size(architecture: Architecture, input_size: int) -> list[int]:
+    """Spatial side of each dense block's feature maps for a square input (stem: /4, each transition: /2).
+
+    Raises ValueError when the input is too small to leave at least one pixel in the last block."""
+    _check_size(input_size)
+    side = _conv_out(input_size, 7, 2, 3)  # conv0
+    side = _conv_out(side, 3, 2, 1)  # pool0
+    sides = []
+    for b in range(len(architecture.blocks)):
+        if side < 1:
+            break
+        sides.append(side)
+        if b < len(architecture.transitions):
+            side //= 2  # 2x2 average pooling, stride 2
+    if len(sides) < len(architecture.blocks) or sides[-1] < 1:
+        raise ValueError(
+            f"Invalid input_size {input_size} - too small for {len(architecture.blocks)} dense blocks "
+            "(the final feature map would be empty)"
+        )
+    return sides
+
+
+def complexity(architecture: Architecture, input_size: int) -> Complexity:
+    """Parameters and MACs of ``architecture`` for one square image of ``input_size`` pixels (see module doc)."""
+    arch = architecture
+    sides = feature_size(arch, input_size)
+    stem_side = _conv_out(input_size, 7, 2, 3)
+    parts = {"stem": arch.in_channels * arch.stem_channels * 49 * stem_side * stem_side}
+    conv1 = conv2 = transition = 0
+    for b, block in enumerate(arch.blocks):
+        area = sides[b] * sides[b]
+        for i, layer in enumerate(block):
+            conv1 += arch.layer_inputs(b, i) * layer.bottleneck * area
+            conv2 += layer.bottleneck * layer.growth * 9 * area
+        if b < len(arch.transitions):
+            transition += arch.transition_inputs(b) * arch.transitions[b].out_channels * area  # conv before pooling
+    parts |= {
+        "conv1": conv1,
+        "conv2": conv2,
+        "transition": transition,
+        "classifier": arch.feature_channels * arch.num_classes,
+    }
+    return Complexity(
+        input_size=input_size, parameters=arch.parameters(), macs=sum(parts.values()), macs_by_part=parts
+    )
+
+
+def count_macs(architecture: Architecture, input_size: int) -> int:
+    """Conv + linear multiply-accumulates for one square image (see :func:`complexity`)."""
+    return complexity(architecture, input_size).macs
