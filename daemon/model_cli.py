@@ -20,11 +20,17 @@ from daemon.console import out as stdout
 __all__ = ["model_app"]
 
 model_app = typer.Typer(
-    help="Model artifacts: import foreign checkpoints (CheXNet, torchxrayvision, torchvision) as chexd artifacts.",
+    help="Model versions: import checkpoints, list the registry, activate, roll back, compare.",
     no_args_is_help=True,
 )
 
 _FORMATS = ("auto", "chexnet", "xrv", "torchvision", "artifact")
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from daemon.cli import settings
+
+    return settings()
 
 
 def _data_dir() -> Path:
@@ -82,6 +88,13 @@ def import_cmd(
         else:
             manifest_file = _import_to_registry(path, _data_dir() / "models", name=name, fmt=fmt, dtype=dtype)
         summary = _summary(manifest_file)
+        if out is None:
+            from daemon.registry import register_candidate
+
+            info = register_candidate(
+                _settings(), manifest_file, operation="import", parameters={"source": str(path), "format": fmt}
+            )
+            summary["registry"] = {"version": info.version, "state": info.state}
     except ModelError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -113,3 +126,146 @@ def _import_to_registry(path: Path, models_dir: Path, *, name: str | None, fmt: 
         return final / staged.name
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- registry ------------------------------------------------------------------------------------------------------
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _registry_call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from daemon.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}")
+
+
+def _mean_auroc(metrics: dict[str, Any]) -> float | None:
+    for key in ("mean_auroc",):
+        if isinstance(metrics.get(key), int | float):
+            return float(metrics[key])
+    for nested in ("test", "evaluation", "after"):
+        value = metrics.get(nested)
+        if isinstance(value, dict) and isinstance(value.get("mean_auroc"), int | float):
+            return float(value["mean_auroc"])
+    return None
+
+
+@model_app.command("list")
+def list_cmd(as_json: JsonOption = False) -> None:
+    """Registered model versions, newest first, with their state (candidate, active, retired)."""
+    from rich.table import Table
+
+    from daemon.registry import list_versions
+
+    versions = _registry_call(list_versions, _settings())
+    if as_json:
+        sys.stdout.write(json.dumps([v.to_dict() for v in versions], indent=2) + "\n")
+        return
+    table = Table("id", "version", "state", "name", "operation", "parent", "mean AUROC", "created", title="models")
+    for v in versions:
+        auroc = _mean_auroc(v.metrics)
+        table.add_row(
+            str(v.id),
+            v.version,
+            f"[bold green]{v.state}[/]" if v.state == "active" else v.state,
+            v.name + (" (synthetic)" if v.synthetic else ""),
+            v.operation,
+            v.parent_version or "-",
+            f"{auroc:.4f}" if auroc is not None else "-",
+            v.created_at.isoformat(timespec="seconds"),
+        )
+    stdout.print(table)
+
+
+@model_app.command("show")
+def show_cmd(
+    version: Annotated[str, typer.Argument(help="Version (hex prefix), id number, or 'active'.")] = "active",
+    as_json: JsonOption = False,
+) -> None:
+    """One version: its registry row and its manifest (thresholds, architecture size, provenance)."""
+    from daemon.registry import find_version
+    from model.artifact import read_manifest
+
+    info = _registry_call(find_version, _settings(), version)
+    manifest = read_manifest(info.path)
+    data = info.to_dict() | {
+        "thresholds": manifest.thresholds,
+        "parameter_count": manifest.parameters,
+        "input": manifest.preprocessing.to_dict(),
+        "intended_use": manifest.intended_use,
+        "provenance": [dict(p) for p in manifest.provenance],
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    stdout.print(f"[bold]{info.name}[/] {info.version} - {info.state}", highlight=False)
+    if info.synthetic:
+        stdout.print("[bold red]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
+    stdout.print(f"path: {info.path}", highlight=False, markup=False)
+    stdout.print(f"parameters: {manifest.parameters:,}; input {manifest.preprocessing.input_size} px", highlight=False)
+    stdout.print("provenance: " + " -> ".join(p["operation"] for p in manifest.provenance), highlight=False)
+    stdout.print("thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in manifest.thresholds.items()), highlight=False)
+
+
+@model_app.command("activate")
+def activate_cmd(
+    version: Annotated[str, typer.Argument(help="Version (hex prefix) or id number from 'chexd model list'.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Make a version active. A running daemon switches to it between jobs, without a restart; audited."""
+    from daemon.registry import activate
+
+    info, previous = _registry_call(activate, _settings(), version)
+    _report_activation(info, previous, as_json)
+
+
+@model_app.command("rollback")
+def rollback_cmd(as_json: JsonOption = False) -> None:
+    """Re-activate the version that was active before the current one."""
+    from daemon.registry import rollback
+
+    info, previous = _registry_call(rollback, _settings())
+    _report_activation(info, previous, as_json)
+
+
+def _report_activation(info: Any, previous: str | None, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"active": info.version, "previous": previous}) + "\n")
+        return
+    stdout.print(f"active model: {info.name} {info.version} (was {previous or 'none'})", highlight=False)
+
+
+@model_app.command("diff")
+def diff_cmd(
+    a: Annotated[str, typer.Argument(help="First version (default: its parent when only one is given).")],
+    b: Annotated[str | None, typer.Argument(help="Second version (default: the active one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What changed between two versions: thresholds, classifier weights per finding, architecture, metrics."""
+    from daemon.registry import find_version
+    from model.artifact import diff_artifacts
+
+    settings = _settings()
+    first = _registry_call(find_version, settings, a)
+    second = _registry_call(find_version, settings, b or "active")
+    data = {"a": first.version, "b": second.version} | diff_artifacts(first.path, second.path)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    stdout.print(f"{first.version} -> {second.version}", highlight=False)
+    stdout.print(f"parameters: {data['parameters'][0]:,} -> {data['parameters'][1]:,}", highlight=False)
+    for label, (t0, t1) in data["thresholds"].items():
+        stdout.print(f"threshold {label}: {t0:.4f} -> {t1:.4f}", highlight=False)
+    for label, n in data["classifier_changes"].items():
+        stdout.print(f"classifier row {label}: {n} weight(s) changed", highlight=False)
+    if data["backbone_changed"]:
+        stdout.print("backbone weights differ", highlight=False)
+    if not (data["thresholds"] or data["classifier_changes"] or data["backbone_changed"]):
+        stdout.print("weights and thresholds are identical", highlight=False)

@@ -120,7 +120,8 @@ def registry_sessions(settings: Settings) -> sessionmaker[Session]:
     return session_factory(engine)
 
 
-def _user() -> str:
+def current_user() -> str:
+    """The OS user running the command (the sudo caller when run under sudo)."""
     try:
         return os.environ.get("SUDO_USER") or getpass.getuser()
     except (KeyError, OSError):
@@ -228,7 +229,9 @@ def _ensure_baseline(session: Session, settings: Settings) -> ModelVersion | Non
     if row.state is not ModelState.ACTIVE:  # the baseline was already registered as a candidate
         row.state = ModelState.ACTIVE
         row.activated_at = utcnow()
-    session.add(AuditEvent(event="model_activated", detail=f"version {row.version} ({source} baseline) by {_user()}"))
+    session.add(
+        AuditEvent(event="model_activated", detail=f"version {row.version} ({source} baseline) by {current_user()}")
+    )
     return row
 
 
@@ -278,7 +281,9 @@ def register_candidate(
             metrics=metrics,
             state=ModelState.CANDIDATE,
         )
-        session.add(AuditEvent(event="model_registered", detail=f"version {row.version} ({operation}) by {_user()}"))
+        session.add(
+            AuditEvent(event="model_registered", detail=f"version {row.version} ({operation}) by {current_user()}")
+        )
         return _info(row)
 
 
@@ -332,7 +337,7 @@ def activate(settings: Settings, ref: str, *, reason: str = "activate") -> tuple
         session.add(
             AuditEvent(
                 event="model_activated",
-                detail=f"version {row.version} ({reason}; previous {before or 'none'}) by {_user()}",
+                detail=f"version {row.version} ({reason}; previous {before or 'none'}) by {current_user()}",
             )
         )
         session.flush()
@@ -377,7 +382,11 @@ def admin_job(settings: Settings, kind: str, parameters: dict[str, Any] | None =
     sessions = registry_sessions(settings)
     with sessions.begin() as session:
         row = AdminJob(
-            kind=kind, state="running", parameters=dict(parameters or {}), user=_user(), host=socket.gethostname()
+            kind=kind,
+            state="running",
+            parameters=dict(parameters or {}),
+            user=current_user(),
+            host=socket.gethostname(),
         )
         session.add(row)
         session.flush()

@@ -35,6 +35,7 @@ __all__ = [
     "FORMAT",
     "Manifest",
     "content_hash",
+    "diff_artifacts",
     "load_artifact",
     "manifest_path",
     "provenance_entry",
@@ -448,3 +449,37 @@ def load_artifact(path: str | os.PathLike[str]) -> tuple[DenseNet, Manifest]:
             "finite logits"
         )
     return model, manifest
+
+
+def diff_artifacts(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> dict[str, Any]:
+    """What differs from artifact ``a`` to ``b`` (both verified on load).
+
+    Returns ``parameters`` (a, b); ``thresholds``: label -> (a, b) for changed ones; ``classifier_changes``:
+    label -> number of changed weights in that class row (bias included); ``backbone_changed``: whether any
+    non-classifier tensor differs (always true when the architectures differ); ``metrics``: (a, b)."""
+    model_a, man_a = load_artifact(a)
+    model_b, man_b = load_artifact(b)
+    thresholds = {
+        label: (man_a.thresholds.get(label), man_b.thresholds.get(label))
+        for label in man_b.labels
+        if man_a.thresholds.get(label) != man_b.thresholds.get(label)
+    }
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    changes: dict[str, int] = {}
+    if man_a.architecture == man_b.architecture and man_a.labels == man_b.labels:
+        diff_w = (sa["classifier.weight"] != sb["classifier.weight"]).sum(dim=1)
+        diff_b = sa["classifier.bias"] != sb["classifier.bias"]
+        for i, label in enumerate(man_b.labels):
+            n = int(diff_w[i]) + int(diff_b[i])
+            if n:
+                changes[label] = n
+        backbone = any(not torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("classifier."))
+    else:
+        backbone = True
+    return {
+        "parameters": (man_a.parameters, man_b.parameters),
+        "thresholds": thresholds,
+        "classifier_changes": changes,
+        "backbone_changed": backbone,
+        "metrics": (man_a.metrics, man_b.metrics),
+    }
