@@ -57,7 +57,7 @@ class ModelProcessor:
             network,
             recipe=manifest.preprocessing,
             labels=manifest.labels,
-            model_version=manifest.weights_sha256[:16],
+            model_version=manifest.version_id,
             device=device,
             batch_size=batch_size,
         )

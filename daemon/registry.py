@@ -55,7 +55,8 @@ class RegistryError(LookupError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelVersionInfo:
-    """One registry row. ``version`` is the first 16 hex digits of the weights' sha256; ``path`` the manifest."""
+    """One registry row. ``version`` is the manifest's ``version_id`` (a hash of weights, thresholds and
+    preprocessing); ``path`` is the registered copy of the manifest."""
 
     id: int
     version: str
@@ -148,9 +149,9 @@ def _copy_artifact(settings: Settings, manifest_path: Path) -> tuple[Path, Any]:
         raise RegistryError(f"cannot register {json_path}: its weights file {weights.name} is missing")
     if sha256_file(weights) != manifest.weights_sha256:
         raise RegistryError(f"cannot register {json_path}: {weights.name} does not match the manifest's sha256")
-    target = settings.data_dir / "models" / f"{manifest.name}-{manifest.weights_sha256[:12]}"
+    target = settings.data_dir / "models" / f"{manifest.name}-{manifest.short_hash}"
     final = target / f"{manifest.name}.json"
-    if final.is_file() and read_manifest(final).weights_sha256 == manifest.weights_sha256:
+    if final.is_file() and read_manifest(final).version_id == manifest.version_id:
         return final, manifest
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=target.parent))
@@ -184,7 +185,7 @@ def _add_row(
     state: ModelState,
 ) -> ModelVersion:
     path, manifest = _copy_artifact(settings, manifest_path)
-    version = manifest.weights_sha256[:16]
+    version = manifest.version_id
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is not None:
         return row

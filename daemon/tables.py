@@ -185,7 +185,7 @@ class ModelVersion(Base):
     __tablename__ = "model_versions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    version: Mapped[str] = mapped_column(String(64), unique=True)  # weights sha256[:16]
+    version: Mapped[str] = mapped_column(String(64), unique=True)  # model.artifact.Manifest.version_id
     name: Mapped[str] = mapped_column(String(128))
     weights_sha256: Mapped[str] = mapped_column(String(64))
     manifest_path: Mapped[str] = mapped_column(Text)  # absolute path of the artifact's JSON manifest

@@ -204,6 +204,22 @@ class Manifest:
     def short_hash(self) -> str:
         return content_hash(self)
 
+    @property
+    def version_id(self) -> str:
+        """The model version as results record it: 16 hex digits of a sha256 over the weights' hash and everything
+        that changes outputs or decisions (labels, thresholds, preprocessing). A threshold-only recalibration is a
+        new version; renaming or new metrics are not."""
+        key = json.dumps(
+            {
+                "weights_sha256": self.weights_sha256,
+                "labels": list(self.labels),
+                "thresholds": {k: round(v, 9) for k, v in self.thresholds.items()},
+                "preprocessing": self.preprocessing.to_dict(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict[str, Any]:
         """The manifest as JSON-able values (plus ``"format": "chexd-artifact/1"``)."""
         return {
@@ -257,8 +273,8 @@ class Manifest:
 
 
 def content_hash(manifest: Manifest) -> str:
-    """Short version id for display: the first 12 hex digits of the weights' sha256."""
-    return manifest.weights_sha256[:12]
+    """Short id for folder names and display: the first 12 hex digits of :attr:`Manifest.version_id`."""
+    return manifest.version_id[:12]
 
 
 def sha256_file(path: Path) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from sqlalchemy import func, select
 
-from daemon.tables import PredictionRow
+from daemon.tables import Instance, PredictionRow
 from model.artifact import save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.dicomgen import make_dataset, write_dataset
@@ -63,3 +65,49 @@ def test_a_missing_model_path_stops_the_daemon_with_a_clear_error(make_daemon, t
     daemon = make_daemon(start=False, model_path=str(tmp_path / "nope.json"))
     result = daemon.cli("serve", check=False)
     assert result.returncode == 1 and "chexd model import" in result.stderr
+
+
+def test_activation_and_rollback_reach_the_running_daemon(make_daemon, tmp_path: Path) -> None:
+    from model.artifact import provenance_entry, read_manifest
+
+    base = _artifact(tmp_path)
+    daemon = make_daemon(model_path=str(base), model_device="cpu")
+    engine = daemon.engine()
+
+    def send_one(seed: int) -> str:
+        path = write_dataset(make_dataset(seed=seed, rows=96, columns=80), tmp_path / f"{seed}.dcm")
+        assert daemon.storescu(str(path)).returncode == 0
+        wait_until_processed(engine, seed)
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        with engine.connect() as conn:
+            return conn.execute(
+                select(PredictionRow.model_version)
+                .join(Instance, Instance.id == PredictionRow.instance_id)
+                .where(Instance.sop_instance_uid == uid)
+            ).scalar_one()
+
+    v1 = read_manifest(base).version_id
+    assert send_one(1) == v1
+    other = save_artifact(
+        tiny(seed=9),
+        tmp_path / "other",
+        name="tiny-test-model",
+        preprocessing=PreprocessRecipe(input_size=64, resize=None),
+        intended_use="synthetic demo model, not for diagnosis (test fixture)",
+        synthetic=True,
+        provenance=(provenance_entry("finetune", {}, parent_sha256=read_manifest(base).weights_sha256),),
+    )
+    v2 = read_manifest(other).version_id
+    imported = json.loads(daemon.cli("model", "import", str(other), "--json").stdout)
+    assert imported["registry"] == {"version": v2, "state": "candidate"}
+    assert send_one(2) == v1, "a candidate is not used until activated"
+    assert json.loads(daemon.cli("model", "activate", v2[:8], "--json").stdout) == {"active": v2, "previous": v1}
+    time.sleep(1.5)  # the daemon checks the registry at most once a second, between jobs
+    assert send_one(3) == v2, "the running daemon switched without a restart"
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert json.loads(daemon.cli("model", "rollback", "--json").stdout)["active"] == v1
+    time.sleep(1.5)
+    assert send_one(4) == v1
+    assert "switched to model version" in daemon.log()
+    listed = {v["version"]: v["state"] for v in json.loads(daemon.cli("model", "list", "--json").stdout)}
+    assert listed == {v1: "active", v2: "retired"}

@@ -69,7 +69,7 @@ def test_float32_round_trip_is_exact(tmp_path: Path) -> None:
     assert manifest.architecture == model.architecture
     assert manifest.parameters == model.architecture.parameters()
     assert manifest.weights_sha256 == sha256_file(manifest_file.with_suffix(".safetensors"))
-    assert content_hash(manifest) == manifest.weights_sha256[:12] == manifest.short_hash
+    assert content_hash(manifest) == manifest.version_id[:12] == manifest.short_hash
     assert manifest.provenance[0]["operation"] == "train"
     assert datetime.fromisoformat(manifest.provenance[0]["created_at"]).utcoffset().total_seconds() == 0
     assert manifest.provenance[0]["tool"].startswith("chexd ")

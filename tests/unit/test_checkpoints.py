@@ -299,7 +299,10 @@ def test_cli_import_writes_into_the_model_registry(tmp_path: Path, monkeypatch: 
     load_artifact(folder)
     again = runner.invoke(cli(), ["model", "import", str(src), "--json"])
     assert again.exit_code == 0 and json.loads(again.stdout)["path"] == summary["path"]
-    assert sorted(p.name for p in (tmp_path / "data" / "models").iterdir()) == [folder.name], "no staging left"
+    names = sorted(p.name for p in (tmp_path / "data" / "models").iterdir())
+    assert folder.name in names and not [n for n in names if n.startswith(".")], "no staging left"
+    assert summary["registry"]["state"] == "candidate"
+    assert again.exit_code == 0 and json.loads(again.stdout)["registry"] == summary["registry"], "registered once"
     text = runner.invoke(cli(), ["model", "import", str(src), "--out", str(tmp_path / "x"), "--dtype", "float16"])
     assert text.exit_code == 0 and "imported chexnet chexnet.pth.tar as chexnet 1.0.0" in text.stdout
     assert read_manifest(tmp_path / "x").dtype == "float16"
