@@ -169,6 +169,9 @@ def status(as_json: JsonOption = False) -> None:
     for state, count in summary["jobs"].items():
         table.add_row(state, str(count))
     out.print(table)
+    reports = summary.get("reports", {})
+    if any(reports.values()):
+        out.print("reports: " + ", ".join(f"{k.lower()} {v}" for k, v in reports.items() if v), highlight=False)
     disk = summary["disk"]
     warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
     out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
@@ -237,6 +240,31 @@ def show_cmd(uid: str, as_json: JsonOption = False) -> None:
         if inst["image_stats"]:
             table.add_row("image stats", json.dumps(inst["image_stats"]))
         out.print(table)
+        for prediction in inst["predictions"][-1:]:
+            findings = Table(
+                "finding",
+                "probability",
+                "threshold",
+                "status",
+                "region",
+                "reason",
+                title=f"model {prediction['model_name']} {prediction['model_version']}"
+                + (" - SYNTHETIC DEMO MODEL, NOT FOR DIAGNOSIS" if prediction["synthetic_model"] else ""),
+            )
+            for f in prediction["findings"]:
+                findings.add_row(
+                    f["label"],
+                    f"{f['probability']:.3f}",
+                    f"{f['threshold']:.3f}",
+                    f["status"],
+                    f["region"] or "",
+                    f["reason"] or "",
+                )
+            if prediction["findings"]:
+                out.print(findings)
+    for report in data["reports"]:
+        files = ", ".join(f"{f['kind']} {f['path']}" for f in report["files"])
+        out.print(f"report revision {report['revision']}: {report['state'].lower()} {files}", highlight=False)
 
 
 @app.command("reprocess")

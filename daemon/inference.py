@@ -81,6 +81,7 @@ class ModelProcessor:
             prediction=prediction,
             model_name=self.manifest.name,
             synthetic_model=self.manifest.synthetic,
+            manifest=self.manifest,
         )
 
     def close(self) -> None:

@@ -9,7 +9,17 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.store import audit
-from daemon.tables import Instance, Job, JobState, Series, Study, utcnow
+from daemon.tables import (
+    Instance,
+    Job,
+    JobState,
+    PredictionRow,
+    ReportState,
+    Series,
+    Study,
+    StudyReportRow,
+    utcnow,
+)
 
 
 class NotFoundError(LookupError):
@@ -37,6 +47,7 @@ def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> 
             "jobs": counts,
             "instances": session.scalar(select(func.count()).select_from(Instance)),
             "studies": session.scalar(select(func.count()).select_from(Study)),
+            "reports": _report_counts(session),
             "last_errors": [
                 {
                     "sop_instance_uid": uid,
@@ -48,6 +59,63 @@ def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> 
                 for uid, state, error, attempts, at in failures
             ],
         }
+
+
+def _report_counts(session: Session) -> dict[str, int]:
+    counts = {state.value: 0 for state in ReportState}
+    for state, n in session.execute(select(StudyReportRow.state, func.count()).group_by(StudyReportRow.state)):
+        counts[ReportState(state).value] = n
+    return counts
+
+
+def _predictions(session: Session, instance: Instance) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(PredictionRow).where(PredictionRow.instance_id == instance.id).order_by(PredictionRow.created_at)
+    ).all()
+    return [
+        {
+            "model_name": p.model_name,
+            "model_version": p.model_version,
+            "synthetic_model": p.synthetic_model,
+            "created_at": _iso(p.created_at),
+            "findings": [
+                {
+                    "label": f.label,
+                    "probability": f.probability,
+                    "threshold": f.threshold,
+                    "status": f.status,
+                    "reason": f.reason,
+                    "region": f.region,
+                    "evidence": [
+                        {"channel": e.channel, "contribution": e.contribution, "share": e.share}
+                        for e in sorted(f.evidence, key=lambda e: e.rank)
+                    ],
+                }
+                for f in p.findings
+            ],
+        }
+        for p in rows
+    ]
+
+
+def _reports(session: Session, study_ids: set[int]) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(StudyReportRow).where(StudyReportRow.study_id.in_(study_ids)).order_by(StudyReportRow.revision)
+    ).all()
+    return [
+        {
+            "revision": r.revision,
+            "state": ReportState(r.state).value,
+            "model_version": r.model_version,
+            "error": r.error,
+            "finished_at": _iso(r.finished_at),
+            "files": [
+                {"kind": f.kind, "path": f.path, "sha256": f.sha256, "sop_instance_uid": f.sop_instance_uid}
+                for f in r.files
+            ],
+        }
+        for r in rows
+    ]
 
 
 def list_studies(sessions: sessionmaker[Session], *, limit: int = 100) -> list[dict[str, Any]]:
@@ -137,7 +205,12 @@ def show(sessions: sessionmaker[Session], uid: str) -> dict[str, Any]:
     """Everything known about a study, series or instance UID. Raises NotFoundError."""
     with sessions() as session:
         level, instances = _instances_for(session, uid)
-        return {"uid": uid, "level": level, "instances": [_instance_dict(i) for i in instances]}
+        return {
+            "uid": uid,
+            "level": level,
+            "instances": [_instance_dict(i) | {"predictions": _predictions(session, i)} for i in instances],
+            "reports": _reports(session, {i.series.study_id for i in instances}),
+        }
 
 
 def reprocess(sessions: sessionmaker[Session], uid: str) -> dict[str, int]:

@@ -10,6 +10,7 @@ from types import FrameType
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.inference import ActiveModelProcessor, resolve_model_path
 from daemon.recovery import RecoveryReport, recover
+from daemon.reports import ReportLoop, ReportScheduler
 from daemon.scp import StorageSCP
 from daemon.settings import Settings
 from daemon.spool import Spool
@@ -39,7 +40,8 @@ class Daemon:
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
         self.store = InstanceStore(self.spool, self.sessions)
         self.processor = processor
-        self.workers = WorkerPool(self.sessions, self.spool, settings, processor)
+        self.reports = ReportLoop(self.sessions, self.spool, settings)
+        self.workers = WorkerPool(self.sessions, self.spool, settings, processor, sink=ReportScheduler(settings))
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
         self._stopped = threading.Event()
@@ -58,6 +60,7 @@ class Daemon:
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.load()
         self.workers.start()
+        self.reports.start()
         self.scp.start()
 
     def stop(self) -> None:
@@ -67,6 +70,7 @@ class Daemon:
         log.info("stopping: closing the DICOM port, then draining workers")
         self.scp.stop()
         self.workers.stop()
+        self.reports.stop()
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.close()
         self.engine.dispose()

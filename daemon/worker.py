@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pydicom
@@ -32,6 +32,7 @@ from model.types import Prediction
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JobResult:
     """What processing one instance produced: image statistics and, when a model ran, its prediction."""
@@ -40,6 +41,16 @@ class JobResult:
     prediction: Prediction | None = None
     model_name: str | None = None
     synthetic_model: bool = False
+    manifest: Any = None  # model.artifact.Manifest of the model that made the prediction
+
+
+class ResultSink(Protocol):
+    """Receives every job result with a prediction (the report scheduler): ``save`` runs before the job's commit
+    (files), ``record`` inside the same transaction that marks the job DONE (rows)."""
+
+    def save(self, job: ClaimedJob, result: JobResult) -> None: ...
+
+    def record(self, session: Session, job: ClaimedJob, result: JobResult) -> None: ...
 
 
 Processor = Callable[[Path], "JobResult | dict[str, Any]"]
@@ -178,12 +189,14 @@ class Worker:
         *,
         identity: str,
         processor: Processor = decode_statistics,
+        sink: ResultSink | None = None,
     ) -> None:
         self.sessions = sessions
         self.spool = spool
         self.settings = settings
         self.identity = identity
         self.processor = processor
+        self.sink = sink
 
     def claim(self) -> ClaimedJob | None:
         now = utcnow()
@@ -238,9 +251,7 @@ class Worker:
         except Exception as exc:
             log.exception("job failed job_id=%s sop_instance_uid=%s", job.job_id, job.sop_instance_uid)
             if job.attempts >= self.settings.job_max_attempts:
-                self._finish(
-                    job, JobState.FAILED, error=f"{type(exc).__name__}: {exc} (attempt {job.attempts})"
-                )
+                self._finish(job, JobState.FAILED, error=f"{type(exc).__name__}: {exc} (attempt {job.attempts})")
             else:
                 self._retry(job, f"{type(exc).__name__}: {exc}")
         else:
@@ -255,6 +266,8 @@ class Worker:
     ) -> None:
         if isinstance(result, dict):
             result = JobResult(image_stats=result)
+        if result is not None and result.prediction is not None and self.sink is not None:
+            self.sink.save(job, result)
         now = utcnow()
         with self.sessions.begin() as session:
             updated = session.execute(
@@ -268,16 +281,14 @@ class Worker:
                 )
                 if result.prediction is not None:
                     store_prediction(session, job.instance_id, result)
+                    if self.sink is not None:
+                        self.sink.record(session, job, result)
         if not updated:
             log.warning("lost lease before finishing job_id=%s", job.job_id)
         elif state is JobState.FAILED:
-            log.warning(
-                "job failed job_id=%s sop_instance_uid=%s: %s", job.job_id, job.sop_instance_uid, error
-            )
+            log.warning("job failed job_id=%s sop_instance_uid=%s: %s", job.job_id, job.sop_instance_uid, error)
         else:
-            log.info(
-                "job %s job_id=%s sop_instance_uid=%s", state.value.lower(), job.job_id, job.sop_instance_uid
-            )
+            log.info("job %s job_id=%s sop_instance_uid=%s", state.value.lower(), job.job_id, job.sop_instance_uid)
 
     def _retry(self, job: ClaimedJob, error: str) -> None:
         now = utcnow()
@@ -301,14 +312,19 @@ class WorkerPool:
     """``count`` worker threads plus periodic lease recovery; ``wake()`` after enqueueing to skip the poll wait."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], spool: Spool, settings: Settings, processor: Processor
+        self,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        settings: Settings,
+        processor: Processor,
+        sink: ResultSink | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.workers = [
-            Worker(sessions, spool, settings, identity=worker_identity(i), processor=processor)
+            Worker(sessions, spool, settings, identity=worker_identity(i), processor=processor, sink=sink)
             for i in range(settings.worker_threads)
         ]
         self._threads: list[threading.Thread] = []
@@ -318,9 +334,7 @@ class WorkerPool:
 
     def start(self) -> None:
         for worker in self.workers:
-            thread = threading.Thread(
-                target=self._loop, args=(worker,), name=f"chexd-{worker.identity}", daemon=True
-            )
+            thread = threading.Thread(target=self._loop, args=(worker,), name=f"chexd-{worker.identity}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
