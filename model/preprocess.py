@@ -1,12 +1,17 @@
-"""Decode a DICOM chest radiograph into a normalised grey-scale image.
+"""Decode a chest radiograph (DICOM, PNG or JPEG) into a normalised grey-scale image.
 
-The grey-scale pipeline of PS3.4 N.2.1.1: stored values -> Modality LUT (PS3.3 C.11.1) -> VOI LUT or
-window (PS3.3 C.11.2) -> MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2), scaled to [0, 1] with bright = dense.
+DICOM follows the grey-scale pipeline of PS3.4 N.2.1.1: stored values -> Modality LUT (PS3.3 C.11.1) -> VOI LUT
+or window (PS3.3 C.11.2) -> MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2), scaled to [0, 1] with bright = dense.
+PNG and JPEG files (:func:`decode_file`) are read with Pillow and scaled by their bit depth; they carry no
+photometric interpretation, so they are taken as stored (bright = dense, as every public CXR PNG/JPEG set is).
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,7 +20,7 @@ from pydicom.uid import UID
 
 from model.errors import ImageDecodeError
 
-__all__ = ["ImageStats", "decode_image", "image_stats"]
+__all__ = ["ImageStats", "decode_file", "decode_image", "image_stats"]
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
@@ -251,3 +256,119 @@ def _window_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
     if slope is not None and intercept is not None:
         low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
     return low, high
+
+
+# ---------------------------------------------------------------------------------------- files: DICOM, PNG, JPEG
+
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_PICTURE_FORMATS = ("PNG", "JPEG")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def decode_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode one image file into float32 ``[rows, columns]`` in [0, 1], bright = dense.
+
+    - DICOM (the ``DICM`` marker at byte 128, or a ``.dcm``/``.dicom`` name): :func:`decode_image`.
+    - PNG and JPEG, via Pillow: 8-bit grey is divided by 255. 16-bit grey is divided by ``2**b - 1``, where b is
+      the PNG ``sBIT`` significant-bit count when the file has one, else the bits its largest value needs (at least
+      8), so 12-bit data in a 16-bit PNG is not left dark. RGB, RGBA, CMYK, grey+alpha, palette and bilevel images
+      become grey by ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``, Pillow's ``convert("L")``); alpha is
+      ignored. The EXIF orientation of a JPEG is applied. 16-bit colour PNGs are read at 8 bits per sample.
+
+    Raises:
+        ImageDecodeError: the file cannot be read, is empty, is neither DICOM, PNG nor JPEG (another format
+            Pillow knows is named), is truncated or corrupt, is an animated PNG, is larger than Pillow's
+            decompression-bomb limit, or is a constant image; every DICOM failure of :func:`decode_image`.
+            Messages start with the path.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    if not head:
+        raise ImageDecodeError(f"{path}: empty file")
+    if head[128:132] == b"DICM" or path.suffix.lower() in _DICOM_SUFFIXES:
+        return _decode_dicom_file(path, has_preamble=head[128:132] == b"DICM")
+    return _decode_picture(path, significant_bits=_png_significant_bits(path) if head[:8] == _PNG_SIGNATURE else None)
+
+
+def _decode_dicom_file(path: Path, *, has_preamble: bool) -> np.ndarray:
+    try:
+        ds = pydicom.dcmread(path, force=not has_preamble)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"{path}: cannot read as DICOM ({exc})") from exc
+    try:
+        return decode_image(ds)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{path}: {exc}") from exc
+
+
+def _png_significant_bits(path: Path) -> int | None:
+    """The grey sample's significant bits from a PNG's sBIT chunk (PNG spec 11.3.3.4), None without one.
+
+    Pillow does not read sBIT; it precedes the first IDAT chunk, so only the chunk headers are scanned."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(8)
+            while header := fh.read(8):
+                if len(header) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind == b"sBIT":
+                    data = fh.read(length)
+                    return data[0] if len(data) in (1, 2) and data[0] else None  # grey or grey+alpha only
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                fh.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    except OSError:
+        return None
+    return None
+
+
+def _decode_picture(path: Path, *, significant_bits: int | None) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format not in _PICTURE_FORMATS:
+                raise ImageDecodeError(
+                    f"{path}: unsupported image format {im.format} - expected DICOM, PNG or JPEG"
+                )
+            frames = getattr(im, "n_frames", 1)
+            if frames != 1:
+                raise ImageDecodeError(f"{path}: animated {im.format} with {frames} frames - expected one image")
+            im.load()
+            fmt, mode = im.format, im.mode
+            if fmt == "JPEG":
+                im = ImageOps.exif_transpose(im)
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                raw = np.asarray(im, dtype=np.float64)
+                if raw.size and raw.min() < 0:
+                    raise ImageDecodeError(f"{path}: negative pixel values in a {mode} image")
+                bits = significant_bits or max(int(raw.max(initial=0)).bit_length(), 8)
+                image = raw / float(2**bits - 1)
+            else:
+                if mode in ("P", "PA"):
+                    im = im.convert("RGBA")
+                try:
+                    grey = im.convert("L")
+                except ValueError as exc:
+                    raise ImageDecodeError(f"{path}: unsupported {fmt} pixel mode {mode!r} ({exc})") from exc
+                image = np.asarray(grey, dtype=np.float64) / 255.0
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{path}: cannot decode image file - not DICOM, PNG or JPEG ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{path}: image too large to decode safely ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(f"{path}: cannot decode image file - corrupt or truncated ({exc})") from exc
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise ImageDecodeError(f"{path}: decoded to shape {image.shape} - expected a 2-D grey image")
+    if image.min() == image.max():
+        raise ImageDecodeError(f"{path}: constant image (every pixel {float(image.flat[0]):.3g})")
+    return np.clip(image, 0.0, 1.0).astype(np.float32)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
@@ -24,6 +27,7 @@ from pydicom.uid import (
 )
 
 from model import ImageDecodeError, ImageStats, ModelError, decode_image, image_stats
+from model.preprocess import decode_file
 from tests.dicomgen import (
     LOSSLESS_TRANSFER_SYNTAXES,
     bad_files,
@@ -334,3 +338,145 @@ def test_make_folder_writes_distinct_instances_of_one_series(tmp_path: Path) -> 
     assert len({ds.SOPInstanceUID for ds in datasets}) == 3
     assert [ds.InstanceNumber for ds in datasets] == [1, 2, 3]
     assert len({ds.PixelData for ds in datasets}) == 3
+
+
+# ---------------------------------------------------------------------------------------- decode_file: PNG, JPEG, DICOM
+
+
+def _png_with_sbit(png: bytes, bits: int) -> bytes:
+    """Insert an sBIT chunk (one grey sample) right after IHDR (PNG spec 11.3.3.4: before PLTE and IDAT)."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    body = b"sBIT" + bytes([bits])
+    chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255.0
+
+
+def test_decode_file_reads_real_8_bit_grey_pngs() -> None:
+    paths = sorted((REAL_CXR / "nih").glob("*.png"))
+    assert len(paths) == 29
+    for path in paths[:6]:
+        image = decode_file(path)
+        expected = np.asarray(Image.open(path), dtype=np.float64) / 255.0
+        assert image.dtype == np.float32 and image.shape == expected.shape
+        np.testing.assert_allclose(image, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["h0001.png", "tb0005.png", "16747_3_1.jpg"])
+def test_decode_file_turns_real_rgb_radiographs_grey(name: str) -> None:
+    path = REAL_CXR / name
+    with Image.open(path) as im:
+        assert im.mode == "RGB"  # these files are stored as RGB; the decoder must take their luminance
+        rgb = np.asarray(im, dtype=np.float64)
+    image = decode_file(path)
+    assert image.dtype == np.float32 and image.shape == rgb.shape[:2]
+    np.testing.assert_allclose(image, _luma(rgb), atol=1.01 / 255)  # Pillow's integer luma rounds
+    rows, cols = image.shape
+    band = image[rows // 3 : rows // 2]
+    lungs = np.r_[band[:, cols // 5 : cols // 3].ravel(), band[:, -cols // 3 : -cols // 5].ravel()]
+    spine = band[:, cols // 2 - cols // 40 : cols // 2 + cols // 40]
+    assert lungs.mean() < spine.mean() - 0.1  # bright = dense: the spine is brighter than the lungs
+
+
+def test_decode_file_reads_dicom_like_decode_image(tmp_path: Path) -> None:
+    (siim,) = REAL_CXR.glob("siim-ptx-*.dcm")
+    for path in (siim, REAL_CXR / "Fake_MONOHR1.dcm"):
+        np.testing.assert_array_equal(decode_file(path), decode_image(pydicom.dcmread(path)))
+    ds = make_dataset(sop_class=ComputedRadiographyImageStorage, bits=12, photometric="MONOCHROME1", seed=4)
+    written = write_dataset(ds, tmp_path / "no-suffix")  # recognised by the DICM marker, not the name
+    np.testing.assert_array_equal(decode_file(written), decode_image(ds))
+
+
+def test_decode_file_scales_16_bit_png_by_its_bit_depth(tmp_path: Path) -> None:
+    full = (np.arange(96 * 80).reshape(96, 80) * 9 % 65536).astype(np.uint16)
+    Image.fromarray(full).save(tmp_path / "g16.png")
+    image = decode_file(tmp_path / "g16.png")
+    assert image.dtype == np.float32 and image.shape == (96, 80)
+    np.testing.assert_allclose(image, full / 65535.0, atol=1e-7)
+
+    twelve = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+    Image.fromarray(twelve).save(tmp_path / "g12.png")
+    np.testing.assert_allclose(decode_file(tmp_path / "g12.png"), twelve / 4095.0, atol=1e-7)
+
+    dim = (np.arange(64 * 64).reshape(64, 64) % 1000).astype(np.uint16)  # 12-bit data that never reaches 4095
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    np.testing.assert_allclose(decode_file(tmp_path / "dim.png"), dim / 1023.0, atol=1e-7)  # guessed: 10 bits
+    (tmp_path / "dim-sbit.png").write_bytes(_png_with_sbit((tmp_path / "dim.png").read_bytes(), 12))
+    np.testing.assert_allclose(decode_file(tmp_path / "dim-sbit.png"), dim / 4095.0, atol=1e-7)  # declared: 12
+
+
+def test_decode_file_converts_colour_palette_alpha_and_bilevel(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (64, 72, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (64, 72, 1), dtype=np.uint8)], axis=2)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    for name in ("rgb.png", "rgba.png"):  # alpha is ignored
+        np.testing.assert_allclose(decode_file(tmp_path / name), _luma(rgb.astype(np.float64)), atol=1.01 / 255)
+
+    grey = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    palette = Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    assert palette.mode == "P"
+    palette.save(tmp_path / "palette.png")
+    np.testing.assert_allclose(decode_file(tmp_path / "palette.png"), grey / 255.0, atol=1.01 / 255)
+
+    Image.fromarray(np.stack([grey, 255 - grey], axis=2), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_allclose(decode_file(tmp_path / "la.png"), grey / 255.0, atol=1e-7)
+
+    Image.fromarray(grey >= 128).save(tmp_path / "bilevel.png")
+    np.testing.assert_array_equal(decode_file(tmp_path / "bilevel.png"), (grey >= 128).astype(np.float32))
+
+
+def test_decode_file_applies_jpeg_exif_orientation(tmp_path: Path) -> None:
+    grey = np.zeros((64, 96), np.uint8)
+    grey[:, :48] = 255  # bright left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(grey).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    image = decode_file(tmp_path / "rotated.jpg")
+    assert image.shape == (96, 64)
+    assert image[:40].mean() > 0.9 and image[-40:].mean() < 0.1  # the bright half is now on top
+
+
+def _truncated_png(path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(128 * 128).reshape(128, 128) % 251).astype(np.uint8)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _animated_png(path: Path) -> None:
+    frames = [Image.fromarray(np.full((64, 64), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "message"),
+    [
+        ("missing.png", None, "cannot read the file"),
+        ("empty.png", lambda p: p.write_bytes(b""), "empty file"),
+        ("garbage.png", lambda p: p.write_bytes(b"not an image at all" * 10), "cannot decode image file - not DICOM"),
+        ("cut.png", _truncated_png, "corrupt or truncated"),
+        ("flat.png", lambda p: Image.fromarray(np.full((64, 64), 7, np.uint8)).save(p), r"constant image"),
+        ("scan.bmp", lambda p: Image.fromarray(np.eye(64, dtype=np.uint8) * 255).save(p),
+         "unsupported image format BMP - expected DICOM, PNG or JPEG"),
+        ("anim.png", _animated_png, "animated PNG with 2 frames"),
+        ("broken.dcm", lambda p: p.write_bytes(b"\x00" * 64), r"broken.dcm: (cannot read as DICOM|PixelData)"),
+    ],
+)
+def test_decode_file_rejects_bad_files_naming_the_path(tmp_path: Path, name: str, write, message: str) -> None:
+    path = tmp_path / name
+    if write is not None:
+        write(path)
+    with pytest.raises(ImageDecodeError, match=message) as info:
+        decode_file(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_decode_file_names_a_dicom_problem_with_the_path(tmp_path: Path) -> None:
+    path = bad_files(tmp_path)["rgb"]
+    with pytest.raises(ImageDecodeError, match=r"unsupported PhotometricInterpretation 'RGB'") as info:
+        decode_file(path)
+    assert str(info.value).startswith(str(path))
