@@ -36,9 +36,7 @@ def print_summary(summary: dict[str, Any], console: Console = out, *, errors: bo
         console.print(dead)
         console.print("re-send them with: chexd forward --retry", highlight=False)
     if summary["retrying"]:
-        retrying = Table(
-            "SOP Instance UID", "kind", "destination", "attempts", "error", "next try", title="retrying"
-        )
+        retrying = Table("SOP Instance UID", "kind", "destination", "attempts", "error", "next try", title="retrying")
         for e in summary["retrying"]:
             retrying.add_row(
                 e["sop_instance_uid"] or "",
@@ -101,9 +99,7 @@ def forward(
         if count and listening:
             out.print(f"the daemon on port {cfg.port} sends them within seconds", highlight=False)
         elif count:
-            out.print(
-                f"no chexd is listening on port {cfg.port}: they wait until 'chexd serve' runs", highlight=False
-            )
+            out.print(f"no chexd is listening on port {cfg.port}: they wait until 'chexd serve' runs", highlight=False)
         return
     summary = forward_summary(db, configured=cfg.forward_destinations, destination=destination)
     if json_out:

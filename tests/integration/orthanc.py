@@ -109,14 +109,19 @@ class OrthancServer:
         self.stop()
         raise OrthancError(f"Orthanc did not answer on {self.url}/system within {timeout}s:\n{self.log()}")
 
-    def stop(self) -> None:
+    def stop(self, *, graceful: bool = False) -> None:
+        """Kill the server (its storage is a throw-away temp folder; a graceful stop takes Orthanc ~3 s), or with
+        ``graceful`` send SIGTERM and wait for it to close its database."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
+            if graceful:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None

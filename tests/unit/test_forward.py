@@ -67,8 +67,13 @@ def test_status_mapping_success_and_warnings_deliver_failures_do_not() -> None:
     for warning in (0xB000, 0xB006, 0xB007):
         delivered, note = status_outcome(warning)
         assert delivered and note is not None and f"0x{warning:04X}" in note and "warning" in note
-    for failure, meaning in ((0xA700, "Out of Resources"), (0xA900, "Does Not Match"), (0xC000, "Cannot Understand"),
-                             (0x0122, "SOP Class Not Supported"), (0x0211, "Unrecognised Operation")):
+    for failure, meaning in (
+        (0xA700, "Out of Resources"),
+        (0xA900, "Does Not Match"),
+        (0xC000, "Cannot Understand"),
+        (0x0122, "SOP Class Not Supported"),
+        (0x0211, "Unrecognised Operation"),
+    ):
         delivered, note = status_outcome(failure)
         assert not delivered and note is not None
         assert f"0x{failure:04X}" in note and meaning in note
@@ -352,7 +357,12 @@ def test_summary_counts_by_destination_and_lists_dead_letters_and_retries(env: E
     assert summary["totals"] == {"QUEUED": 2, "DONE": 1, "DEAD": 1}
     by_name = {d["destination"]: d for d in summary["destinations"]}
     assert by_name[PACS] | {} == {
-        "destination": PACS, "configured": True, "QUEUED": 1, "retrying": 0, "DONE": 1, "DEAD": 1
+        "destination": PACS,
+        "configured": True,
+        "QUEUED": 1,
+        "retrying": 0,
+        "DONE": 1,
+        "DEAD": 1,
     }
     assert by_name[ARCHIVE]["configured"] is False and by_name[ARCHIVE]["retrying"] == 1
     assert by_name["NEW@10.1.1.1:104"]["QUEUED"] == 0  # configured, nothing sent yet: still listed
