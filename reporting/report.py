@@ -1,0 +1,400 @@
+"""The report's value types and their assembly from one prediction: findings, regions, channel evidence, exclusions.
+
+What crosses to the daemon: :class:`SourceImage` (the DICOM facts a report repeats), :class:`ModelInfo`,
+:class:`Finding` (with :class:`RegionShare` and :class:`ChannelEvidence`), :class:`ImageResult` (one image) and
+:class:`StudyReport` (one study, one revision). :func:`assemble` builds an ImageResult from a
+``model.types.Prediction``; :func:`study_report` groups them.
+
+**Status** of a finding: "present" (probability >= threshold), "excluded" (>= threshold but a mutually exclusive
+finding is present with much higher confidence; see reporting.exclusions — shown with its reason, never hidden), or
+"absent".
+
+**Channel evidence** (DESIGN.md): the logit of class c is ``b_c + sum_k phi_ck`` with ``phi_ck = w_ck * mean(A_k)``.
+For each present or excluded finding the report lists the ``top_k`` channels with the largest |phi_ck| (from
+``Prediction.top_channels``), each with its contribution phi_ck in logit units and its **share** =
+phi_ck / (logit_c - b_c): the channel's fraction of everything the feature channels add to the bias. Over all
+channels the shares sum to exactly 1; a channel that pushes against the finding has a negative share, and when
+channels largely cancel (logit_c close to b_c) single shares can exceed 1. Undefined (reported as 0) when
+|logit_c - b_c| < 1e-6.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from model.types import Prediction, PreprocessRecipe
+from reporting.exclusions import ExclusionRules, apply_exclusions
+from reporting.regions import LungFields, RegionShare, cam_peak, cam_to_image, estimate_lung_fields, region_shares
+
+__all__ = [
+    "ChannelEvidence",
+    "Finding",
+    "ImageResult",
+    "ModelInfo",
+    "RegionShare",
+    "SourceImage",
+    "StudyReport",
+    "assemble",
+    "study_report",
+]
+
+Status = Literal["present", "absent", "excluded"]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceImage:
+    """The DICOM facts about one source image that its report repeats (PS3.3 Patient, General Study, Series, Image).
+
+    Strings are the DICOM values as text ("" when absent); ``patient_birth_date``/``study_date`` are DA (YYYYMMDD),
+    ``study_time`` TM. ``rows``/``columns`` are the image size in pixels. Build it with :meth:`from_dataset`."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    rows: int
+    columns: int
+    patient_name: str = ""
+    patient_id: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    institution_name: str = ""
+    modality: str = ""
+    photometric_interpretation: str = ""
+    view_position: str = ""
+    series_number: str = ""
+    instance_number: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid"):
+            value = getattr(self, name)
+            if not value or not UID(value).is_valid:
+                raise ValueError(f"Invalid {name} {value!r} - must be a valid DICOM UID")
+        if self.rows < 1 or self.columns < 1:
+            raise ValueError(f"Invalid image size {self.rows}x{self.columns} - rows and columns must be >= 1")
+
+    @classmethod
+    def from_dataset(cls, ds: pydicom.Dataset) -> SourceImage:
+        """Read the facts from a dataset. Raises ValueError naming a missing or invalid UID or image size."""
+        missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
+                               "Columns") if k not in ds]
+        if missing:
+            raise ValueError(f"Invalid source dataset - missing {', '.join(missing)}")
+        return cls(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            patient_name=_text(ds, "PatientName"),
+            patient_id=_text(ds, "PatientID"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_id=_text(ds, "StudyID"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            study_description=_text(ds, "StudyDescription"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            institution_name=_text(ds, "InstitutionName"),
+            modality=_text(ds, "Modality"),
+            photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+            view_position=_text(ds, "ViewPosition"),
+            series_number=_text(ds, "SeriesNumber"),
+            instance_number=_text(ds, "InstanceNumber"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelInfo:
+    """The model a report states: ``name``; ``version`` (the model version results record, e.g. the manifest's
+    16-hex version id; it is the algorithm version in the SR and keys the result UIDs); ``weights_sha256`` (64 hex,
+    "" when unknown); ``calibrated_at`` (when thresholds were last calibrated, None if never); ``synthetic`` (the
+    demo model trained on phantoms: every document carries a NOT FOR DIAGNOSIS banner); ``intended_use``."""
+
+    name: str
+    version: str
+    weights_sha256: str = ""
+    calibrated_at: dt.datetime | dt.date | None = None
+    synthetic: bool = False
+    intended_use: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("Invalid model name '' - must not be empty")
+        if not re.fullmatch(r"[0-9A-Za-z._-]{1,64}", self.version):
+            raise ValueError(f"Invalid model version {self.version!r} - expected 1-64 of [0-9A-Za-z._-]")
+        if self.weights_sha256 and not _HEX64.match(self.weights_sha256):
+            raise ValueError(f"Invalid weights_sha256 {self.weights_sha256!r} - expected 64 lowercase hex digits")
+
+    @classmethod
+    def from_facts(cls, facts: Mapping[str, object]) -> ModelInfo:
+        """From the dict the daemon archives with each prediction (name, version, weights_sha256, synthetic,
+        intended_use, calibrated_at as ISO text or None)."""
+        calibrated = facts.get("calibrated_at")
+        if isinstance(calibrated, str) and calibrated:
+            calibrated = dt.datetime.fromisoformat(calibrated)
+        return cls(
+            name=str(facts.get("name") or "unnamed"),
+            version=str(facts["version"]),
+            weights_sha256=str(facts.get("weights_sha256") or ""),
+            calibrated_at=calibrated if isinstance(calibrated, (dt.datetime, dt.date)) else None,
+            synthetic=bool(facts.get("synthetic", False)),
+            intended_use=str(facts.get("intended_use") or ""),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChannelEvidence:
+    """One feature channel's part in a finding's logit: ``contribution`` phi_ck in logit units and ``share`` =
+    phi_ck / (logit - bias) (see the module docstring; may be negative or exceed 1)."""
+
+    channel: int
+    contribution: float
+    share: float
+
+    def __post_init__(self) -> None:
+        if self.channel < 0:
+            raise ValueError(f"Invalid channel {self.channel} - must be >= 0")
+        if not (np.isfinite(self.contribution) and np.isfinite(self.share)):
+            raise ValueError(f"Invalid evidence for channel {self.channel} - contribution and share must be finite")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Finding:
+    """One label's result on one image.
+
+    ``probability`` and ``threshold`` in [0, 1] / (0, 1); ``status`` present | absent | excluded; ``reason`` why it
+    is excluded (None otherwise); ``regions`` the shares of its heat per zone, largest first (present and excluded
+    findings; empty for absent ones); ``evidence`` the top channels (present and excluded findings); ``peak`` the
+    (row, column) of the heatmap's maximum in source-image pixels (None for absent findings)."""
+
+    label: str
+    probability: float
+    threshold: float
+    status: Status
+    reason: str | None = None
+    regions: tuple[RegionShare, ...] = ()
+    evidence: tuple[ChannelEvidence, ...] = ()
+    peak: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"Invalid probability for {self.label!r}: {self.probability} - must be in [0, 1]")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"Invalid threshold for {self.label!r}: {self.threshold} - must be in (0, 1)")
+        if self.status not in ("present", "absent", "excluded"):
+            raise ValueError(f"Invalid status {self.status!r} - expected present, absent or excluded")
+        if (self.status == "absent") != (self.probability < self.threshold):
+            raise ValueError(f"Invalid status {self.status!r} for {self.label!r}: probability {self.probability:.4f} "
+                             f"vs threshold {self.threshold:.4f}")
+        if (self.status == "excluded") != bool(self.reason):
+            raise ValueError(f"Invalid reason for {self.label!r} - an excluded finding needs a reason, others none")
+
+    @property
+    def positive(self) -> bool:
+        """At or above its threshold (present or excluded)."""
+        return self.status != "absent"
+
+    @property
+    def region(self) -> str | None:
+        """The zone with the largest share of heat, or None."""
+        return self.regions[0].zone if self.regions else None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class ImageResult:
+    """Everything the documents show about one image.
+
+    - ``image``: float32 [rows, columns] in [0, 1], bright = dense (MONOCHROME1 already inverted), as decoded.
+    - ``cams``: float32 [n_labels, h, w], the prediction's CAMs in logit units; ``labels`` their order.
+    - ``recipe``: the model's preprocessing (to map CAM cells back to the image); None: the CAM spans the image.
+    - ``findings``: one per label, in label order. ``lung_fields``: the zones used for ``regions``.
+    - ``model_version``: the prediction's model version."""
+
+    source: SourceImage
+    findings: tuple[Finding, ...]
+    image: np.ndarray
+    cams: np.ndarray
+    labels: tuple[str, ...]
+    lung_fields: LungFields
+    model_version: str
+    recipe: PreprocessRecipe | None = None
+
+    def __post_init__(self) -> None:
+        if self.image.shape != (self.source.rows, self.source.columns):
+            raise ValueError(f"Invalid image shape {self.image.shape} - expected (Rows, Columns) = "
+                             f"({self.source.rows}, {self.source.columns})")
+        if self.cams.ndim != 3 or self.cams.shape[0] != len(self.labels):
+            raise ValueError(f"Invalid cams shape {self.cams.shape} - expected ({len(self.labels)}, h, w)")
+        if tuple(f.label for f in self.findings) != self.labels:
+            raise ValueError("Invalid findings - expected one per label, in label order")
+
+    def finding(self, label: str) -> Finding:
+        for f in self.findings:
+            if f.label == label:
+                return f
+        raise KeyError(f"no finding {label!r} - labels are {list(self.labels)}")
+
+    @property
+    def positive(self) -> tuple[Finding, ...]:
+        """Present and excluded findings, most probable first."""
+        return tuple(sorted((f for f in self.findings if f.positive), key=lambda f: -f.probability))
+
+    def heatmap(self, label: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The finding's heat (ReLU of its CAM, logit units) on a grid of ``shape`` covering the image (default
+        the image's own size): float32 [rows, columns] >= 0."""
+        cam = self.cams[self.labels.index(label)]
+        return cam_to_image(cam, shape or self.image.shape, self.recipe, source_shape=self.image.shape)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class StudyReport:
+    """One revision of a study's report.
+
+    ``images`` (at least one, all of one study, oldest first); ``model``; ``created_at`` (timezone-aware, stored as
+    UTC); ``revision`` >= 1; ``predecessors``: SOP Instance UIDs of the SR documents this revision supersedes."""
+
+    images: tuple[ImageResult, ...]
+    model: ModelInfo
+    created_at: dt.datetime
+    revision: int = 1
+    predecessors: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ValueError("Invalid report - no images")
+        studies = {r.source.study_instance_uid for r in self.images}
+        if len(studies) != 1:
+            raise ValueError(f"Invalid report - images of {len(studies)} studies: {sorted(studies)}")
+        if self.created_at.tzinfo is None:
+            raise ValueError("Invalid created_at - must be timezone-aware (UTC)")
+        object.__setattr__(self, "created_at", self.created_at.astimezone(dt.UTC))
+        if self.revision < 1:
+            raise ValueError(f"Invalid revision {self.revision} - must be >= 1")
+        for uid in self.predecessors:
+            if not UID(uid).is_valid:
+                raise ValueError(f"Invalid predecessor SOP Instance UID {uid!r}")
+        object.__setattr__(self, "predecessors", tuple(self.predecessors))
+
+    @property
+    def source(self) -> SourceImage:
+        """The first image's facts (patient and study are the same for every image)."""
+        return self.images[0].source
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.source.study_instance_uid
+
+
+def _evidence(prediction: Prediction, index: int, top_k: int) -> tuple[ChannelEvidence, ...]:
+    channel_sum = float(prediction.logits[index]) - float(prediction.bias[index])
+    order = np.argsort(-np.abs(prediction.top_contributions[index]), kind="stable")[:top_k]
+    out = []
+    for j in order:
+        phi = float(prediction.top_contributions[index, j])
+        share = phi / channel_sum if abs(channel_sum) >= 1e-6 else 0.0
+        out.append(ChannelEvidence(channel=int(prediction.top_channels[index, j]), contribution=phi, share=share))
+    return tuple(out)
+
+
+def assemble(
+    prediction: Prediction,
+    image: np.ndarray,
+    source: SourceImage,
+    *,
+    thresholds: Mapping[str, float],
+    rules: ExclusionRules,
+    top_k: int = 5,
+    recipe: PreprocessRecipe | None = None,
+    lung_fields: LungFields | None = None,
+) -> ImageResult:
+    """One image's findings from its prediction: status against ``thresholds`` (label -> (0, 1)), exclusions by
+    ``rules``, zones of each positive finding's heat (lung fields estimated from ``image`` unless given), its peak and
+    its ``top_k`` channels.
+
+    ``image``: float [Rows, Columns] in [0, 1], bright = dense (as model.preprocess.decode_image returns it).
+    ``recipe``: the model's preprocessing, needed to place the CAM on the image correctly when the model pads,
+    resizes or crops (pass the manifest's ``preprocessing``).
+
+    Raises ValueError for a missing or out-of-range threshold, an image whose shape is not (Rows, Columns), or
+    top_k < 1."""
+    if top_k < 1:
+        raise ValueError(f"Invalid top_k {top_k} - must be >= 1")
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape != (source.rows, source.columns):
+        raise ValueError(f"Invalid image shape {image.shape} - expected (Rows, Columns) = ({source.rows}, "
+                         f"{source.columns}) of {source.sop_instance_uid}")
+    probabilities = prediction.as_dict()
+    excluded = apply_exclusions(probabilities, thresholds, rules)  # validates the thresholds
+    fields = lung_fields or estimate_lung_fields(image)
+    findings = []
+    for i, label in enumerate(prediction.labels):
+        p, t = probabilities[label], float(thresholds[label])
+        if p < t:
+            findings.append(Finding(label=label, probability=p, threshold=t, status="absent"))
+            continue
+        cam = prediction.cams[i]
+        findings.append(
+            Finding(
+                label=label,
+                probability=p,
+                threshold=t,
+                status="excluded" if label in excluded else "present",
+                reason=excluded[label].reason if label in excluded else None,
+                regions=region_shares(cam, fields, recipe),
+                evidence=_evidence(prediction, i, top_k),
+                peak=cam_peak(cam, image.shape, recipe),
+            )
+        )
+    return ImageResult(
+        source=source,
+        findings=tuple(findings),
+        image=image,
+        cams=np.asarray(prediction.cams, dtype=np.float32),
+        labels=tuple(prediction.labels),
+        lung_fields=fields,
+        model_version=prediction.model_version,
+        recipe=recipe,
+    )
+
+
+def study_report(
+    images: Sequence[ImageResult],
+    model: ModelInfo,
+    *,
+    revision: int = 1,
+    predecessors: Sequence[str] = (),
+    created_at: dt.datetime | None = None,
+) -> StudyReport:
+    """Group one study's image results into a report revision (``created_at`` defaults to now, UTC).
+
+    Raises ValueError for no images, images of several studies, revision < 1 or an invalid predecessor UID."""
+    return StudyReport(
+        images=tuple(images),
+        model=model,
+        created_at=created_at or dt.datetime.now(dt.UTC),
+        revision=revision,
+        predecessors=tuple(predecessors),
+    )

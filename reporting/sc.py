@@ -1,0 +1,171 @@
+"""Heatmap Secondary Capture images and the Encapsulated PDF, both filed into the source images' study.
+
+- :func:`build_sc`: one Secondary Capture Image (PS3.3 A.8.1, highdicom ``SCImage``) per present or excluded finding
+  and image: the image (bright = dense, radiological orientation) with the finding's heatmap, a colour bar and a
+  burned-in red banner "AI RESULT — NOT FOR DIAGNOSIS" (plus "SYNTHETIC DEMO MODEL" when it applies);
+  BurnedInAnnotation YES. RGB, at most 1024 px on the image's longer side.
+- :func:`build_encapsulated_pdf`: the PDF report as Encapsulated PDF Storage (PS3.3 A.45.1), built on highdicom's
+  ``SOPClass`` with the patient and study copied from the first source image.
+
+Both are in one series per study and kind, with deterministic SOP Instance UIDs (reporting.uids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
+
+from reporting.render import colour_bar, draw_peak, font, overlay
+from reporting.report import Finding, ImageResult, StudyReport
+from reporting.sr import MANUFACTURER, _clean_evidence
+from reporting.uids import instance_uid, series_uid
+
+__all__ = ["SC_BANNER", "SC_SERIES_NUMBER", "PDF_SERIES_NUMBER", "build_encapsulated_pdf", "build_sc",
+           "render_sc"]
+
+SC_BANNER = "AI RESULT — NOT FOR DIAGNOSIS"
+SC_SERIES_NUMBER = 9002
+PDF_SERIES_NUMBER = 9003
+_RED = (192, 0, 26)
+
+
+def render_sc(report: StudyReport, result: ImageResult, finding: Finding, *, max_side: int = 1024,
+              min_side: int = 640) -> np.ndarray:
+    """The Secondary Capture's pixels: uint8 RGB [rows, columns, 3] — banner on top, image with heatmap and peak
+    marker, colour bar on the right; the image part is ``min_side`` to ``max_side`` px on its longer side."""
+    ov = overlay(result, finding, max_side=max_side, min_side=min_side)
+    h, w = ov.rgb.shape[:2]
+    unit = max(12, round(max(h, w) / 48))  # text size scales with the picture
+    banner_h = 3 * unit + (unit if report.model.synthetic else 0)
+    panel_w = 5 * unit
+    canvas = Image.new("RGB", (w + panel_w, h + banner_h), (0, 0, 0))
+    picture = Image.fromarray(ov.rgb)
+    draw_peak(picture, ov.peak)
+    canvas.paste(picture, (0, banner_h))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, canvas.width, banner_h - 1], fill=_RED)
+    draw.text((unit // 2, unit // 4), SC_BANNER, fill=(255, 255, 255), font=font(round(1.3 * unit), bold=True))
+    m = report.model
+    line = (f"{finding.label}: {finding.status}, p={finding.probability:.2f} (threshold {finding.threshold:.2f})"
+            f" · model {m.name} {m.version}")
+    draw.text((unit // 2, round(1.85 * unit)), line, fill=(255, 255, 255), font=font(round(0.75 * unit)))
+    if m.synthetic:
+        draw.text((unit // 2, round(2.85 * unit)), "SYNTHETIC DEMO MODEL — trained on phantoms only",
+                  fill=(255, 235, 120), font=font(round(0.8 * unit), bold=True))
+    bar_h = h // 2
+    bar = Image.fromarray(colour_bar(bar_h, width=unit))
+    x0, y0 = w + unit, banner_h + unit * 2
+    canvas.paste(bar, (x0, y0))
+    small = font(round(0.7 * unit))
+    draw.text((w + unit // 2, banner_h + unit // 2), "heat (logit)", fill=(255, 255, 255), font=small)
+    for frac in (1.0, 0.5, 0.0):
+        y = y0 + round((1.0 - frac) * (bar_h - 1)) - unit // 3
+        draw.text((x0 + unit + 4, y), f"{ov.vmax * frac:.2f}", fill=(255, 255, 255), font=small)
+    if finding.regions:
+        draw.text((w + unit // 2, y0 + bar_h + unit), "main zone:", fill=(255, 255, 255), font=small)
+        for k, word in enumerate(finding.regions[0].zone.split()):
+            draw.text((w + unit // 2, y0 + bar_h + unit * (2 + k)), word, fill=(255, 255, 255), font=small)
+    return np.asarray(canvas)
+
+
+def _orientation(ds: Dataset) -> tuple[str, str]:
+    value = ds.get("PatientOrientation")
+    if value is not None and len(value) == 2 and all(str(v) for v in value):
+        return str(value[0]), str(value[1])
+    return "L", "F"  # a frontal chest radiograph as displayed: rows to the patient's left, columns to the feet
+
+
+def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source: pydicom.Dataset,
+             *, number: int = 1) -> hd.sc.SCImage:
+    """The heatmap Secondary Capture of one present or excluded ``finding`` of ``result``.
+
+    ``source``: the source image dataset (patient and study are copied from it); ``number``: its Instance Number.
+    Raises ValueError for an absent finding or a source that is not the result's image."""
+    if not finding.positive:
+        raise ValueError(f"No heatmap Secondary Capture for absent finding {finding.label!r}")
+    if str(source.SOPInstanceUID) != result.source.sop_instance_uid:
+        raise ValueError(f"Invalid source {source.SOPInstanceUID} - the result is for {result.source.sop_instance_uid}")
+    ref = _clean_evidence(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=render_sc(report, result, finding),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid("sc", report.study_instance_uid),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=instance_uid(f"sc:{finding.label}", [result.source.sop_instance_uid], report.model.version,
+                                      report.revision),
+        instance_number=number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=_orientation(source),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description="chexd AI heatmaps (not for diagnosis)",
+    )
+    sc.copy_patient_and_study_information(ref)  # from_ref_dataset copies only the core study attributes
+    # General Series Laterality is Type 2C, needed only for a paired body part: say what the body part is
+    sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"AI heatmap of {finding.label} ({finding.status}); not for diagnosis"
+    sc.DerivationDescription = (f"Class activation map of {report.model.name} {report.model.version} over the "
+                                "source image")
+    sc.SourceImageSequence = [_reference(source)]
+    _stamp(sc, report)
+    return sc
+
+
+def _reference(ds: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+def _stamp(ds: Dataset, report: StudyReport) -> None:
+    created = report.created_at
+    ds.ContentDate = ds.InstanceCreationDate = created.strftime("%Y%m%d")
+    ds.ContentTime = ds.InstanceCreationTime = created.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = "+0000"
+
+
+def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[pydicom.Dataset]) -> Dataset:
+    """The PDF report (its bytes) as an Encapsulated PDF instance in the study; write it with ``save_as``.
+
+    Raises ValueError for bytes that are not a PDF or no sources."""
+    if not pdf.startswith(b"%PDF-"):
+        raise ValueError("Invalid pdf - the bytes do not start with %PDF-")
+    if not sources:
+        raise ValueError("Invalid sources - need at least one source image dataset")
+    ref = _clean_evidence(sources[0])
+    ds = hd.SOPClass(
+        study_instance_uid=report.study_instance_uid,
+        series_instance_uid=series_uid("pdf", report.study_instance_uid),
+        series_number=PDF_SERIES_NUMBER,
+        sop_instance_uid=instance_uid("pdf", [r.source.sop_instance_uid for r in report.images],
+                                      report.model.version, report.revision),
+        sop_class_uid=EncapsulatedPDFStorage,
+        instance_number=report.revision,
+        modality="DOC",
+        manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description="chexd AI report (PDF, unverified)",
+    )
+    ds.copy_patient_and_study_information(ref)
+    _stamp(ds, report)
+    ds.ConversionType = "WSD"  # SC Equipment module: workstation
+    ds.AcquisitionDateTime = report.created_at.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"  # the PDF names the patient
+    ds.DocumentTitle = ("Revised " if report.revision > 1 else "") + "AI chest radiograph findings report"
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.SourceInstanceSequence = [_reference(s) for s in sources]
+    data = pdf + (b"\0" if len(pdf) % 2 else b"")  # OB value of even length (PS3.5 7.1.1)
+    ds.EncapsulatedDocument = data
+    ds.EncapsulatedDocumentLength = len(pdf)
+    return ds

@@ -1,0 +1,224 @@
+"""The study report as a DICOM Comprehensive 3D SR, TID 1500 Measurement Report, built with highdicom.
+
+Document (PS3.3 A.35.13, PS3.16 TID 1500): filed into the source images' study (Patient and General Study modules
+copied from the first source image), one SR series per study (reporting.uids), VerificationFlag UNVERIFIED,
+CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY; a revision lists the SR documents it supersedes in
+PredecessorDocumentsSequence. The observer is a device (chexd and the model); procedure reported: Plain chest X-ray
+(SCT 399208008).
+
+One measurement group per finding and image:
+
+- present or excluded findings: TID 1410 Planar ROI group whose region is an SCOORD POINT at the heatmap peak
+  (pixel centre, column/row) referencing the source image; absent findings: TID 1501 group whose measurement
+  references the source image;
+- finding type: the finding's code (:data:`FINDING_CODES`): SNOMED CT where a code is established, DCM 112121
+  "Infiltrate" for Infiltration, and a private scheme ``99CHEXD`` for Pleural_Thickening and Hernia (no SNOMED CT
+  code is shipped for them until one is verified); tracking identifier "<finding> image <n>" with a deterministic UID;
+- qualitative evaluation: the finding code = SCT 52101004 "Present" or SCT 272519000 "Absent". An **excluded**
+  finding (above its threshold, but mutually exclusive with a much more confident one) is reported **Absent**, with a
+  DCM 121106 "Comment" TEXT item "Excluded: <reason>" — the probability stays in the measurement;
+- measurement: DCM 122157 "Probability", unit UCUM "1" (no units), value in [0, 1];
+- algorithm identification (TID 4019): the model name, version = the model version hash, parameters: the decision
+  threshold and the weights' sha256;
+- a "Comment" TEXT item with the threshold, status and the main zone of the heat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from copy import deepcopy
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, Comprehensive3DSRStorage
+
+from reporting.report import Finding, ImageResult, StudyReport
+from reporting.uids import derived_uid, instance_uid, series_uid
+
+__all__ = ["FINDING_CODES", "PRIVATE_SCHEME", "SR_SERIES_NUMBER", "build_sr"]
+
+PRIVATE_SCHEME = "99CHEXD"
+SR_SERIES_NUMBER = 9001
+MANUFACTURER = "chexd"
+
+FINDING_CODES: dict[str, Code] = {
+    "Atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "Cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
+    "Effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "Infiltration": Code("112121", "DCM", "Infiltrate"),
+    "Mass": Code("4147007", "SCT", "Mass"),
+    "Nodule": Code("27925004", "SCT", "Nodule"),
+    "Pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "Pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
+    "Consolidation": Code("95436008", "SCT", "Lung consolidation"),
+    "Edema": Code("19242006", "SCT", "Pulmonary edema"),
+    "Emphysema": Code("87433001", "SCT", "Pulmonary emphysema"),
+    "Fibrosis": Code("51615001", "SCT", "Fibrosis of lung"),
+    "Pleural_Thickening": Code("CXR14-PT", PRIVATE_SCHEME, "Pleural thickening"),
+    "Hernia": Code("CXR14-HERNIA", PRIVATE_SCHEME, "Hernia"),
+}
+PROBABILITY = Code("122157", "DCM", "Probability")
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+
+# Patient/study attributes whose source value may violate its VR (seen in the wild: AS "62"); such values are
+# left out of the SR rather than copied.
+_AGE_LENGTH = 4
+
+
+def _code(label: str) -> Code:
+    try:
+        return FINDING_CODES[label]
+    except KeyError:
+        raise ValueError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
+
+
+def _clean_evidence(ds: Dataset) -> Dataset:
+    """A header-only copy of a source dataset with the Type 2 patient/study attributes present (possibly empty) and
+    an invalid Patient's Age removed, so the SR's copied modules are valid."""
+    out = Dataset()
+    for elem in ds:
+        if elem.tag.group == 0x7FE0 or 0x6000 <= elem.tag.group <= 0x60FF:  # pixels and overlays
+            continue
+        out.add(deepcopy(elem))
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in out:
+            setattr(out, keyword, "")
+    age = str(out.get("PatientAge", ""))
+    if "PatientAge" in out and (len(age) != _AGE_LENGTH or not age[:3].isdigit() or age[3] not in "DWMY"):
+        del out.PatientAge
+    return out
+
+
+def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentification:
+    m = report.model
+    parameters = [f"decision threshold {finding.threshold:.4f}"]
+    if m.weights_sha256:
+        parameters.append(f"weights sha256 {m.weights_sha256}")
+    return hd.sr.AlgorithmIdentification(name=m.name[:64], version=m.version, parameters=parameters)
+
+
+def _comment(finding: Finding) -> str:
+    text = f"Status {finding.status}; probability {finding.probability:.4f}; threshold {finding.threshold:.4f}"
+    if finding.regions:
+        top = finding.regions[0]
+        text += f"; main region {top.zone} ({top.share:.0%} of heat)"
+    return text
+
+
+def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset):  # type: ignore[no-untyped-def]
+    code = _code(finding.label)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid("tracking", finding.label, result.source.sop_instance_uid, result.model_version),
+        identifier=f"{finding.label} image {n}",
+    )
+    algorithm = _algorithm(report, finding)
+    evaluation = hd.sr.QualitativeEvaluation(name=code, value=PRESENT if finding.status == "present" else ABSENT)
+    if finding.peak is not None:
+        row, col = finding.peak
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POINT,
+            graphic_data=np.array([[col + 0.5, row + 0.5]]),  # (column, row) of the peak pixel centre, C.18.6.1.1
+            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+        )
+        measurement = hd.sr.Measurement(name=PROBABILITY, value=finding.probability, unit=codes.UCUM.NoUnits)
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, referenced_region=region, finding_type=code, algorithm_id=algorithm,
+            measurements=[measurement], qualitative_evaluations=[evaluation],
+        )
+    else:
+        measurement = hd.sr.Measurement(
+            name=PROBABILITY, value=finding.probability, unit=codes.UCUM.NoUnits,
+            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds)],
+        )
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=code, algorithm_id=algorithm, measurements=[measurement],
+            qualitative_evaluations=[evaluation],
+        )
+    items = group[0].ContentSequence
+    items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=_comment(finding)[:1024],
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    if finding.status == "excluded" and finding.reason:
+        items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=f"Excluded: {finding.reason}"[:1024],
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _predecessor(report: StudyReport, uid: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = report.study_instance_uid
+    ds.SeriesInstanceUID = series_uid("sr", report.study_instance_uid)
+    return ds
+
+
+def sr_instance_uid(report: StudyReport) -> UID:
+    """The SR's SOP Instance UID (deterministic: sources, model version, revision)."""
+    return instance_uid("sr", [r.source.sop_instance_uid for r in report.images], report.model.version,
+                        report.revision)
+
+
+def build_sr(report: StudyReport, sources: Sequence[pydicom.Dataset]) -> hd.sr.Comprehensive3DSR:
+    """The report as a Comprehensive 3D SR (see the module docstring); write it with ``sr.save_as(path)``.
+
+    ``sources``: the source image datasets, one per ``report.images`` in the same order (pixel data not needed).
+    Raises ValueError when sources and images do not match (count or SOP Instance UID)."""
+    if len(sources) != len(report.images):
+        raise ValueError(f"Invalid sources - {len(sources)} datasets for {len(report.images)} report images")
+    evidence = []
+    for result, ds in zip(report.images, sources, strict=True):
+        if str(ds.SOPInstanceUID) != result.source.sop_instance_uid:
+            raise ValueError(f"Invalid sources - dataset {ds.SOPInstanceUID} is not report image "
+                             f"{result.source.sop_instance_uid} (same order required)")
+        evidence.append(_clean_evidence(ds))
+    groups = [
+        _group(report, result, n, finding, ds)
+        for n, (result, ds) in enumerate(zip(report.images, evidence, strict=True), start=1)
+        for finding in result.findings
+    ]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("device", MANUFACTURER, report.model.name), name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER, model_name=report.model.name[:64],
+        ),
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=content[0],
+        series_instance_uid=series_uid("sr", report.study_instance_uid),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid(report),
+        instance_number=report.revision,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=report.source.institution_name or None,
+        previous_versions=[_predecessor(report, uid) for uid in report.predecessors] or None,
+        series_description="chexd AI findings (unverified)",
+    )
+    created = report.created_at
+    sr.ContentDate = created.strftime("%Y%m%d")
+    sr.ContentTime = created.strftime("%H%M%S")
+    sr.InstanceCreationDate, sr.InstanceCreationTime = sr.ContentDate, sr.ContentTime
+    sr.TimezoneOffsetFromUTC = "+0000"
+    if any(c.scheme_designator == PRIVATE_SCHEME for c in FINDING_CODES.values()):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+        scheme.CodingSchemeName = "chexd local codes for ChestX-ray14 findings"
+        scheme.CodingSchemeResponsibleOrganization = "chexd"
+        sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
