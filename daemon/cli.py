@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import phantom_cli, queries, scu, train_cli
+from daemon import exclusions_cli, forward_cli, phantom_cli, queries, scu, train_cli
 from daemon.console import err, fail, out
 from daemon.db import (
     DatabaseError,
@@ -37,6 +37,8 @@ app.add_typer(model_app, name="model")
 app.command("train")(train_cli.train)
 app.command("evaluate")(train_cli.evaluate)
 app.command("phantom")(phantom_cli.phantom)
+app.command("forward")(forward_cli.forward)
+app.command("exclusions")(exclusions_cli.exclusions)
 
 
 @app.command("feedback")
@@ -153,7 +155,7 @@ def config_cmd(as_json: JsonOption = False) -> None:
 def status(as_json: JsonOption = False) -> None:
     """Queue by state, the last errors, and free disk in the spool."""
     cfg = settings()
-    summary = queries.queue_summary(sessions(cfg))
+    summary = queries.queue_summary(sessions(cfg), forward_destinations=cfg.forward_destinations)
     spool_root = cfg.spool_dir if cfg.spool_dir.exists() else cfg.data_dir
     usage = shutil.disk_usage(spool_root if spool_root.exists() else Path.cwd())
     summary["disk"] = {
@@ -175,6 +177,7 @@ def status(as_json: JsonOption = False) -> None:
     disk = summary["disk"]
     warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
     out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
+    forward_cli.print_summary(summary["forwards"], out)
     if summary["last_errors"]:
         errors = Table("SOP Instance UID", "state", "attempts", "error", title="last errors")
         for e in summary["last_errors"]:

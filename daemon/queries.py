@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.forward import forward_summary
 from daemon.store import audit
 from daemon.tables import (
     Instance,
@@ -30,8 +32,11 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
 
 
-def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> dict[str, Any]:
-    """Jobs by state, the most recent errors (failed jobs, and queued ones waiting to retry), and totals."""
+def queue_summary(
+    sessions: sessionmaker[Session], *, last_errors: int = 10, forward_destinations: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Jobs by state, the most recent errors (failed jobs, and queued ones waiting to retry), totals, and
+    forwarding by destination with its dead letters (see daemon.forward.forward_summary)."""
     with sessions() as session:
         counts = {state.value: 0 for state in JobState}
         for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
@@ -48,6 +53,7 @@ def queue_summary(sessions: sessionmaker[Session], *, last_errors: int = 10) -> 
             "instances": session.scalar(select(func.count()).select_from(Instance)),
             "studies": session.scalar(select(func.count()).select_from(Study)),
             "reports": _report_counts(session),
+            "forwards": forward_summary(sessions, configured=forward_destinations, last_errors=last_errors),
             "last_errors": [
                 {
                     "sop_instance_uid": uid,

@@ -8,6 +8,7 @@ import threading
 from types import FrameType
 
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.forward import ForwardLoop
 from daemon.inference import ActiveModelProcessor, resolve_model_path
 from daemon.recovery import RecoveryReport, recover
 from daemon.reports import ReportLoop, ReportScheduler
@@ -40,7 +41,8 @@ class Daemon:
         self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
         self.store = InstanceStore(self.spool, self.sessions)
         self.processor = processor
-        self.reports = ReportLoop(self.sessions, self.spool, settings)
+        self.forwards = ForwardLoop(self.sessions, settings)
+        self.reports = ReportLoop(self.sessions, self.spool, settings, on_written=self.forwards.wake)
         self.workers = WorkerPool(self.sessions, self.spool, settings, processor, sink=ReportScheduler(settings))
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
@@ -61,6 +63,7 @@ class Daemon:
             self.processor.load()
         self.workers.start()
         self.reports.start()
+        self.forwards.start()
         self.scp.start()
 
     def stop(self) -> None:
@@ -71,6 +74,7 @@ class Daemon:
         self.scp.stop()
         self.workers.stop()
         self.reports.stop()
+        self.forwards.stop()
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.close()
         self.engine.dispose()
