@@ -41,6 +41,7 @@ from model.types import Prediction
 log = logging.getLogger(__name__)
 
 REPORT_LEASE = timedelta(minutes=5)
+_KINDS = {"pdf-dicom": "epdf"}  # report_files.kind is at most 8 characters
 
 
 # --- prediction archive -----------------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ def _model_facts(result: JobResult) -> dict[str, Any]:
         "intended_use": manifest.intended_use,
         "thresholds": dict(manifest.thresholds),
         "calibrated_at": calibrated[-1].get("created_at") if calibrated else None,
+        "preprocessing": manifest.preprocessing.to_dict(),
     }
 
 
@@ -361,7 +363,7 @@ class ReportLoop:
             for written in composed.files:
                 row = ReportFile(
                     report_id=report_id,
-                    kind=written.kind,
+                    kind=_KINDS.get(written.kind, written.kind),
                     path=str(written.path.relative_to(self.settings.data_dir)),
                     sha256=sha256_of(written.path),
                     sop_instance_uid=written.sop_instance_uid,
