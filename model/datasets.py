@@ -2,7 +2,8 @@
 
 Every source knows its ``ids``, ``patients`` and ``labels`` (uint8 [N, 14] in ``model.types.LABELS`` order) before
 any pixel is decoded, so splits can be chosen first; iterating it yields :class:`LabelledItem` with the decoded image
-(float32 [H, W] in [0, 1], bright = dense). Label CSVs (``read_label_csv``) are either NIH style (an id column, a
+(float32 [H, W] in [0, 1], bright = dense; PNG/JPEG and DICOM through ``model.preprocess``, whose
+ImageDecodeError names the file). Label CSVs (``read_label_csv``) are either NIH style (an id column, a
 ``Finding Labels`` column joined by ``|``, 'No Finding' = all absent) or one 0/1 column per finding; a patient column
 is optional. Plain csv + numpy (no pandas); ``.gz`` files are read transparently.
 """
@@ -31,7 +32,6 @@ __all__ = [
     "LabelledItem",
     "LabelledSource",
     "PhantomSource",
-    "decode_picture",
     "finding_index",
     "open_text",
     "patient_disjoint_halves",
@@ -221,42 +221,6 @@ def read_label_csv(path: Path, *, id_column: str | None = None, patient_column: 
     return LabelTable(ids=ids, patients=patients, labels=labels, id_column=header[id_col], path=path)
 
 
-# ------------------------------------------------------------------------------------------------------- decoding
-
-
-def decode_picture(path: Path) -> np.ndarray:
-    """A PNG/JPEG (or other Pillow-readable) radiograph as float32 [H, W] in [0, 1], bright = dense as stored.
-
-    8-bit grey is divided by 255; 16-bit grey by 2**b - 1 where b is the number of bits its largest value needs
-    (12-bit data in a 16-bit PNG is not left dark); RGB(A), palette and grey+alpha images are converted to grey
-    (ITU-R 601 luma). Raises DatasetError for an unreadable file or a constant image.
-    """
-    from model import preprocess
-
-    shared = getattr(preprocess, "decode_file", None)
-    if shared is not None:  # one decoder for the worker and the datasets when the preprocess module offers it
-        return np.asarray(shared(Path(path)), dtype=np.float32)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raw = np.asarray(im, dtype=np.float64)
-                top = float(raw.max())
-                scale = float(2 ** max(int(top).bit_length(), 8) - 1) if im.mode != "F" else max(top, 1e-12)
-                image = raw / scale
-            else:
-                image = np.asarray(im.convert("L"), dtype=np.float64) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"{path}: cannot decode image ({exc})") from None
-    if image.ndim != 2:
-        raise DatasetError(f"{path}: decoded to shape {image.shape} - expected a 2-D grey image")
-    if image.min() == image.max():
-        raise DatasetError(f"{path}: constant image (every pixel {image.flat[0]:.3g})")
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
-
-
 # -------------------------------------------------------------------------------------------------------- sources
 
 
@@ -273,7 +237,8 @@ class LabelledItem:
 
 class LabelledSource:
     """Base of the labelled sources: ``ids``, ``patients``, ``labels`` uint8 [N, 14] known without decoding;
-    ``load(i)`` decodes image i; iteration yields LabelledItem in order. ``description`` says what it is."""
+    ``load(i)`` decodes image i (raising a ModelError naming the file when it cannot); iteration yields LabelledItem
+    in order. ``description`` says what it is."""
 
     ids: tuple[str, ...]
     patients: tuple[str | None, ...]
@@ -393,14 +358,17 @@ class ChestXray14Folder(LabelledSource):
         self.description = f"ChestX-ray14 {split} ({len(names)} images, labels {entries[-1].name}) in {root}"
 
     def load(self, i: int) -> np.ndarray:
-        return decode_picture(self.paths[i])
+        from model.preprocess import decode_file
+
+        return decode_file(self.paths[i])
 
 
 class DicomFolder(LabelledSource):
     """DICOM files under ``root`` (recursively) labelled by ``labels_csv`` (see :func:`read_label_csv`); the CSV's id
     column matches a file's SOPInstanceUID, its file name, its name without extension, or its path relative to
     ``root``. The patient is the CSV's patient column, else the file's PatientID. Files the CSV does not name and
-    non-DICOM files are skipped (counted in ``description``). Images decode with ``model.preprocess.decode_image``.
+    non-DICOM files are skipped (counted in ``description``). Images decode with ``model.preprocess.decode_file``
+    (MONOCHROME1, VOI LUT).
 
     Raises DatasetError: missing folder, an unusable CSV, CSV rows whose file is not there (counted, first named).
     """
@@ -448,14 +416,9 @@ class DicomFolder(LabelledSource):
         )
 
     def load(self, i: int) -> np.ndarray:
-        import pydicom
+        from model.preprocess import decode_file
 
-        from model.preprocess import decode_image
-
-        try:
-            return decode_image(pydicom.dcmread(self.paths[i]))
-        except ModelError as exc:
-            raise DatasetError(f"{self.paths[i]}: {exc}") from exc
+        return decode_file(self.paths[i])
 
 
 # --------------------------------------------------------------------------------------------------------- splits

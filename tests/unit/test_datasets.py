@@ -15,10 +15,10 @@ from model.datasets import (
     DatasetError,
     DicomFolder,
     PhantomSource,
-    decode_picture,
     patient_disjoint_halves,
     read_label_csv,
 )
+from model.errors import ModelError
 from model.phantom import generate, sample_labels, to_dicom
 from model.train import split_of
 from model.types import LABELS
@@ -147,22 +147,11 @@ def test_label_csv_errors_name_the_problem(tmp_path: Path) -> None:
         read_label_csv(path)
 
 
-def test_decode_picture_scales_16_bit_and_converts_rgb(tmp_path: Path) -> None:
-    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit data in a 16-bit PNG
-    Image.fromarray(ramp).save(tmp_path / "g16.png")
-    image = decode_picture(tmp_path / "g16.png")
-    assert image.dtype == np.float32 and image.max() == 1.0
-    np.testing.assert_allclose(image, ramp / 4095, atol=1e-6)
-    rgb = np.zeros((64, 64, 3), np.uint8)
-    rgb[:, 32:] = 255
-    Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=100)
-    grey = decode_picture(tmp_path / "rgb.jpg")
-    assert grey.shape == (64, 64) and grey[:, :28].max() < 0.05 and grey[:, 36:].min() > 0.95
-    real = decode_picture(DATA / "real-cxr" / "16747_3_1.jpg")
-    assert real.ndim == 2 and 0 <= real.min() < real.max() <= 1
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match="cannot decode"):
-        decode_picture(tmp_path / "bad.png")
+def test_an_undecodable_image_is_named(chestxray14: Path) -> None:
+    source = ChestXray14Folder(chestxray14)
+    (chestxray14 / "images" / source.ids[0]).write_bytes(b"not an image")
+    with pytest.raises(ModelError, match=source.ids[0]):
+        source.item(0)
 
 
 def test_halves_with_one_dominant_patient_and_too_little_data() -> None:
