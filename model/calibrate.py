@@ -279,19 +279,23 @@ def calibrate(
         f1, recall, precision = _rates(*_weighted_counts(weights, pred, y))
         boot["f1" + suffix], boot["recall" + suffix], boot["precision" + suffix] = f1, recall, precision
 
+    def boot_mean(name: str) -> np.ndarray:
+        """Per resample, the mean over findings present in the held-out half and in that resample (NaN if none)."""
+        values = np.where(present, boot[name], np.nan)
+        count = np.isfinite(values).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, np.nansum(values, axis=1) / count, np.nan)
+
     def mean_estimate(name: str) -> Estimate:
         value = float(point[name][present].mean()) if present.any() else None
-        with np.errstate(invalid="ignore"):
-            samples = np.nanmean(np.where(present, boot[name], np.nan), axis=1) if present.any() else np.array([])
-        return Estimate(value=value, ci=_ci(samples) if value is not None else None)
+        return Estimate(value=value, ci=_ci(boot_mean(name)) if value is not None else None)
 
     def ratio_estimate(name: str) -> Estimate:
         fitted_mean = point[name][present].mean() if present.any() else np.nan
         default_mean = point[name + "_default"][present].mean() if present.any() else np.nan
         value = float(fitted_mean / default_mean) if default_mean > 0 else None
         with np.errstate(invalid="ignore", divide="ignore"):
-            masked = np.where(present, boot[name], np.nan), np.where(present, boot[name + "_default"], np.nan)
-            samples = np.nanmean(masked[0], axis=1) / np.nanmean(masked[1], axis=1)
+            samples = boot_mean(name) / boot_mean(name + "_default")
         return Estimate(value=value, ci=_ci(samples) if value is not None else None)
 
     classes = []
