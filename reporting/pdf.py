@@ -178,7 +178,7 @@ def _colour_bar(vmax: float, height: float) -> Drawing:
     """A vertical colour bar with its scale in logit units (vector graphics, text extractable)."""
     d = Drawing(40 * mm, height)
     d.initialFontName = "Vera"  # the renderer's initial font would otherwise add an unembedded Helvetica
-    bar_w, steps, y0, bar_h = 4 * mm, 64, 4, height - 14
+    bar_w, steps, y0, bar_h = 4 * mm, 64, 4, height - 19
     lut = colormap(np.linspace(0.0, 1.0, steps))
     for i in range(steps):
         r, g, b = (int(c) / 255 for c in lut[i])

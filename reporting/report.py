@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID
 
 from model.types import Prediction, PreprocessRecipe
 from reporting.exclusions import ExclusionRules, apply_exclusions
@@ -48,6 +48,10 @@ __all__ = [
 
 Status = Literal["present", "absent", "excluded"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _valid_uid(value: str) -> bool:
+    return bool(value) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -88,7 +92,7 @@ class SourceImage:
     def __post_init__(self) -> None:
         for name in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid"):
             value = getattr(self, name)
-            if not value or not UID(value).is_valid:
+            if not _valid_uid(value):
                 raise ValueError(f"Invalid {name} {value!r} - must be a valid DICOM UID")
         if self.rows < 1 or self.columns < 1:
             raise ValueError(f"Invalid image size {self.rows}x{self.columns} - rows and columns must be >= 1")
@@ -294,7 +298,7 @@ class StudyReport:
         if self.revision < 1:
             raise ValueError(f"Invalid revision {self.revision} - must be >= 1")
         for uid in self.predecessors:
-            if not UID(uid).is_valid:
+            if not _valid_uid(uid):
                 raise ValueError(f"Invalid predecessor SOP Instance UID {uid!r}")
         object.__setattr__(self, "predecessors", tuple(self.predecessors))
 

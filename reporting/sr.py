@@ -120,6 +120,7 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
     )
     algorithm = _algorithm(report, finding)
     evaluation = hd.sr.QualitativeEvaluation(name=code, value=PRESENT if finding.status == "present" else ABSENT)
+    probability = round(finding.probability, 6)
     if finding.peak is not None:
         row, col = finding.peak
         region = hd.sr.ImageRegion(
@@ -127,14 +128,14 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
             graphic_data=np.array([[col + 0.5, row + 0.5]]),  # (column, row) of the peak pixel centre, C.18.6.1.1
             source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
         )
-        measurement = hd.sr.Measurement(name=PROBABILITY, value=finding.probability, unit=codes.UCUM.NoUnits)
+        measurement = hd.sr.Measurement(name=PROBABILITY, value=probability, unit=codes.UCUM.NoUnits)
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, referenced_region=region, finding_type=code, algorithm_id=algorithm,
             measurements=[measurement], qualitative_evaluations=[evaluation],
         )
     else:
         measurement = hd.sr.Measurement(
-            name=PROBABILITY, value=finding.probability, unit=codes.UCUM.NoUnits,
+            name=PROBABILITY, value=probability, unit=codes.UCUM.NoUnits,
             referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds)],
         )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(

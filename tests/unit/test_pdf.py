@@ -1,0 +1,133 @@
+"""PDF report: text extractable (pdftotext), fonts embedded (pdffonts), renders (pdftoppm), banners and revisions;
+the heatmap overlay is drawn on the decoded image (bright = dense, MONOCHROME1 inverted, radiological orientation)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from model.preprocess import decode_image
+from model.types import LABELS
+from reporting.pdf import AI_BANNER, SYNTHETIC_BANNER, write_pdf
+from reporting.render import overlay
+from reporting.report import SourceImage, study_report
+from tests.reporting_helpers import demo_model, image_result, make_prediction, phantom_case, phantom_report
+
+REAL_CXR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-cxr"
+FINDINGS = {"Pneumothorax": 0.97, "Edema": 0.6, "Effusion": 0.9, "Cardiomegaly": 0.8}
+
+
+def _text(pdf: Path) -> str:
+    return subprocess.run(["pdftotext", "-layout", str(pdf), "-"], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    report, _ = phantom_report(findings=FINDINGS)
+    path = tmp_path_factory.mktemp("pdf") / "report.pdf"
+    return path, write_pdf(report, path)
+
+
+def test_text_lists_every_finding_status_and_the_banners(written: tuple[Path, str]) -> None:
+    path, digest = written
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    text = _text(path)
+    for label in LABELS:
+        assert label in text
+    assert SYNTHETIC_BANNER in text and AI_BANNER in text
+    assert "excluded" in text and "present" in text and "absent" in text
+    # the excluded finding's reason names the partner and the NIH lift; channel evidence and zones are listed
+    assert "Pneumothorax present (p=0.97" in text and "0.30x chance" in text
+    assert "Channel evidence" in text and "cardiac silhouette" in text
+    assert "chexd-test" in text and "0123456789abcdef" in text and "ab" * 32 in text  # model name, version, hash
+    assert "2026-11-01" in text  # calibration date
+    assert "Revised report" not in text
+
+
+def test_fonts_are_embedded(written: tuple[Path, str]) -> None:
+    out = subprocess.run(["pdffonts", str(written[0])], check=True, capture_output=True, text=True).stdout
+    rows = out.strip().splitlines()[2:]
+    assert rows, out
+    for row in rows:
+        # columns: name type encoding emb sub uni object-id: emb must be "yes" for every font
+        fields = row.split()
+        assert fields[-5] == "yes", row
+    assert "Helvetica" not in out
+
+
+def test_pages_render_to_images(written: tuple[Path, str], tmp_path: Path) -> None:
+    subprocess.run(["pdftoppm", "-r", "40", "-png", str(written[0]), str(tmp_path / "page")], check=True,
+                   timeout=120)
+    pages = sorted(tmp_path.glob("page*.png"))
+    assert len(pages) >= 2
+    first = np.asarray(Image.open(pages[0]).convert("RGB")).astype(int)
+    # the red synthetic banner is on the first page
+    red = (first[..., 0] > 150) & (first[..., 1] < 60) & (first[..., 2] < 80)
+    assert red.sum() > 500
+    # a heatmap page holds saturated colours from the colour map
+    second = np.asarray(Image.open(pages[1]).convert("RGB")).astype(int)
+    assert (second.max(axis=2) - second.min(axis=2) > 150).sum() > 200
+
+
+def test_the_same_report_writes_the_same_bytes(written: tuple[Path, str], tmp_path: Path) -> None:
+    report, _ = phantom_report(findings=FINDINGS)
+    assert write_pdf(report, tmp_path / "again.pdf") == written[1]
+
+
+def test_a_real_model_has_no_synthetic_banner_and_a_revision_says_what_it_supersedes(tmp_path: Path) -> None:
+    report, _ = phantom_report(synthetic=False, revision=3, predecessors=("1.2.3.4.5", "1.2.3.4.6"),
+                               findings={"Effusion": 0.9})
+    write_pdf(report, tmp_path / "r3.pdf")
+    text = _text(tmp_path / "r3.pdf")
+    assert SYNTHETIC_BANNER not in text and AI_BANNER in text
+    assert "Revised report, revision 3" in text and "1.2.3.4.5" in text and "1.2.3.4.6" in text
+
+
+def test_overlay_is_on_the_decoded_image_bright_dense_for_both_photometrics() -> None:
+    grey = {}
+    for mono1 in (False, True):
+        sample, ds, image, prediction = phantom_case(findings={"Effusion": 0.9}, monochrome1=mono1)
+        assert ds.PhotometricInterpretation == ("MONOCHROME1" if mono1 else "MONOCHROME2")
+        result = image_result(ds, image, prediction)
+        ov = overlay(result, result.finding("Effusion"), max_side=256)
+        grey[mono1] = ov.rgb
+        # where there is no heat the picture is the decoded image itself (bright = dense)
+        no_heat = result.heatmap("Effusion", image.shape) < 0.05 * ov.vmax
+        assert np.abs(ov.rgb[..., 1][no_heat].astype(int) - np.round(image * 255)[no_heat]).max() <= 1
+        lungs = result.lung_fields.lungs_at(image.shape) & no_heat
+        spine = np.zeros_like(no_heat)
+        spine[: image.shape[0] // 2, image.shape[1] // 2 - 4: image.shape[1] // 2 + 4] = True
+        assert ov.rgb[..., 1][lungs].mean() < 0.6 * ov.rgb[..., 1][spine & no_heat].mean()  # lungs dark
+        # the heat peak lies on the lesion (within one 32-px CAM cell): heat and image share one orientation
+        mask = sample.masks[LABELS.index("Effusion")]
+        r, c = result.finding("Effusion").peak
+        assert mask[max(0, r - 32): r + 32, max(0, c - 32): c + 32].any()
+    # the stored inversion does not change what is shown (to a quantisation step of the flipped window)
+    assert np.abs(grey[False].astype(int) - grey[True].astype(int)).max() <= 2
+
+
+def test_real_monochrome1_file_is_shown_inverted_relative_to_its_monochrome2_twin(tmp_path: Path) -> None:
+    mono2 = pydicom.dcmread(REAL_CXR / "siim-ptx-1.2.276.0.7230010.3.1.4.8323329.6904.dcm")
+    mono1 = pydicom.dcmread(REAL_CXR / "Fake_MONOHR1.dcm")  # same pixels, PhotometricInterpretation MONOCHROME1
+    shown = {}
+    for name, ds in (("mono2", mono2), ("mono1", mono1)):
+        image = decode_image(ds)
+        prediction = make_prediction({"Nodule": 0.9})
+        result = image_result(ds, image, prediction)
+        ov = overlay(result, result.finding("Nodule"), max_side=256)
+        heat = result.heatmap("Nodule", ov.rgb.shape[:2])
+        shown[name] = (ov.rgb[..., 1].astype(int), heat <= 0.05 * ov.vmax)
+        report = study_report([result], demo_model())
+        write_pdf(report, tmp_path / f"{name}.pdf")
+        assert SourceImage.from_dataset(ds).photometric_interpretation in _text(tmp_path / f"{name}.pdf")
+    (a, mask_a), (b, mask_b) = shown["mono2"], shown["mono1"]
+    both = mask_a & mask_b
+    # MONOCHROME1 is displayed inverted: grey(mono1) = 255 - grey(mono2) wherever no heat is drawn
+    assert np.abs((a + b)[both] - 255).max() <= 2

@@ -1,0 +1,218 @@
+"""Report assembly: statuses, exclusions, regions, channel evidence, study grouping, UIDs, compose_study."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from model.types import LABELS
+from reporting.compose import compose_study
+from reporting.exclusions import ExclusionRules
+from reporting.regions import ZONES
+from reporting.report import Finding, ModelInfo, SourceImage, assemble, study_report
+from reporting.uids import derived_uid, instance_uid, series_uid
+from tests.reporting_helpers import THRESHOLDS, demo_model, image_result, make_prediction, phantom_case
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_source_image_reads_the_dicom_facts() -> None:
+    _, ds, image, _ = phantom_case()
+    source = SourceImage.from_dataset(ds)
+    assert source.sop_instance_uid == ds.SOPInstanceUID and source.study_instance_uid == ds.StudyInstanceUID
+    assert (source.rows, source.columns) == image.shape
+    assert source.patient_id == ds.PatientID and source.patient_name == str(ds.PatientName)
+    assert source.study_date == ds.StudyDate and source.accession_number == ds.AccessionNumber
+    assert source.photometric_interpretation == ds.PhotometricInterpretation
+    del ds.SOPInstanceUID
+    with pytest.raises(ValueError, match="missing SOPInstanceUID"):
+        SourceImage.from_dataset(ds)
+    with pytest.raises(ValueError, match="study_instance_uid"):
+        SourceImage(sop_instance_uid="1.2.3", sop_class_uid="1.2.3", study_instance_uid="x.y",
+                    series_instance_uid="1.2", rows=10, columns=10)
+
+
+def test_model_info_validates_and_reads_the_archived_facts() -> None:
+    info = ModelInfo.from_facts({"name": "demo", "version": "0011223344556677", "weights_sha256": "0f" * 32,
+                                 "synthetic": True, "calibrated_at": "2026-11-01T10:00:00+00:00"})
+    assert info.synthetic and info.calibrated_at == dt.datetime(2026, 11, 1, 10, tzinfo=dt.UTC)
+    assert ModelInfo.from_facts({"version": "abc", "calibrated_at": None}).calibrated_at is None
+    with pytest.raises(ValueError, match="weights_sha256"):
+        ModelInfo(name="m", version="v1", weights_sha256="xyz")
+    with pytest.raises(ValueError, match="version"):
+        ModelInfo(name="m", version="has space")
+
+
+def test_statuses_follow_thresholds_and_exclusions() -> None:
+    findings = {"Pneumothorax": 0.97, "Edema": 0.6, "Effusion": 0.9, "Nodule": 0.49}
+    _, ds, image, prediction = phantom_case(findings=findings)
+    result = image_result(ds, image, prediction)
+    status = {f.label: f.status for f in result.findings}
+    assert status["Effusion"] == "present" and status["Pneumothorax"] == "present"
+    assert status["Nodule"] == "absent"  # 0.49 < 0.5
+    # Pneumothorax (0.97 / 0.3 = 3.2) is 2.7x as confident as Edema (0.6 / 0.5): exclusive pair, margin 2
+    assert status["Edema"] == "excluded"
+    edema = result.finding("Edema")
+    assert "Pneumothorax" in edema.reason and "0.30" in edema.reason
+    assert [f.label for f in result.findings] == list(LABELS)
+    assert [f.label for f in result.positive] == ["Pneumothorax", "Effusion", "Edema"]
+    # with a wider margin nothing is excluded
+    loose = assemble(prediction, image, result.source, thresholds=THRESHOLDS, rules=ExclusionRules(margin=3.0))
+    assert loose.finding("Edema").status == "present" and loose.finding("Edema").reason is None
+
+
+def test_positive_findings_carry_regions_peak_and_evidence_absent_ones_do_not() -> None:
+    _, ds, image, prediction = phantom_case(findings={"Cardiomegaly": 0.8, "Effusion": 0.9})
+    result = image_result(ds, image, prediction)
+    heart = result.finding("Cardiomegaly")
+    assert heart.region == "cardiac silhouette"  # its CAM is the phantom's heart mask
+    assert heart.peak is not None and 0 <= heart.peak[0] < image.shape[0] and 0 <= heart.peak[1] < image.shape[1]
+    assert sum(r.share for r in heart.regions) <= 1.0 + 1e-9 and {r.zone for r in heart.regions} <= set(ZONES)
+    for f in result.findings:
+        if f.status == "absent":
+            assert f.regions == () and f.evidence == () and f.peak is None
+        else:
+            assert len(f.evidence) == 5
+
+
+def test_channel_evidence_is_exact_and_its_share_is_of_the_channel_sum() -> None:
+    prediction = make_prediction({"Effusion": 0.9})
+    _, ds, image, _ = phantom_case(findings={"Effusion": 0.9})
+    result = assemble(prediction, image, SourceImage.from_dataset(ds), thresholds=THRESHOLDS,
+                      rules=ExclusionRules(), top_k=3)
+    i = LABELS.index("Effusion")
+    effusion = result.finding("Effusion")
+    channel_sum = float(prediction.logits[i] - prediction.bias[i])
+    expected = sorted(zip(prediction.top_channels[i], prediction.top_contributions[i], strict=True),
+                      key=lambda t: -abs(t[1]))[:3]
+    assert [(e.channel, e.contribution) for e in effusion.evidence] == [
+        (int(c), pytest.approx(float(v))) for c, v in expected]
+    for e in effusion.evidence:
+        assert e.share == pytest.approx(e.contribution / channel_sum)
+    with pytest.raises(ValueError, match="top_k"):
+        assemble(prediction, image, result.source, thresholds=THRESHOLDS, rules=ExclusionRules(), top_k=0)
+
+
+def test_evidence_from_a_real_engine_sums_to_the_logit() -> None:
+    torch = pytest.importorskip("torch")  # torch is a project dependency; reporting itself never imports it
+    from model.engine import Engine
+    from model.network import Architecture, DenseNet
+    from model.types import PreprocessRecipe
+
+    torch.manual_seed(0)
+    net = DenseNet(Architecture.tiny()).eval()
+    recipe = PreprocessRecipe(input_size=64, resize=None)
+    engine = Engine(net, recipe=recipe, labels=LABELS, model_version="tiny", device="cpu", top_k=1000)
+    sample, ds, image, _ = phantom_case(findings={"Effusion": 0.9})
+    prediction = engine.predict([image])[0]
+    thresholds = dict.fromkeys(LABELS, 0.01)  # everything positive
+    result = assemble(prediction, image, SourceImage.from_dataset(ds), thresholds=thresholds,
+                      rules=ExclusionRules(), top_k=1000, recipe=recipe)
+    for i, f in enumerate(result.findings):
+        assert f.positive
+        # the top-k list covers every channel of the tiny net: contributions sum to logit - bias, shares to 1
+        assert sum(e.contribution for e in f.evidence) == pytest.approx(
+            float(prediction.logits[i] - prediction.bias[i]), abs=1e-3)
+        assert sum(e.share for e in f.evidence) == pytest.approx(1.0, abs=1e-3)
+        assert f.peak is not None
+
+
+def test_findings_reject_inconsistent_values() -> None:
+    with pytest.raises(ValueError, match="status"):
+        Finding(label="Mass", probability=0.2, threshold=0.5, status="present")
+    with pytest.raises(ValueError, match="reason"):
+        Finding(label="Mass", probability=0.7, threshold=0.5, status="excluded")
+    with pytest.raises(ValueError, match="threshold"):
+        Finding(label="Mass", probability=0.7, threshold=1.0, status="present")
+    _, ds, image, prediction = phantom_case()
+    with pytest.raises(ValueError, match="No threshold for 'Hernia'"):
+        image_result(ds, image, prediction, thresholds={k: v for k, v in THRESHOLDS.items() if k != "Hernia"})
+    with pytest.raises(ValueError, match="image shape"):
+        image_result(ds, image[:100], prediction)
+
+
+def test_study_report_groups_one_study_and_validates() -> None:
+    _, ds1, im1, p1 = phantom_case(index=2, study_uid="1.2.826.0.1.3680043.8.498.1")
+    _, ds2, im2, p2 = phantom_case(index=3, study_uid="1.2.826.0.1.3680043.8.498.1")
+    r1, r2 = image_result(ds1, im1, p1), image_result(ds2, im2, p2)
+    report = study_report([r1, r2], demo_model(), revision=2, predecessors=["1.2.3.4"])
+    assert report.study_instance_uid == "1.2.826.0.1.3680043.8.498.1"
+    assert report.created_at.tzinfo is not None and report.revision == 2 and report.predecessors == ("1.2.3.4",)
+    _, ds3, im3, p3 = phantom_case(index=4, study_uid="1.2.826.0.1.3680043.8.498.2")
+    with pytest.raises(ValueError, match="2 studies"):
+        study_report([r1, image_result(ds3, im3, p3)], demo_model())
+    with pytest.raises(ValueError, match="timezone"):
+        study_report([r1], demo_model(), created_at=dt.datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="revision"):
+        study_report([r1], demo_model(), revision=0)
+    with pytest.raises(ValueError, match="no images"):
+        study_report([], demo_model())
+
+
+def test_result_uids_are_deterministic_and_change_with_every_input() -> None:
+    a = instance_uid("sr", ["1.2.3", "1.2.4"], "v1", 1)
+    assert a == instance_uid("sr", ["1.2.4", "1.2.3"], "v1", 1)  # order of sources does not matter
+    others = {instance_uid("sr", ["1.2.3"], "v1", 1), instance_uid("sr", ["1.2.3", "1.2.4"], "v2", 1),
+              instance_uid("sr", ["1.2.3", "1.2.4"], "v1", 2), instance_uid("pdf", ["1.2.3", "1.2.4"], "v1", 1)}
+    assert a not in others and len(others) == 4
+    for uid in (a, series_uid("sr", "1.2.3"), derived_uid("x")):
+        assert uid.startswith("2.25.") and uid.is_valid and len(uid) <= 64
+    assert series_uid("sr", "1.2.3") != series_uid("sc", "1.2.3")
+    with pytest.raises(ValueError, match="revision"):
+        instance_uid("sr", ["1.2.3"], "v1", 0)
+    with pytest.raises(ValueError, match="source"):
+        instance_uid("sr", [], "v1", 1)
+
+
+def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) -> None:
+    findings = {"Pneumothorax": 0.97, "Edema": 0.6, "Cardiomegaly": 0.8}
+    _, ds, image, prediction = phantom_case(findings=findings)
+    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
+             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
+    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    when = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
+    composed = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
+                             folder=tmp_path / "r1", settings=settings, created_at=when)
+    kinds = sorted(f.kind for f in composed.files)
+    # one SC per present or excluded finding: Pneumothorax, Cardiomegaly, Edema (excluded)
+    assert kinds == ["pdf", "pdf-dicom", "sc", "sc", "sc", "sr"]
+    assert all(f.path.is_file() for f in composed.files)
+    assert [len(f) for f in composed.findings] == [14]
+    assert {f.label for f in composed.findings[0] if f.status == "excluded"} == {"Edema"}
+    assert all(len(f.evidence) == 3 for f in composed.findings[0] if f.positive)
+    for f in composed.files:
+        if f.kind != "pdf":
+            written = pydicom.dcmread(f.path)
+            assert written.SOPInstanceUID == f.sop_instance_uid and written.SOPClassUID == f.sop_class_uid
+            assert written.StudyInstanceUID == ds.StudyInstanceUID
+    again = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
+                          folder=tmp_path / "again", settings=settings, created_at=when)
+    assert [f.sop_instance_uid for f in again.files] == [f.sop_instance_uid for f in composed.files]
+    revised = compose_study(images=[(ds, image, prediction, facts)], revision=2,
+                            predecessors=[next(f.sop_instance_uid for f in composed.files if f.kind == "sr")],
+                            folder=tmp_path / "r2", settings=settings, created_at=when)
+    assert not {f.sop_instance_uid for f in revised.files} & {f.sop_instance_uid for f in composed.files} - {None}
+
+
+def test_reporting_never_imports_torch() -> None:
+    code = ("import sys, reporting.compose, reporting.regions, reporting.exclusions; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr or "reporting imported torch"
+
+
+def test_heatmap_covers_the_image_and_is_non_negative() -> None:
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9})
+    result = image_result(ds, image, prediction)
+    heat = result.heatmap("Effusion")
+    assert heat.shape == image.shape and heat.min() >= 0 and heat.max() > 0
+    small = result.heatmap("Effusion", (64, 64))
+    assert small.shape == (64, 64)
+    # the reported peak is where the upsampled heat is highest (bilinear heat peaks at a CAM cell centre)
+    peak = result.finding("Effusion").peak
+    assert heat[peak] == pytest.approx(float(heat.max()), rel=1e-3)
