@@ -167,9 +167,10 @@ def _findings_table(result: ImageResult, st: dict[str, ParagraphStyle]) -> Table
     return table
 
 
-def _png(rgb) -> io.BytesIO:  # type: ignore[no-untyped-def]
+def _jpeg(img: PILImage.Image) -> io.BytesIO:
+    """JPEG (quality 90): reportlab embeds it as is (DCTDecode); a PNG would be decoded and deflated again."""
     buf = io.BytesIO()
-    PILImage.fromarray(rgb).save(buf, format="PNG", optimize=False, compress_level=6)
+    img.save(buf, format="JPEG", quality=90, subsampling=0)
     buf.seek(0)
     return buf
 
@@ -199,7 +200,7 @@ def _heatmap_block(result: ImageResult, f: Finding, st: dict[str, ParagraphStyle
     side_mm = 80.0
     width = side_mm * mm if w >= h else side_mm * mm * w / h
     height = width * h / w
-    picture = Image(_png(np.asarray(img)), width=width, height=height)
+    picture = Image(_jpeg(img), width=width, height=height)
     title = f"{_e(f.label)} — {_status(f)}, probability {f.probability:.3f} (threshold {f.threshold:.3f})"
     parts: list[object] = [_p(title, st["h3"])]
     if f.status == "excluded" and f.reason:
