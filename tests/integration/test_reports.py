@@ -1,0 +1,159 @@
+"""End to end: storescu → worker → study report (PDF, SR, heatmap SC, encapsulated PDF) → rows → a real Orthanc.
+
+The daemon runs the bundled demo model (synthetic, not for diagnosis) on phantom images whose findings are known.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from daemon.tables import FindingRow, ReportFile, StudyReportRow
+from model.phantom import generate, to_dicom
+from tests.dicomgen import make_dataset, write_dataset
+from tests.integration.orthanc import OrthancServer
+from tests.integration.peers import wait_until_processed
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _phantom(tmp_path: Path, index: int, name: str, **kw: str) -> Path:
+    """Phantom ``index`` (seed 0) with pleural effusion forced present: the demo model finds it (p > 0.9)."""
+    ds = to_dicom(generate(0, index, size=384, force={"Effusion": True}), **kw)
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _reports(engine, timeout: float = 90, *, n: int = 1, state: str = "DONE") -> list[StudyReportRow]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(select(StudyReportRow).order_by(StudyReportRow.revision)).all()
+        if sum(r.state == state for r in rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.3)
+
+
+def _files(engine, report_id: int) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        rows = conn.execute(select(ReportFile.kind, ReportFile.path).where(ReportFile.report_id == report_id)).all()
+    out: dict[str, list[str]] = {}
+    for kind, path in rows:
+        out.setdefault(kind, []).append(path)
+    return out
+
+
+def _errors(tool: str, *paths: Path) -> list[str]:
+    result = subprocess.run([tool, *map(str, paths)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_a_phantom_with_effusion_gets_pdf_sr_and_sc_that_validate(make_daemon, tmp_path: Path) -> None:
+    daemon = make_daemon(report_quiet_seconds="0.5", model_device="cpu")
+    source = _phantom(tmp_path, 0, "effusion.dcm")
+    assert daemon.storescu(str(source)).returncode == 0
+    engine = daemon.engine()
+    assert list(wait_until_processed(engine, 1).values()) == ["DONE"]
+    (report,) = _reports(engine)
+    assert report.state == "DONE" and report.revision == 1, report.error
+    files = _files(engine, report.id)
+    assert sorted(files) == ["epdf", "pdf", "sc", "sr"]
+    data = daemon.data_dir
+    sr_path, pdf_path = data / files["sr"][0], data / files["pdf"][0]
+    sc_paths = [data / p for p in files["sc"]]
+    assert any("Effusion" in p.name for p in sc_paths), "a heatmap SC for the finding that is present"
+
+    for path in [sr_path, data / files["epdf"][0], *sc_paths]:
+        assert _errors("dciodvfy", path) == [], path.name
+    assert _errors("dcentvfy", source, sr_path, data / files["epdf"][0], *sc_paths) == []
+
+    dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, check=True).stdout
+    assert "Pleural effusion" in dump or "Effusion" in dump
+    assert "UNVERIFIED" in dump
+    text = subprocess.run(["pdftotext", "-layout", str(pdf_path), "-"], capture_output=True, text=True).stdout
+    assert "SYNTHETIC DEMO MODEL" in text and "Effusion" in text and "present" in text
+
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    sr = pydicom.dcmread(sr_path)
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    with engine.connect() as conn:
+        findings = {f.label: f for f in conn.execute(select(FindingRow)).all()}
+    assert len(findings) == 14 and findings["Effusion"].status == "present" and findings["Effusion"].region
+    shown = json.loads(daemon.cli("show", str(src.SOPInstanceUID), "--json").stdout)
+    latest = shown["instances"][0]["predictions"][-1]
+    effusion = next(f for f in latest["findings"] if f["label"] == "Effusion")
+    assert effusion["evidence"] and abs(sum(e["share"] for e in effusion["evidence"])) > 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_non_chest_image_gets_no_report_and_says_why(make_daemon, tmp_path: Path) -> None:
+    daemon = make_daemon(report_quiet_seconds="0.2", model_device="cpu")
+    hand = write_dataset(make_dataset(body_part="HAND", rows=96, columns=96), tmp_path / "hand.dcm")
+    assert daemon.storescu(str(hand)).returncode == 0
+    assert list(wait_until_processed(daemon.engine(), 1).values()) == ["SKIPPED"]
+    time.sleep(1.0)
+    assert _reports(daemon.engine(), timeout=0) == []
+    assert "HAND" in daemon.cli("show", str(pydicom.dcmread(hand).SOPInstanceUID)).stdout
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_late_image_revises_the_study_report(make_daemon, tmp_path: Path) -> None:
+    daemon = make_daemon(report_quiet_seconds="0.5", model_device="cpu")
+    first = _phantom(tmp_path, 0, "first.dcm")
+    study = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    assert daemon.storescu(str(first)).returncode == 0
+    engine = daemon.engine()
+    (r1,) = _reports(engine)
+    assert r1.state == "DONE"
+    second = _phantom(tmp_path, 3, "second.dcm", study_uid=study)
+    assert daemon.storescu(str(second)).returncode == 0
+    rows = _reports(engine, n=1, state="SUPERSEDED")
+    assert [(r.revision, r.state) for r in rows] == [(1, "SUPERSEDED"), (2, "DONE")]
+    assert rows[1].instance_uids and len(rows[1].instance_uids) == 2
+    old_sr = pydicom.dcmread(daemon.data_dir / _files(engine, rows[0].id)["sr"][0])
+    new_sr = pydicom.dcmread(daemon.data_dir / _files(engine, rows[1].id)["sr"][0])
+    predecessor = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert new_sr.SOPInstanceUID != old_sr.SOPInstanceUID
+    pdf = daemon.data_dir / _files(engine, rows[1].id)["pdf"][0]
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True).stdout
+    assert "revision 2" in text.lower()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_results_are_filed_into_the_original_study_in_orthanc(make_daemon, tmp_path: Path) -> None:
+    pacs = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        daemon = make_daemon(
+            report_quiet_seconds="0.5",
+            model_device="cpu",
+            forward_destinations=pacs.destination,
+            forward_backoff_seconds="0.5",
+        )
+        source = _phantom(tmp_path, 0, "effusion.dcm")
+        assert daemon.storescu(str(source)).returncode == 0
+        (report,) = _reports(daemon.engine())
+        files = _files(daemon.engine(), report.id)
+        expected = {
+            str(pydicom.dcmread(daemon.data_dir / p, stop_before_pixels=True).SOPInstanceUID)
+            for kind in ("sr", "sc", "epdf")
+            for p in files[kind]
+        }
+        study = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+        deadline = time.monotonic() + 60
+        while set(pacs.study_instances(study)) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        filed = pacs.study_instances(study)
+        assert set(filed) == expected, daemon.cli("forward", "--json").stdout
+        assert "1.2.840.10008.5.1.4.1.1.88.34" in filed.values(), "the Comprehensive 3D SR is in the study"
+        status = json.loads(daemon.cli("status", "--json").stdout)
+        assert status["forwards"]["totals"]["DONE"] == len(expected)
+    finally:
+        pacs.stop()
