@@ -1,0 +1,576 @@
+"""``chexd correct`` and ``chexd finetune``: head-only maintenance jobs on cached pooled features.
+
+Both load the active model (or ``--model``), compute the pooled final features of a validation source once (cached
+under ``<data_dir>/cache/features`` by weights hash + data source + preprocessing), do their work inside an admin-job
+record, write a NEW artifact (the parent's manifest fields, provenance + one entry, metrics + a report) and register
+it as a *candidate*. The active model never changes here: ``chexd model activate VERSION`` does that.
+
+``correct`` zeroes a few weights of one finding's class row so the given false-positive images fall under its
+threshold while no validation true positive does, and proves the other findings' logits bit-identical
+(``model.correct``). ``finetune`` refits the whole 14 x C head with class weighting and early stopping
+(``model.finetune``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from daemon.console import fail
+from daemon.console import out as stdout
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from daemon.settings import Settings
+    from model.artifact import Manifest
+    from model.features import FeatureSet
+
+REFUSED = 3  # exit status when the correction is refused (no set of channels within the limit works)
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+Progress = Callable[[str, int, int], None]
+
+# --- shared options ------------------------------------------------------------------------------------------------
+
+PhantomOpt = Annotated[str | None, typer.Option(help="Phantom split for validation: train, val or test (default val).")]
+CountOpt = Annotated[int, typer.Option(min=10, help="Phantom validation images.")]
+SeedOpt = Annotated[int, typer.Option(help="Phantom series (and split) seed.")]
+RenderOpt = Annotated[int, typer.Option(min=64, max=1024, help="Side in pixels at which phantom images are rendered.")]
+Cxr14Opt = Annotated[Path | None, typer.Option(help="ChestX-ray14 folder (images/, Data_Entry_2017*.csv, lists).")]
+SplitOpt = Annotated[str, typer.Option(help="ChestX-ray14 split: test or train_val.")]
+DicomDirOpt = Annotated[Path | None, typer.Option(help="Folder of DICOM images labelled by --labels.")]
+LabelsOpt = Annotated[Path | None, typer.Option(help="Labels CSV for --dicom-dir (NIH style or 0/1 columns).")]
+ModelOpt = Annotated[Path | None, typer.Option(help="Artifact to start from (default: the active model).")]
+DeviceOpt = Annotated[str, typer.Option(help="Device for the feature pass: auto, cpu or cuda.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass when computing features.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Do the job and report; write and register nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _settings() -> Settings:
+    from daemon.cli import settings  # late: daemon.cli registers these commands
+
+    return settings()
+
+
+def _reporter(quiet: bool):  # type: ignore[no-untyped-def]
+    from daemon.calibrate_cli import progress_reporter
+
+    return progress_reporter(quiet=quiet)
+
+
+def _load_parent(settings: Settings, model: Path | None) -> tuple[nn.Module, Manifest]:
+    from daemon.registry import active_model_path
+    from model.artifact import load_artifact
+    from model.errors import ModelError
+
+    try:
+        path = model or active_model_path(settings)
+        if path is None:
+            fail("no model: pass --model PATH, import one ('chexd model import') or set model_path")
+        return load_artifact(path)
+    except ModelError as exc:
+        fail(str(exc))
+
+
+def _bump_patch(version: str) -> str:
+    """'1.2.3' (or '1.2.3-rc1') -> '1.2.4'."""
+    major, minor, patch = re.match(r"^(\d+)\.(\d+)\.(\d+)", version).groups()  # type: ignore[union-attr]
+    return f"{major}.{minor}.{int(patch) + 1}"
+
+
+def _cache_dir(settings: Settings) -> Path:
+    return settings.data_dir / "cache" / "features"
+
+
+def _features(
+    settings: Settings,
+    network: nn.Module,
+    manifest: Manifest,
+    *,
+    phantom: str | None,
+    count: int,
+    seed: int,
+    render_size: int,
+    chestxray14: Path | None,
+    split: str,
+    dicom_dir: Path | None,
+    labels: Path | None,
+    device: str,
+    batch_size: int,
+    report: Progress,
+) -> tuple[FeatureSet, bool]:
+    """Validation features of the source the options name (default: the phantom val split), from the cache when
+    this model has seen that source before."""
+    from daemon.calibrate_cli import validation_source
+    from model.features import cached_features, phantom_features, phantom_source_key, source_features, source_key
+
+    recipe = manifest.preprocessing
+    if chestxray14 is None and dicom_dir is None and labels is None:
+        from model.train import SPLITS
+
+        split_name = phantom or "val"
+        if split_name not in SPLITS:
+            fail(f"Invalid --phantom {split_name!r} - expected one of {', '.join(SPLITS)}", 2)
+        return cached_features(
+            _cache_dir(settings),
+            weights_sha256=manifest.weights_sha256,
+            data_key=phantom_source_key(split_name, seed=seed, count=count, render_size=render_size),
+            recipe=recipe,
+            compute=lambda: phantom_features(network, recipe=recipe, split=split_name, seed=seed, count=count,
+                                             render_size=render_size, batch_size=batch_size, device=device,
+                                             progress=report),
+        )
+    source = validation_source(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14, split=split,
+                               dicom_dir=dicom_dir, labels=labels, default_phantom="val")
+    return cached_features(
+        _cache_dir(settings),
+        weights_sha256=manifest.weights_sha256,
+        data_key=source_key(source),
+        recipe=recipe,
+        compute=lambda: source_features(network, source, recipe=recipe, batch_size=batch_size, device=device,
+                                        progress=report),
+    )
+
+
+def _run_job(settings: Settings, kind: str, params: dict[str, Any], work: Callable[[Any], dict[str, Any]]
+             ) -> dict[str, Any]:
+    """``work(job)`` inside an admin-job record; expected failures become a CLI error (exit 1)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from daemon.registry import RegistryError, admin_job
+    from model.errors import ModelError
+
+    try:
+        with admin_job(settings, kind, params) as job:
+            return work(job)
+    except (ModelError, ValueError, RegistryError) as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}")
+    except OSError as exc:
+        fail(f"cannot {kind}: {exc}")
+
+
+def _write_candidate(
+    settings: Settings,
+    network: nn.Module,
+    manifest: Manifest,
+    *,
+    operation: str,
+    params: dict[str, Any],
+    report: dict[str, Any],
+    check: Callable[[nn.Module], dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Save ``network`` as a new artifact with the parent's fields, reload it, run ``check(reloaded)`` (raises on
+    failure; returns what to add to the report), register it; returns (candidate summary, final report)."""
+    from daemon.registry import register_candidate
+    from model.artifact import load_artifact, provenance_entry, read_manifest, save_artifact
+
+    entry = provenance_entry(operation, params, parent_sha256=manifest.weights_sha256)
+
+    def save(model: nn.Module, folder: Path, metrics: dict[str, Any]) -> Path:
+        return save_artifact(
+            model,  # type: ignore[arg-type]
+            folder,
+            name=manifest.name,
+            version=_bump_patch(manifest.version),
+            preprocessing=manifest.preprocessing,
+            intended_use=manifest.intended_use,
+            labels=manifest.labels,
+            thresholds=dict(manifest.thresholds),
+            provenance=(*manifest.provenance, entry),
+            metrics=dict(manifest.metrics) | {operation: metrics},
+            synthetic=manifest.synthetic,
+            dtype=manifest.dtype,
+        )
+
+    with tempfile.TemporaryDirectory(prefix=f"chexd-{operation}-") as tmp:
+        first = save(network, Path(tmp) / "check", report)
+        reloaded, _ = load_artifact(first)
+        report = report | {"saved_artifact": check(reloaded)}
+        # the manifest carries the report including that check: the same weights written again (same bytes, same hash)
+        written = save(reloaded, Path(tmp) / manifest.name, report)
+        if read_manifest(written).weights_sha256 != read_manifest(first).weights_sha256:
+            raise ValueError("writing the checked weights again gave different bytes - nothing was registered")
+        info = register_candidate(settings, written, operation=operation, parameters=params,
+                                  metrics={operation: report})
+    candidate = {"id": info.id, "version": info.version, "path": str(info.path), "state": info.state}
+    return candidate, report
+
+
+def _backbone_check(parent: nn.Module, reloaded: nn.Module) -> tuple[bool, int]:
+    """(every non-classifier tensor equal, number of classifier weights + biases that differ)."""
+    import torch
+
+    a, b = parent.state_dict(), reloaded.state_dict()
+    backbone = all(torch.equal(a[k], b[k]) for k in a if not k.startswith("classifier."))
+    changed = int((a["classifier.weight"] != b["classifier.weight"]).sum())
+    changed += int((a["classifier.bias"] != b["classifier.bias"]).sum())
+    return backbone, changed
+
+
+def _model_info(manifest: Manifest) -> dict[str, Any]:
+    return {"name": manifest.name, "version": manifest.version_id, "synthetic": manifest.synthetic}
+
+
+# --- false-positive images -------------------------------------------------------------------------------------------
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+
+
+def _read_file(path: Path) -> np.ndarray:
+    from daemon.worker import PermanentJobError, read_stored_image
+    from model.datasets import DatasetError, decode_picture
+
+    if _is_dicom(path):
+        try:
+            return read_stored_image(path)[1]
+        except PermanentJobError as exc:
+            fail(f"{path}: {exc}")
+    try:
+        return decode_picture(path)
+    except DatasetError as exc:
+        fail(str(exc))
+
+
+def _read_uid(settings: Settings, uid: str) -> np.ndarray:
+    from sqlalchemy import select
+
+    from daemon.registry import registry_sessions
+    from daemon.tables import Instance
+    from daemon.worker import PermanentJobError, read_stored_image
+
+    with registry_sessions(settings)() as session:
+        rel = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == uid))
+    if rel is None:
+        fail(f"no stored image with SOP Instance UID {uid} - give a UID the daemon received, or a DICOM/PNG file "
+             "path", 2)
+    root = settings.spool_dir.resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        fail(f"stored path of {uid} lies outside the spool ({rel!r})")
+    try:
+        return read_stored_image(path)[1]
+    except PermanentJobError as exc:
+        fail(f"SOP Instance UID {uid}: {exc}")
+
+
+def _false_positive_images(settings: Settings, refs: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(id, decoded image [0, 1]) per reference: an existing file (DICOM, PNG, JPEG) or a stored SOP Instance UID."""
+    images = []
+    for ref in refs:
+        path = Path(ref).expanduser()
+        if path.is_file():
+            images.append((str(path), _read_file(path)))
+        elif _UID.match(ref):
+            images.append((ref, _read_uid(settings, ref)))
+        else:
+            fail(f"--false-positive {ref!r} is neither a file nor a SOP Instance UID", 2)
+    return images
+
+
+# --- chexd correct ---------------------------------------------------------------------------------------------------
+
+
+def _print_correction(data: dict[str, Any]) -> None:
+    v = data["verification"]
+    table = Table("image", "p before", "p after", "change", title=f"{v['finding']} (threshold {v['threshold']:.4g})")
+    for t in v["targets"]:
+        table.add_row(t["id"], f"{t['probability_before']:.4f}", f"{t['probability_after']:.4f}",
+                      f"{t['delta_probability']:+.4f}")
+    stdout.print(table)
+    zeroed = ", ".join(f"{c} (w={w:.4g})" for c, w in zip(data["channels"], data["original_weights"], strict=True))
+
+    def auroc(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"zeroed {len(data['channels'])} weight(s) of the {v['finding']} row: channel {zeroed}",
+        f"validation: {v['validation_images']} images ({v['validation_source']}); true positives "
+        f"{v['true_positives']}, lost {v['true_positives_lost']}; false positives {v['false_positives_before']} -> "
+        f"{v['false_positives_after']}; AUROC {auroc(v['auroc_before'])} -> {auroc(v['auroc_after'])}",
+        f"other findings bit-identical: {'yes' if v['other_findings_bit_identical'] else 'NO'} "
+        f"({len(v['other_findings_checked'])} findings on {v['validation_images'] + len(v['targets'])} images, "
+        "checked again on the saved artifact)",
+        data["message"],
+    ]
+    for line in lines:
+        stdout.print(line, highlight=False, markup=False)
+
+
+def correct(
+    finding: Annotated[str, typer.Option("--finding", "-f", help="Finding whose false positive to remove.")],
+    false_positive: Annotated[
+        list[str],
+        typer.Option("--false-positive", help="A false-positive image: SOP Instance UID of a stored image, or a "
+                     "DICOM/PNG/JPEG file (repeat for several)."),
+    ],
+    max_channels: Annotated[int, typer.Option(min=1, max=64, help="Most weights to zero.")] = 5,
+    phantom: PhantomOpt = None,
+    count: CountOpt = 300,
+    seed: SeedOpt = 0,
+    render_size: RenderOpt = 256,
+    chestxray14: Cxr14Opt = None,
+    split: SplitOpt = "test",
+    dicom_dir: DicomDirOpt = None,
+    labels: LabelsOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove a false-positive pattern by zeroing at most --max-channels weights of one finding's class row.
+
+    Chooses the smallest set of channels whose zeroing brings every given image under the finding's threshold while
+    no true positive of the validation data drops under it, proves the other 13 findings' logits bit-identical, and
+    registers the result as a candidate version (the active model is unchanged). Exit 3 when no such set exists
+    within the limit: the message says why and what the cheapest alternative is."""
+    from model.correct import CorrectionRefused, apply_correction, plan_correction, verify_correction
+    from model.datasets import finding_index
+    from model.features import compute_features
+    from model.types import LABELS
+
+    if finding_index(finding) is None:
+        fail(f"Invalid --finding {finding!r} - expected one of {', '.join(LABELS)}", 2)
+    if not false_positive:
+        fail("give at least one --false-positive image", 2)
+    settings = _settings()
+    network, manifest = _load_parent(settings, model)
+    targets = _false_positive_images(settings, false_positive)
+    params: dict[str, Any] = {
+        "finding": LABELS[finding_index(finding)],  # type: ignore[index]
+        "false_positives": [ref for ref, _ in targets],
+        "max_channels": max_channels,
+        "parent_version": manifest.version_id,
+        "dry_run": dry_run,
+    }
+    refusal: dict[str, Any] | None = None
+
+    def work(job: Any) -> dict[str, Any]:
+        nonlocal refusal
+        with _reporter(quiet=False) as report:
+            val, cached = _features(settings, network, manifest, phantom=phantom, count=count, seed=seed,
+                                    render_size=render_size, chestxray14=chestxray14, split=split,
+                                    dicom_dir=dicom_dir, labels=labels, device=device, batch_size=batch_size,
+                                    report=report)
+            zeros = [0] * len(LABELS)
+            target_set = compute_features(network, [(ref, None, image, zeros) for ref, image in targets],
+                                          recipe=manifest.preprocessing, device=device, batch_size=batch_size)
+        params.update({"validation_source": val.source, "validation_images": len(val)})
+        head = network.classifier  # type: ignore[union-attr]
+        try:
+            plan = plan_correction(head.weight.detach().float().numpy(), head.bias.detach().float().numpy(),
+                                   manifest.thresholds, val, target_set.pooled, finding, max_channels,
+                                   target_ids=target_set.ids, labels=manifest.labels)
+        except CorrectionRefused as exc:
+            refusal = exc.to_dict() | {"model": _model_info(manifest), "candidate": None,
+                                       "validation_source": val.source, "validation_images": len(val)}
+            job.state = "refused"
+            job.result = {"refused": True, "reason": exc.reason, "alternatives": list(exc.alternatives)}
+            return refusal
+        edited = apply_correction(network, plan)
+        result = plan.to_dict() | {"features_from_cache": cached}
+
+        def check(reloaded: nn.Module) -> dict[str, Any]:
+            again = verify_correction(network, reloaded, finding=plan.finding, thresholds=manifest.thresholds,
+                                      features=val, target_features=target_set.pooled, target_ids=target_set.ids,
+                                      labels=manifest.labels)
+            backbone, changed = _backbone_check(network, reloaded)
+            if not again.passed or not backbone or changed != len(plan.channels):
+                raise ValueError(
+                    f"the saved {manifest.dtype} artifact does not reproduce the verified edit (targets corrected: "
+                    f"{again.targets_corrected}, true positives lost: {again.true_positives_lost}, other findings "
+                    f"identical: {again.other_findings_bit_identical}, backbone identical: {backbone}, changed "
+                    f"weights: {changed}) - nothing was registered"
+                )
+            return {"dtype": manifest.dtype, "verification": again.to_dict(), "backbone_identical": backbone,
+                    "changed_weights": changed}
+
+        if dry_run:
+            candidate = None
+            check(edited)
+            message = "dry run: no candidate was written; the active model is unchanged"
+        else:
+            candidate, result = _write_candidate(settings, edited, manifest, operation="correct", params=params,
+                                                 report=result, check=check)
+            message = (f"registered candidate {candidate['version']}; the active model is unchanged - "
+                       f"'chexd model activate {candidate['version']}' makes it active")
+        job.result = {"channels": list(plan.channels), "true_positives_lost": plan.verification.true_positives_lost,
+                      "targets": len(targets), "candidate": candidate["version"] if candidate else None}
+        return result | {"model": _model_info(manifest), "candidate": candidate, "message": message}
+
+    data = _run_job(settings, "correct", params, work)
+    if refusal is not None:
+        if json_out:
+            sys.stdout.write(json.dumps(refusal, indent=2) + "\n")
+        fail(f"correction refused: {refusal['reason']}", REFUSED)
+    if json_out:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    _print_correction(data)
+    if manifest.synthetic:
+        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
+
+
+# --- chexd finetune --------------------------------------------------------------------------------------------------
+
+
+def _print_finetune(data: dict[str, Any]) -> None:
+    table = Table("finding", "AUROC before", "AUROC after", "change", "pos_weight",
+                  title=f"head fine-tuning: {data['train_images']} training / {data['val_images']} validation images")
+
+    def fmt(value: float | None, signed: bool = False) -> str:
+        return "-" if value is None else (f"{value:+.4f}" if signed else f"{value:.4f}")
+
+    for c in data["per_class"]:
+        table.add_row(c["label"], fmt(c["auroc_before"]), fmt(c["auroc_after"]), fmt(c["auroc_change"], True),
+                      f"{c['pos_weight']:.2f}")
+    stdout.print(table)
+    lines = [
+        f"mean AUROC {fmt(data['mean_auroc_before'])} -> {fmt(data['mean_auroc_after'])}; validation loss "
+        f"{data['val_loss_before']:.4f} -> {data['val_loss_after']:.4f}",
+        f"{data['epochs']} epoch(s) in {data['seconds']:.2f} s (best epoch {data['best_epoch']}"
+        + (", stopped early" if data["stopped_early"] else "") + "); features "
+        + ("from the cache" if data["features_from_cache"] else f"computed in {data['feature_seconds']:.1f} s"),
+        data["message"],
+    ]
+    for line in lines:
+        stdout.print(line, highlight=False, markup=False)
+
+
+def finetune(
+    train_images: Annotated[int, typer.Option(min=10, help="Phantom training images (phantom source).")] = 2000,
+    val_images: Annotated[int, typer.Option(min=10, help="Phantom validation images (phantom source).")] = 500,
+    seed: SeedOpt = 0,
+    render_size: RenderOpt = 256,
+    chestxray14: Cxr14Opt = None,
+    split: Annotated[str, typer.Option(help="ChestX-ray14 split, cut into patient-disjoint train/val halves.")]
+    = "train_val",
+    dicom_dir: Annotated[Path | None, typer.Option(help="DICOM folder labelled by --labels, cut into "
+                                                        "patient-disjoint train/val halves.")] = None,
+    labels: LabelsOpt = None,
+    class_weighting: Annotated[str, typer.Option(help="pos_weight per class: sqrt ((1-p)/p)^0.5, balanced "
+                                                      "(1-p)/p, or none.")] = "sqrt",
+    max_epochs: Annotated[int, typer.Option(min=1)] = 200,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation loss before stopping.")]
+    = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Retrain only the classifier head on pooled features computed once and cached, with class weighting and early
+    stopping on the validation loss; reports time and per-class AUROC changes and registers a candidate version
+    (thresholds are kept: recalibrate the candidate with 'chexd calibrate --model PATH')."""
+    import time
+
+    import numpy as np
+
+    from model.features import cached_features, phantom_features, phantom_source_key
+    from model.finetune import finetune_head, with_head
+
+    if class_weighting not in ("sqrt", "balanced", "none"):
+        fail(f"Invalid --class-weighting {class_weighting!r} - expected sqrt, balanced or none", 2)
+    if labels is not None and dicom_dir is None:
+        fail("--labels goes with --dicom-dir", 2)
+    if chestxray14 is not None and dicom_dir is not None:
+        fail("choose one data source: --chestxray14 or --dicom-dir", 2)
+    settings = _settings()
+    network, manifest = _load_parent(settings, model)
+    params: dict[str, Any] = {"class_weighting": class_weighting, "max_epochs": max_epochs, "patience": patience,
+                              "lr": lr, "seed": seed, "parent_version": manifest.version_id, "dry_run": dry_run}
+
+    def work(job: Any) -> dict[str, Any]:
+        recipe = manifest.preprocessing
+        started = time.perf_counter()
+        with _reporter(quiet=False) as report:
+            if chestxray14 is None and dicom_dir is None:
+                parts: list[tuple[FeatureSet, bool]] = []
+                for split_name, n in (("train", train_images), ("val", val_images)):
+                    parts.append(cached_features(
+                        _cache_dir(settings), weights_sha256=manifest.weights_sha256, recipe=recipe,
+                        data_key=phantom_source_key(split_name, seed=seed, count=n, render_size=render_size),
+                        compute=lambda s=split_name, n=n: phantom_features(  # type: ignore[misc]
+                            network, recipe=recipe, split=s, seed=seed, count=n, render_size=render_size,
+                            batch_size=batch_size, device=device, progress=report),
+                    ))
+                (train, hit_train), (val, hit_val) = parts
+                cached = hit_train and hit_val
+                params.update({"source": "phantom", "train_images": train_images, "val_images": val_images,
+                               "render_size": render_size})
+            else:
+                from model.datasets import patient_disjoint_halves, split_kind
+
+                everything, cached = _features(settings, network, manifest, phantom=None, count=10, seed=seed,
+                                               render_size=render_size, chestxray14=chestxray14, split=split,
+                                               dicom_dir=dicom_dir, labels=labels, device=device,
+                                               batch_size=batch_size, report=report)
+                a, b = patient_disjoint_halves(everything.patients, seed=seed)
+                train, val = everything.subset(a), everything.subset(b)
+                params.update({"source": everything.source, "train_images": len(train), "val_images": len(val),
+                               "split_by": split_kind(everything.patients)})
+            feature_seconds = time.perf_counter() - started
+            head = network.classifier  # type: ignore[union-attr]
+            result = finetune_head(train, val, head.weight.detach().float().numpy(),
+                                   head.bias.detach().float().numpy(), labels=manifest.labels,
+                                   class_weighting=class_weighting,  # type: ignore[arg-type]
+                                   max_epochs=max_epochs, patience=patience, lr=lr, seed=seed, progress=report)
+        summary = result.to_dict() | {"features_from_cache": cached, "feature_seconds": round(feature_seconds, 3),
+                                      "train_source": train.source, "val_source": val.source}
+        edited = with_head(network, result.weight, result.bias)
+
+        def check(reloaded: nn.Module) -> dict[str, Any]:
+            from model.finetune import head_aurocs
+
+            backbone, changed = _backbone_check(network, reloaded)
+            if not backbone:
+                raise ValueError("the saved artifact's backbone differs from the parent's - nothing was registered")
+            saved = reloaded.classifier  # type: ignore[union-attr]
+            aurocs = head_aurocs(val, saved.weight.detach().numpy(), saved.bias.detach().numpy(),
+                                 labels=manifest.labels)
+            known = [v for v in aurocs if v is not None]
+            return {"dtype": manifest.dtype, "backbone_identical": backbone, "changed_weights": changed,
+                    "mean_auroc_after": float(np.mean(known)) if known else None}
+
+        if dry_run:
+            candidate = None
+            summary["saved_artifact"] = check(edited)
+            message = "dry run: no candidate was written; the active model is unchanged"
+        else:
+            candidate, summary = _write_candidate(settings, edited, manifest, operation="finetune", params=params,
+                                                  report=summary, check=check)
+            message = (f"registered candidate {candidate['version']} (thresholds kept from the parent; recalibrate "
+                       f"with 'chexd calibrate --model {candidate['path']}'); the active model is unchanged - "
+                       f"'chexd model activate {candidate['version']}' makes it active")
+        job.result = {"epochs": result.epochs, "seconds": round(result.seconds, 3),
+                      "mean_auroc_before": result.mean_auroc_before, "mean_auroc_after": result.mean_auroc_after,
+                      "candidate": candidate["version"] if candidate else None}
+        return summary | {"model": _model_info(manifest), "candidate": candidate, "message": message}
+
+    data = _run_job(settings, "finetune", params, work)
+    if json_out:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    _print_finetune(data)
+    if manifest.synthetic:
+        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
