@@ -141,3 +141,29 @@ def test_sr_for_the_real_dicom_files_passes_dciodvfy(name: str, tmp_path: Path) 
     out = _run("dcentvfy", str(REAL_CXR / name), str(sr_path))
     assert _errors(out) == [], out
     assert "Pleural effusion" in _run("dsrdump", str(sr_path))
+
+
+def test_a_two_image_study_has_a_group_per_finding_and_image(tmp_path: Path) -> None:
+    from tests.reporting_helpers import phantom_case
+
+    study = "1.2.826.0.1.3680043.8.498.42"
+    results, sources = [], []
+    for index in (2, 3):
+        _, ds, image, prediction = phantom_case(index=index, findings={"Effusion": 0.9}, study_uid=study)
+        if sources:  # a second view of the same patient and study
+            for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyDate",
+                            "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName"):
+                setattr(ds, keyword, sources[0].get(keyword))
+        results.append(image_result(ds, image, prediction))
+        sources.append(ds)
+    sr = build_sr(study_report(results, demo_model()), sources)
+    path = _write(sr, tmp_path / "sr.dcm")
+    assert _errors(_run("dciodvfy", str(path))) == []
+    for i, ds in enumerate(sources):
+        _write(ds, tmp_path / f"src{i}.dcm")
+    assert _errors(_run("dcentvfy", str(tmp_path / "src0.dcm"), str(tmp_path / "src1.dcm"), str(path))) == []
+    content = hd.sr.srread(path).content
+    groups = content.get_planar_roi_measurement_groups() + content.get_image_measurement_groups()
+    assert len(groups) == 2 * len(LABELS)
+    out = _run("dsrdump", str(path))
+    assert "Effusion image 1" in out and "Effusion image 2" in out
