@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,12 @@ from daemon.tables import AdminJob, ModelVersion
 from model.artifact import read_manifest, save_artifact
 from model.phantom import generate, to_dicom
 from model.types import LABELS, PreprocessRecipe
+from tests.conftest import CHEXD
 from tests.unit.test_network import tiny
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 PREDS = DATA / "chexnet-preds" / "preds.csv"
 NIH_LABELS = DATA / "nih" / "Data_Entry_2017_v2020.csv.gz"
-CHEXD = [sys.executable, "-m", "daemon.cli"]
 
 
 @pytest.fixture
