@@ -168,8 +168,9 @@ def compute_features(
     ``items``: ``(id, patient, image, labels)`` where ``image`` is a decoded float array [H, W] in [0, 1] (prepared with
     ``recipe``) or a prepared tensor/array [channels, S, S]; ``labels``: 14 values of 0/1 in LABELS order. Only one
     batch of inputs is in memory at a time. ``total`` (defaults to ``len(items)`` when it has one) sizes the progress
-    callback ``(stage, done, total)``. Runs in float32 (also on CUDA). Raises FeatureError naming a bad item and for
-    an empty iterable.
+    callback ``(stage, done, total)``. Runs in float32 (also on CUDA); like ``model.engine.Engine`` it moves ``model``
+    to the device in channels_last memory format (a model's outputs can differ in the last bit between memory
+    formats, so compare networks in the same one). Raises FeatureError naming a bad item and for an empty iterable.
     """
     from model.engine import pick_device
 
