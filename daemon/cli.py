@@ -391,3 +391,7 @@ def db_current(as_json: JsonOption = False) -> None:
         return
     note = "" if current == data["head"] else "  (run 'chexd db upgrade')"
     out.print(f"current {current or '(empty)'}, head {data['head']}{note}", highlight=False)
+
+
+if __name__ == "__main__":  # python -m daemon.cli works like python -m daemon
+    app(prog_name="chexd")

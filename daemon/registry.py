@@ -166,12 +166,19 @@ def _copy_artifact(settings: Settings, manifest_path: Path) -> tuple[Path, Any]:
     return final, manifest
 
 
-def _parent_version(manifest: Any) -> str | None:
-    for entry in reversed(manifest.provenance):
-        parent = entry.get("parent_sha256")
-        if parent:
-            return str(parent)[:16]
-    return None
+def _parent_version(session: Session, manifest: Any) -> str | None:
+    """The registered version the artifact was made from. Provenance names the parent by its weights' sha256, which
+    several versions can share (recalibrations): prefer the active one, then the newest; unregistered parents are
+    named by the first 16 hex digits of that hash."""
+    parent = next((str(p["parent_sha256"]) for p in reversed(manifest.provenance) if p.get("parent_sha256")), None)
+    if parent is None:
+        return None
+    rows = session.scalars(
+        select(ModelVersion).where(ModelVersion.weights_sha256 == parent).order_by(ModelVersion.id.desc())
+    ).all()
+    rows = [r for r in rows if r.version != manifest.version_id]
+    active = [r for r in rows if r.state == ModelState.ACTIVE]
+    return (active or rows)[0].version if (active or rows) else parent[:16]
 
 
 def _add_row(
@@ -194,7 +201,7 @@ def _add_row(
         name=manifest.name,
         weights_sha256=manifest.weights_sha256,
         manifest_path=str(path),
-        parent_version=_parent_version(manifest),
+        parent_version=_parent_version(session, manifest),
         operation=operation,
         parameters=parameters,
         metrics=metrics if metrics is not None else dict(manifest.metrics),

@@ -65,7 +65,7 @@ def test_a_threshold_change_is_a_new_candidate_that_activates_and_rolls_back(
     path = _save(tmp_path / "tuned", thresholds=tuned, parent=base.weights_sha256)
     candidate = register_candidate(settings, path, operation="calibrate", parameters={"objective": "f1"})
     assert candidate.state == "candidate" and candidate.version != base.version_id, "same weights, new version"
-    assert candidate.parent_version == base.weights_sha256[:16]
+    assert candidate.parent_version == base.version_id, "the registered parent, not its weights hash"
     assert active_model_path(settings) != candidate.path, "registering never activates"
     assert register_candidate(settings, path, operation="calibrate").id == candidate.id, "idempotent"
 
