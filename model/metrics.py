@@ -71,6 +71,23 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
+def bootstrap_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of ``s`` against 0/1 ``y`` on each bootstrap resample, vectorised: ``counts`` [B, N] says how often each
+    image was drawn. Equals ``roc_auc_score(y[idx], s[idx])`` for the resample with those counts (ties count one
+    half, as there); NaN where a resample lacks one of the outcomes."""
+    order = np.argsort(s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    c = counts[:, order].astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first index of each run of equal scores
+    neg = np.add.reduceat(c * (y_sorted == 0), starts, axis=1)
+    pos = np.add.reduceat(c * (y_sorted == 1), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    numerator = (pos * (below + 0.5 * neg)).sum(axis=1)
+    denominator = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
 def evaluate(
     scores: np.ndarray,
     targets: np.ndarray,
@@ -88,13 +105,8 @@ def evaluate(
     thresholds = thresholds or {}
     rng = np.random.default_rng(seed)
     n = len(scores)
-    boot = np.full((n_bootstrap, len(labels)), np.nan)
-    for b in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
-        for c in range(len(labels)):
-            value = _auroc(targets[idx, c], scores[idx, c])
-            if value is not None:
-                boot[b, c] = value
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_bootstrap)])
+    boot = np.stack([bootstrap_auroc(targets[:, c], scores[:, c], counts) for c in range(len(labels))], axis=1)
     classes = []
     for c, label in enumerate(labels):
         y, s = targets[:, c], scores[:, c]
@@ -120,8 +132,9 @@ def evaluate(
     valid = [c.auroc for c in classes if c.auroc is not None]
     mean = float(np.mean(valid)) if valid else None
     present = [c for c, m in enumerate(classes) if m.auroc is not None]
-    boot_means = np.nanmean(boot[:, present], axis=1) if present else np.array([])
-    boot_means = boot_means[np.isfinite(boot_means)]
+    kept = boot[:, present]
+    rows = np.isfinite(kept).any(axis=1) if present else np.zeros(0, bool)
+    boot_means = np.nanmean(kept[rows], axis=1) if rows.any() else np.array([])
     mean_ci = (
         (float(np.percentile(boot_means, 2.5)), float(np.percentile(boot_means, 97.5))) if len(boot_means) else None
     )

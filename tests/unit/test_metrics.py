@@ -52,3 +52,20 @@ def test_real_chexnet_predictions_reproduce_the_published_aurocs() -> None:
     for metrics in result.classes:
         assert metrics.auroc == pytest.approx(float(published[metrics.label]), abs=0.002), metrics.label
     assert result.mean_auroc == pytest.approx(0.838, abs=0.002)
+
+
+def test_vectorised_bootstrap_auroc_equals_sklearn_on_each_resample() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from model.metrics import bootstrap_auroc
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(60) < 0.3).astype(int)
+    s = np.round(rng.random(60) + 0.4 * y, 1)  # rounded: many ties
+    idx = [rng.integers(0, 60, 60) for _ in range(25)]
+    counts = np.stack([np.bincount(i, minlength=60) for i in idx])
+    fast = bootstrap_auroc(y, s, counts)
+    for b, i in enumerate(idx):
+        expected = roc_auc_score(y[i], s[i]) if 0 < y[i].sum() < len(i) else np.nan
+        assert np.isclose(fast[b], expected, equal_nan=True), b
+    assert np.isnan(bootstrap_auroc(np.zeros(5, int), np.arange(5.0), np.ones((1, 5))))[0]
