@@ -62,6 +62,17 @@ def _save(ds: pydicom.Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _header_only(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A shallow copy without the pixels: the result objects copy attributes only, and highdicom deep-copies the
+    evidence it is given (half the SR's build time went into copying pixel data)."""
+    header = pydicom.Dataset(ds)
+    header.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in header:
+            del header[keyword]
+    return header
+
+
 def compose_study(
     *,
     images: Sequence[tuple[pydicom.Dataset, np.ndarray, Prediction, Mapping[str, Any]]],
@@ -92,7 +103,7 @@ def compose_study(
                                 rules=rules, top_k=top_k, recipe=_recipe(facts)))
     report = study_report(results, ModelInfo.from_facts(images[-1][3]), revision=revision,
                           predecessors=tuple(predecessors), created_at=created_at)
-    sources = [ds for ds, *_ in images]
+    sources = [_header_only(ds) for ds, *_ in images]
     folder.mkdir(parents=True, exist_ok=True)
     files: list[WrittenFile] = []
 
