@@ -219,7 +219,7 @@ def finetune_head(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         current, _ = val_loss()
         epochs = epoch
         history.append((epoch, total / len(order), current))
