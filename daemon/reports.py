@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -248,8 +250,18 @@ def store_findings(session: Session, prediction_id: int, findings: list[Any]) ->
         session.add(row)
 
 
+def _compose(**kwargs: Any) -> Any:
+    from reporting.compose import compose_study
+
+    return compose_study(**kwargs)
+
+
 class ReportLoop:
-    """Background thread that writes due study reports (one at a time) and hands DICOM results to forwarding."""
+    """Background threads that write due study reports and hand DICOM results to forwarding.
+
+    With ``report_workers`` > 0 there are that many threads, each claiming one report at a time; the documents are
+    built in a pool of as many worker processes (building a PDF and an SR is pure-Python CPU work, which threads
+    cannot spread over cores). Database reads and writes stay in the threads."""
 
     def __init__(
         self,
@@ -265,17 +277,26 @@ class ReportLoop:
         self.on_written = on_written
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="chexd-reports", daemon=True)
-        self._thread.start()
+        workers = self.settings.report_workers
+        if workers > 0:
+            # spawn: forking a process that holds torch, CUDA and open database connections is unsafe
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        for i in range(max(1, workers)):
+            thread = threading.Thread(target=self._loop, name=f"chexd-reports-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -292,21 +313,33 @@ class ReportLoop:
             self._wake.clear()
 
     def claim(self) -> int | None:
-        """Take the next due PENDING report by pushing its due time past a lease (so a crash retries it later)."""
+        """Take the next due report: PENDING past its quiet time, or WRITING past its lease (its writer died). It
+        becomes WRITING with a lease. A study with a revision being written waits, so revisions finish in order."""
         now = utcnow()
         with self.sessions.begin() as session:
+            busy = select(StudyReportRow.study_id).where(
+                StudyReportRow.state == ReportState.WRITING, StudyReportRow.due_at > now
+            )
             row = session.execute(
-                select(StudyReportRow.id, StudyReportRow.due_at)
-                .where(StudyReportRow.state == ReportState.PENDING, StudyReportRow.due_at <= now)
-                .order_by(StudyReportRow.due_at)
+                select(StudyReportRow.id, StudyReportRow.due_at, StudyReportRow.state)
+                .where(
+                    StudyReportRow.state.in_([ReportState.PENDING, ReportState.WRITING]),
+                    StudyReportRow.due_at <= now,
+                    StudyReportRow.study_id.not_in(busy),
+                )
+                .order_by(StudyReportRow.due_at, StudyReportRow.revision)
                 .limit(1)
             ).first()
             if row is None:
                 return None
             taken = session.execute(
                 update(StudyReportRow)
-                .where(StudyReportRow.id == row.id, StudyReportRow.due_at == row.due_at)
-                .values(due_at=now + REPORT_LEASE)
+                .where(
+                    StudyReportRow.id == row.id,
+                    StudyReportRow.due_at == row.due_at,
+                    StudyReportRow.state == row.state,
+                )
+                .values(state=ReportState.WRITING, due_at=now + REPORT_LEASE)
             ).rowcount
         return row.id if taken else None
 
@@ -328,8 +361,6 @@ class ReportLoop:
 
     def write(self, report_id: int) -> None:
         """Write one study report revision: documents, finding rows, file rows, then supersede the previous one."""
-        from reporting.compose import compose_study
-
         with self.sessions() as session:
             report = session.get(StudyReportRow, report_id)
             assert report is not None
@@ -346,7 +377,8 @@ class ReportLoop:
             raise PermanentJobError("no image of the study has a usable prediction")
         sources = [read_stored_image(image.path) for image in images]
         folder = self.settings.data_dir / "reports" / f"study-{study_id}" / f"r{revision}"
-        composed = compose_study(
+        compose = _compose if self._pool is None else lambda **kw: self._pool.submit(_compose, **kw).result()
+        composed = compose(
             images=[
                 (ds, pixels, image.archive.prediction, image.archive.model)
                 for image, (ds, pixels) in zip(images, sources, strict=True)
@@ -380,14 +412,25 @@ class ReportLoop:
                     enqueue(session, file_id, self.settings.forward_destinations)
             session.execute(
                 update(StudyReportRow)
-                .where(StudyReportRow.study_id == study_id, StudyReportRow.state == ReportState.DONE)
+                .where(
+                    StudyReportRow.study_id == study_id,
+                    StudyReportRow.state == ReportState.DONE,
+                    StudyReportRow.revision < revision,
+                )
                 .values(state=ReportState.SUPERSEDED)
+            )
+            newer = session.scalar(
+                select(func.count()).where(
+                    StudyReportRow.study_id == study_id,
+                    StudyReportRow.state == ReportState.DONE,
+                    StudyReportRow.revision > revision,
+                )
             )
             session.execute(
                 update(StudyReportRow)
                 .where(StudyReportRow.id == report_id)
                 .values(
-                    state=ReportState.DONE,
+                    state=ReportState.SUPERSEDED if newer else ReportState.DONE,
                     finished_at=utcnow(),
                     model_version=images[-1].archive.prediction.model_version,
                     instance_uids=[image.sop_instance_uid for image in images],

@@ -65,6 +65,7 @@ class Settings:
     model_device: str = "auto"  # auto | cpu | cuda | cuda:N
     model_batch_size: int = 16
     report_quiet_seconds: float = 5.0  # a study is reported once no new image arrived for this long
+    report_workers: int = 2  # processes that write report documents in parallel; 0 = in the report thread
     report_top_channels: int = 5  # channel evidence rows per positive finding
     exclusion_margin: float = 2.0  # partner's probability/threshold ratio must exceed the finding's by this factor
     forward_destinations: tuple[str, ...] = ()  # AE@host:port that receive the SR, SC and encapsulated PDF
@@ -100,6 +101,8 @@ class Settings:
             raise SettingsError("job_max_attempts and job_lease_seconds must be >= 1")
         if not math.isfinite(self.report_quiet_seconds) or self.report_quiet_seconds < 0:
             raise SettingsError(f"Invalid report_quiet_seconds {self.report_quiet_seconds} - must be >= 0 seconds")
+        if not 0 <= self.report_workers <= 64:
+            raise SettingsError(f"Invalid report_workers {self.report_workers} - must be in 0..64")
         if self.report_top_channels < 1:
             raise SettingsError(f"Invalid report_top_channels {self.report_top_channels} - must be >= 1")
         if not math.isfinite(self.exclusion_margin) or self.exclusion_margin < 1:

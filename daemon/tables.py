@@ -278,6 +278,7 @@ class EvidenceRow(Base):
 
 class ReportState(enum.StrEnum):
     PENDING = "PENDING"  # waiting for the study's quiet time
+    WRITING = "WRITING"  # claimed by a report writer until due_at (its lease); a later image opens a new revision
     DONE = "DONE"
     SUPERSEDED = "SUPERSEDED"
     FAILED = "FAILED"
