@@ -1,0 +1,266 @@
+"""End to end on this machine: storescu N phantom images -> chexd -> every PDF, SR, SC and encapsulated PDF written,
+beside a naive pipeline over the same files in the same run.
+
+- **chexd**: a real ``chexd serve`` (bundled demo model, CPU, ``report_quiet_seconds=0`` so the study quiet time -
+  a deliberate wait for more images, 5 s by default - is not counted); one storescu association sends all N files.
+  Latency per image = report written (``study_reports.finished_at``) - instance received (``instances.received_at``),
+  both from the database. Throughput = N / (last report written - first image received).
+- **naive**: per file, sequentially: ``pydicom.dcmread`` + ``pixel_array`` (min-max normalised, MONOCHROME1
+  inverted), resize, torchvision ``densenet121`` eager fp32 forward with the same weights, pytorch-grad-cam
+  ``GradCAM`` (one backward) per positive finding, then the same documents through the same code
+  (``reporting.compose.compose_study``: PDF, SR, SCs, encapsulated PDF).
+- **pointing game of the mapped region**: for each finding drawn in a phantom (ground-truth lesion mask) that chexd
+  reports present, a hit when the report's main region (the zone with the largest share of heat) is a zone the
+  lesion mask covers, beside the image-centre baseline (the zone at the image centre), on the same lung fields.
+
+Run: ``.venv/bin/python bench/report_pipeline.py --count 40``. Needs dcmtk's storescu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_phantoms(folder: Path, count: int, size: int, start: int) -> list[Path]:
+    from model.phantom import generate, to_dicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        path = folder / f"ph{index:05d}.dcm"
+        to_dicom(generate(0, index, size=size)).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def run_chexd(files: list[Path], work: Path, timeout: float) -> dict[str, object]:
+    from sqlalchemy import create_engine, text
+
+    port = _free_port()
+    data = work / "chexd-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEXD_")}
+    env.update(
+        CHEXD_DATA_DIR=str(data),
+        CHEXD_PORT=str(port),
+        CHEXD_BIND_ADDRESS="127.0.0.1",
+        CHEXD_DISK_RESERVE_MB="0",
+        CHEXD_REPORT_QUIET_SECONDS="0",
+        CHEXD_WORKER_POLL_SECONDS="0.1",
+        CHEXD_MODEL_DEVICE="cpu",
+        CHEXD_LOG_LEVEL="WARNING",
+    )
+    chexd = [sys.executable, "-m", "daemon"]
+    log = open(work / "chexd.log", "wb")
+    proc = subprocess.Popen([*chexd, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["echoscu", "-aec", "CHEXD", "127.0.0.1", str(port)], capture_output=True).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"chexd did not start: see {work / 'chexd.log'}")
+            time.sleep(0.5)
+        engine = create_engine(f"sqlite:///{data / 'chexd.db'}")
+        sent = time.monotonic()
+        subprocess.run(["storescu", "-aec", "CHEXD", "127.0.0.1", str(port), *map(str, files)], check=True)
+        deadline = sent + timeout
+        while True:
+            with engine.connect() as conn:
+                done = conn.scalar(text("SELECT count(*) FROM study_reports WHERE state IN ('DONE', 'FAILED')"))
+            if done >= len(files) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT i.sop_instance_uid, i.received_at, r.finished_at, r.state FROM instances i "
+                    "JOIN series s ON i.series_id = s.id JOIN study_reports r ON r.study_id = s.study_id"
+                )
+            ).all()
+            findings = conn.execute(
+                text(
+                    "SELECT i.sop_instance_uid, f.label, f.status, f.region FROM findings f "
+                    "JOIN predictions p ON f.prediction_id = p.id JOIN instances i ON p.instance_id = i.id"
+                )
+            ).all()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    from datetime import datetime
+
+    def ts(v: object) -> float:
+        return (v if isinstance(v, datetime) else datetime.fromisoformat(str(v))).timestamp()
+
+    ok = [r for r in rows if r[3] == "DONE"]
+    latencies = np.array([ts(r[2]) - ts(r[1]) for r in ok])
+    span = max(ts(r[2]) for r in ok) - min(ts(r[1]) for r in ok) if ok else float("nan")
+    return {
+        "reports": len(ok),
+        "failed": len(rows) - len(ok),
+        "images_per_s": len(ok) / span if ok else 0.0,
+        "p50_s": float(np.percentile(latencies, 50)) if ok else None,
+        "p95_s": float(np.percentile(latencies, 95)) if ok else None,
+        "findings": findings,
+    }
+
+
+def run_naive(files: list[Path], work: Path) -> dict[str, object]:
+    import pydicom
+    import torch
+    import torchvision
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from daemon.inference import bundled_demo_model
+    from model.artifact import load_artifact
+    from model.types import Prediction
+    from reporting.compose import compose_study
+
+    network, manifest = load_artifact(bundled_demo_model())
+    model = torchvision.models.densenet121(num_classes=len(manifest.labels))
+    model.load_state_dict(network.state_dict(), strict=True)
+    model.eval()
+    size = manifest.preprocessing.input_size
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    cam = GradCAM(model=model, target_layers=[model.features[-1]])
+    facts = {
+        "name": "naive",
+        "version": manifest.version_id,
+        "weights_sha256": manifest.weights_sha256,
+        "synthetic": True,
+        "intended_use": manifest.intended_use,
+        "thresholds": dict(manifest.thresholds),
+        "preprocessing": manifest.preprocessing.to_dict(),
+    }
+    latencies = []
+    start = time.monotonic()
+    for n, path in enumerate(files):
+        t0 = time.monotonic()
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.astype(np.float32)
+        pixels = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1e-6)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            pixels = 1.0 - pixels
+        x = torch.from_numpy(pixels)[None, None]
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = (x.repeat(1, 3, 1, 1) - mean) / std
+        with torch.no_grad():
+            logits = model(x)[0]
+        probabilities = torch.sigmoid(logits).numpy()
+        cams = np.zeros((len(manifest.labels), size, size), np.float32)
+        for c, label in enumerate(manifest.labels):
+            if probabilities[c] >= manifest.thresholds[label]:
+                cams[c] = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])[0]
+        prediction = Prediction(
+            labels=manifest.labels,
+            probabilities=probabilities.astype(np.float32),
+            logits=logits.numpy().astype(np.float32),
+            cams=cams,
+            top_channels=np.zeros((len(manifest.labels), 1), np.int32),
+            top_contributions=np.zeros((len(manifest.labels), 1), np.float32),
+            bias=logits.numpy().astype(np.float32),
+            model_version=manifest.version_id,
+        )
+        compose_study(
+            images=[(ds, pixels, prediction, facts)], revision=1, predecessors=(), folder=work / "naive" / f"{n}"
+        )
+        latencies.append(time.monotonic() - t0)
+    span = time.monotonic() - start
+    lat = np.array(latencies)
+    return {
+        "images_per_s": len(files) / span,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p95_s": float(np.percentile(lat, 95)),
+    }
+
+
+def pointing_game(findings: list[tuple], start: int, count: int, size: int) -> dict[str, dict[str, float]]:
+    """Per finding: hit rate of chexd's reported main region against the lesion mask, and of the image-centre
+    baseline, over findings drawn in the phantom that chexd reported present."""
+    from model.phantom import generate, to_dicom
+    from model.types import LABELS
+    from reporting.regions import OUTSIDE, ZONES, estimate_lung_fields
+
+    reported: dict[tuple[str, str], str] = {}
+    for uid, label, status, region in findings:
+        if status == "present" and region:
+            reported[(uid, label)] = region
+    hits: dict[str, list[tuple[bool, bool]]] = {}
+    for index in range(start, start + count):
+        sample = generate(0, index, size=size)
+        uid = str(to_dicom(sample).SOPInstanceUID)
+        fields = None
+        for c, label in enumerate(LABELS):
+            if not sample.true_labels[c] or (uid, label) not in reported:
+                continue
+            fields = fields or estimate_lung_fields(sample.image)
+            h, w = fields.shape
+            rows = (np.arange(h) + 0.5) * size / h
+            cols = (np.arange(w) + 0.5) * size / w
+            mask = sample.masks[c][np.ix_(rows.astype(int), cols.astype(int))]
+            covered = {ZONES[z] for z in np.unique(fields.zones[mask]) if z >= 0}
+            if not covered:
+                covered = {OUTSIDE}
+            centre = fields.zone_at(size / 2, size / 2)
+            hits.setdefault(label, []).append((reported[(uid, label)] in covered, centre in covered))
+    return {
+        label: {"n": len(v), "chexd": float(np.mean([a for a, _ in v])), "centre": float(np.mean([b for _, b in v]))}
+        for label, v in sorted(hits.items())
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=40)
+    parser.add_argument("--size", type=int, default=512, help="phantom side in pixels")
+    parser.add_argument("--start", type=int, default=20000, help="first phantom index")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not shutil.which("storescu"):
+        raise SystemExit("storescu (dcmtk) is required: apt-get install dcmtk")
+    work = Path(tempfile.mkdtemp(prefix="chexd-bench-"))
+    files = _write_phantoms(work / "in", args.count, args.size, args.start)
+    chexd = run_chexd(files, work, args.timeout)  # on failure the work folder (with chexd.log) is kept
+    naive = run_naive(files, work)
+    game = pointing_game(chexd.pop("findings"), args.start, args.count, args.size)  # type: ignore[arg-type]
+    shutil.rmtree(work, ignore_errors=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used"
+    print(f"\nEnd to end, {args.count} phantom DX images {args.size} px, bundled demo model on CPU ({machine})\n")
+    print("| pipeline | images/s | p50 latency (s) | p95 latency (s) |")
+    print("|---|---|---|---|")
+    for name, r in (("chexd (storescu -> reports)", chexd), ("naive (sequential)", naive)):
+        print(f"| {name} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
+    ratio = chexd["images_per_s"] / naive["images_per_s"]  # type: ignore[operator]
+    print(f"\nthroughput ratio chexd / naive: {ratio:.1f}x (targets: >= 3 images/s, >= 5x the naive pipeline)")
+    print(f"reports written {chexd['reports']}, failed {chexd['failed']}\n")
+    print("| finding | n | pointing game (reported region) | image-centre baseline |")
+    print("|---|---|---|---|")
+    for label, g in game.items():
+        print(f"| {label} | {g['n']} | {g['chexd']:.2f} | {g['centre']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"chexd": chexd, "naive": naive, "ratio": ratio, "pointing": game}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
