@@ -226,27 +226,13 @@ def _model_info(manifest: Manifest) -> dict[str, Any]:
 # --- false-positive images -------------------------------------------------------------------------------------------
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
-
-
 def _read_file(path: Path) -> np.ndarray:
-    from daemon.worker import PermanentJobError, read_stored_image
-    from model.datasets import DatasetError, decode_picture
+    from model.errors import ModelError
+    from model.preprocess import decode_file
 
-    if _is_dicom(path):
-        try:
-            return read_stored_image(path)[1]
-        except PermanentJobError as exc:
-            fail(f"{path}: {exc}")
     try:
-        return decode_picture(path)
-    except DatasetError as exc:
+        return decode_file(path)
+    except ModelError as exc:
         fail(str(exc))
 
 
@@ -552,7 +538,11 @@ def finetune(
             return {"dtype": manifest.dtype, "backbone_identical": backbone, "changed_weights": changed,
                     "mean_auroc_after": float(np.mean(known)) if known else None}
 
-        if dry_run:
+        if result.best_epoch == 0:
+            candidate = None
+            message = (f"no epoch improved the validation loss ({result.val_loss_before:.4f}): the head is unchanged "
+                       "and nothing was registered - try another --lr or more training images")
+        elif dry_run:
             candidate = None
             summary["saved_artifact"] = check(edited)
             message = "dry run: no candidate was written; the active model is unchanged"

@@ -151,7 +151,7 @@ def grid_parent(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 
 
 def _problem(seed: int = 0, *, bias: float = -2.0, n: int = 400, channels: int = 48,
-             ) -> tuple[np.ndarray, np.ndarray, FeatureSet]:
+             artefact: tuple[int, ...] = (0, 5)) -> tuple[np.ndarray, np.ndarray, FeatureSet]:
     """A head and validation features: channels 1-3 carry real Effusion evidence, the rest is noise."""
     rng = np.random.default_rng(seed)
     pooled = rng.gamma(2.0, 0.15, (n, channels)).astype(np.float32)
@@ -162,8 +162,8 @@ def _problem(seed: int = 0, *, bias: float = -2.0, n: int = 400, channels: int =
     pooled[positive, 1:4] += rng.uniform(1.0, 2.0, (int(positive.sum()), 3)).astype(np.float32)
     weight = rng.normal(0, 0.1, (14, channels)).astype(np.float32)
     weight[E, 1:4] = 1.2
-    weight[E, [0, 5]] = 2.0  # channels 0 and 5 fire only on the artefact below
-    pooled[:, [0, 5]] = 0.0
+    weight[E, list(artefact)] = 2.0  # these channels fire only on the artefact added to the targets
+    pooled[:, list(artefact)] = 0.0
     features = FeatureSet(ids=[f"v{i}" for i in range(n)], patients=[None] * n, pooled=pooled, labels=labels,
                           source="constructed")
     return weight, np.full(14, bias, np.float32), features
@@ -217,6 +217,17 @@ def test_the_smallest_set_that_works_is_chosen_and_no_true_positive_is_lost() ->
     assert _oracle(weight, bias, features, targets, plan.channels) == (True, 0)
     assert v.auroc_before is not None and v.auroc_after is not None
     assert v.false_positives_after <= v.false_positives_before
+
+
+def test_larger_limits_are_searched_too() -> None:
+    artefact = (0, 5, 6, 7, 8, 9)
+    weight, bias, features = _problem(artefact=artefact)
+    targets = _targets(features, _negatives(weight, bias, features, 2), dict.fromkeys(artefact, 0.5))  # +6 logits
+    assert not any(_oracle(weight, bias, features, targets, c)[0] for c in itertools.combinations(artefact, 5))
+    plan = plan_correction(weight, bias, THRESHOLDS, features, targets, "Effusion", max_channels=8)
+    assert plan.channels == artefact and plan.verification.passed
+    with pytest.raises(CorrectionRefused, match="needs 6 channels"):
+        plan_correction(weight, bias, THRESHOLDS, features, targets, "Effusion", max_channels=5)
 
 
 def test_a_channel_that_carries_true_positives_is_avoided() -> None:
