@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="224,128", help="input sizes at which DenseNet121 is timed")
     parser.add_argument("--batch", type=int, default=8, help="images per timed backbone forward")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for the backbone (0: torch's default)")
+    parser.add_argument("--head-threads", type=int, default=1, help="torch threads while training the head "
+                        "(finetune_head's default: 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args()
     if args.threads:
@@ -82,7 +84,7 @@ def main() -> None:
     # warm start from a head that is off (as a head trained elsewhere would be): the teacher plus noise
     start_w = (teacher[0] + rng.normal(0, 0.05, teacher[0].shape)).astype(np.float32)
     start_b = (teacher[1] + rng.normal(0, 0.5, 14)).astype(np.float32)
-    result = finetune_head(train, val, start_w, start_b)
+    result = finetune_head(train, val, start_w, start_b, threads=args.head_threads)
 
     from model.finetune import head_aurocs
 
@@ -119,6 +121,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "head_threads": args.head_threads,
             "torch": torch.__version__,
             "load_average_1m": os.getloadavg()[0],
         },
@@ -145,7 +148,8 @@ def main() -> None:
               f"| {r['ratio_naive_over_head_training']:,.0f}x |")
     m = data["machine"]
     print()
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads "
+          f"({m['head_threads']} for the head), "
           f"1-min load average {m['load_average_1m']:.2f}; naive times are extrapolated from the measured "
           "per-image backbone time (forward only, no backward: the backbone is frozen)")
 
