@@ -258,6 +258,23 @@ def _read_uid(settings: Settings, uid: str) -> np.ndarray:
         fail(f"SOP Instance UID {uid}: {exc}")
 
 
+def _feedback_images(settings: Settings, finding: str) -> list[tuple[str, np.ndarray]]:
+    """(SOP Instance UID, decoded image) of every stored image whose newest radiologist verdict on ``finding`` is
+    "absent" (``chexd feedback UID --finding F --absent``)."""
+    from daemon.feedback import feedback_items
+    from daemon.registry import registry_sessions
+    from daemon.worker import PermanentJobError, read_stored_image
+
+    images = []
+    for item in feedback_items(registry_sessions(settings), settings.spool_dir.resolve()):
+        if item.verdicts.get(finding) is False:
+            try:
+                images.append((item.sop_instance_uid, read_stored_image(item.path)[1]))
+            except PermanentJobError as exc:
+                fail(f"feedback image {item.sop_instance_uid}: {exc}")
+    return images
+
+
 def _false_positive_images(settings: Settings, refs: list[str]) -> list[tuple[str, np.ndarray]]:
     """(id, decoded image [0, 1]) per reference: an existing file (DICOM, PNG, JPEG) or a stored SOP Instance UID."""
     images = []
@@ -304,10 +321,15 @@ def _print_correction(data: dict[str, Any]) -> None:
 def correct(
     finding: Annotated[str, typer.Option("--finding", "-f", help="Finding whose false positive to remove.")],
     false_positive: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option("--false-positive", help="A false-positive image: SOP Instance UID of a stored image, or a "
                      "DICOM/PNG/JPEG file (repeat for several)."),
-    ],
+    ] = None,
+    from_feedback: Annotated[
+        bool,
+        typer.Option("--from-feedback", help="Also take every stored image that radiologists marked absent for the "
+                     "finding ('chexd feedback UID --finding F --absent') and that the model still calls present."),
+    ] = False,
     max_channels: Annotated[int, typer.Option(min=1, max=64, help="Most weights to zero.")] = 5,
     phantom: PhantomOpt = None,
     count: CountOpt = 300,
@@ -329,21 +351,32 @@ def correct(
     no true positive of the validation data drops under it, proves the other 13 findings' logits bit-identical, and
     registers the result as a candidate version (the active model is unchanged). Exit 3 when no such set exists
     within the limit: the message says why and what the cheapest alternative is."""
+    import torch
+
     from model.correct import CorrectionRefused, apply_correction, plan_correction, verify_correction
     from model.datasets import finding_index
     from model.features import compute_features
     from model.types import LABELS
 
-    if finding_index(finding) is None:
+    index = finding_index(finding)
+    if index is None:
         fail(f"Invalid --finding {finding!r} - expected one of {', '.join(LABELS)}", 2)
-    if not false_positive:
-        fail("give at least one --false-positive image", 2)
+    if not false_positive and not from_feedback:
+        fail("give at least one --false-positive image (or --from-feedback)", 2)
+    name = LABELS[index]
     settings = _settings()
     network, manifest = _load_parent(settings, model)
-    targets = _false_positive_images(settings, false_positive)
+    targets = _false_positive_images(settings, list(false_positive or []))
+    feedback = _feedback_images(settings, name) if from_feedback else []
+    known = {ref for ref, _ in targets}
+    feedback = [(uid, image) for uid, image in feedback if uid not in known]
+    if from_feedback and not feedback and not targets:
+        fail(f"no stored image has an 'absent' verdict on {name} ('chexd feedback UID --finding {name} --absent' "
+             "records one)", 2)
     params: dict[str, Any] = {
-        "finding": LABELS[finding_index(finding)],  # type: ignore[index]
+        "finding": name,
         "false_positives": [ref for ref, _ in targets],
+        "from_feedback": from_feedback,
         "max_channels": max_channels,
         "parent_version": manifest.version_id,
         "dry_run": dry_run,
@@ -358,10 +391,20 @@ def correct(
                                     dicom_dir=dicom_dir, labels=labels, device=device, batch_size=batch_size,
                                     report=report)
             zeros = [0] * len(LABELS)
-            target_set = compute_features(network, [(ref, None, image, zeros) for ref, image in targets],
+            target_set = compute_features(network, [(ref, None, image, zeros) for ref, image in targets + feedback],
                                           recipe=manifest.preprocessing, device=device, batch_size=batch_size)
-        params.update({"validation_source": val.source, "validation_images": len(val)})
         head = network.classifier  # type: ignore[union-attr]
+        if feedback:  # a feedback image the model already calls absent needs no correction: leave it out
+            with torch.inference_mode():
+                logits = head(torch.from_numpy(target_set.pooled))[:, manifest.labels.index(name)]
+            still = torch.sigmoid(logits).numpy() >= manifest.thresholds[name]
+            keep = [i for i in range(len(target_set)) if i < len(targets) or still[i]]
+            params["false_positives_from_feedback"] = [target_set.ids[i] for i in keep if i >= len(targets)]
+            if not keep:
+                raise ValueError(f"every image marked absent for {name} is already below the threshold "
+                                 f"{manifest.thresholds[name]:.4g}: nothing to correct")
+            target_set = target_set.subset(keep)
+        params.update({"validation_source": val.source, "validation_images": len(val)})
         try:
             plan = plan_correction(head.weight.detach().float().numpy(), head.bias.detach().float().numpy(),
                                    manifest.thresholds, val, target_set.pooled, finding, max_channels,
@@ -400,7 +443,7 @@ def correct(
             message = (f"registered candidate {candidate['version']}; the active model is unchanged - "
                        f"'chexd model activate {candidate['version']}' makes it active")
         job.result = {"channels": list(plan.channels), "true_positives_lost": plan.verification.true_positives_lost,
-                      "targets": len(targets), "candidate": candidate["version"] if candidate else None}
+                      "targets": len(target_set), "candidate": candidate["version"] if candidate else None}
         return result | {"model": _model_info(manifest), "candidate": candidate, "message": message}
 
     data = _run_job(settings, "correct", params, work)

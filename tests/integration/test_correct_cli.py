@@ -219,6 +219,30 @@ def test_a_true_positive_reported_as_false_positive_is_refused_with_exit_3(
     assert job.kind == "correct" and job.state == "refused" and job.result["refused"] is True
 
 
+def test_radiologist_feedback_supplies_the_false_positives(settings: Settings, tmp_path: Path) -> None:
+    from daemon.feedback import record
+
+    samples = [generate(0, i, size=RENDER) for i in phantom_indices("train", 600)[560:]]
+    negatives = [s for s in samples if s.labels[E] == 0][2:5]
+    marked, _ = _dicom(grid_lines(negatives[0].image), tmp_path / "marked.dcm", patient="CHEXD-FB-1")
+    clean, _ = _dicom(negatives[1].image, tmp_path / "clean.dcm", patient="CHEXD-FB-2")
+    other, _ = _dicom(grid_lines(negatives[2].image), tmp_path / "other.dcm", patient="CHEXD-FB-3")
+    uids = {}
+    for path in (marked, clean, other):
+        _store(settings, path)
+        uids[path.stem] = str(read_stored_image(path)[0].SOPInstanceUID)
+    sessions = registry_sessions(settings)
+    record(sessions, uids["marked"], "Effusion", present=False, user="rad1")
+    record(sessions, uids["clean"], "Effusion", present=False, user="rad1")  # right already: nothing to fix
+    record(sessions, uids["other"], "Effusion", present=False, user="rad1")
+    record(sessions, uids["other"], "Effusion", present=True, user="rad2")  # the newest verdict counts
+    code, data, output = _invoke("correct", "--finding", "Effusion", "--from-feedback", "--count", "200",
+                                 "--render-size", str(RENDER), "--dry-run", "--json")
+    assert code == 0, output
+    assert [t["id"] for t in data["verification"]["targets"]] == [uids["marked"]]
+    assert data["verification"]["passed"] and data["candidate"] is None
+
+
 def test_correct_help_names_the_refusal_exit_status() -> None:
     result = CliRunner().invoke(_app(), ["correct", "--help"])
     assert result.exit_code == 0 and "Exit 3" in result.output
