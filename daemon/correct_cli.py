@@ -393,6 +393,7 @@ def correct(
             zeros = [0] * len(LABELS)
             target_set = compute_features(network, [(ref, None, image, zeros) for ref, image in targets + feedback],
                                           recipe=manifest.preprocessing, device=device, batch_size=batch_size)
+        network.cpu()  # the head's arithmetic and every check run on the CPU, on the cached features
         head = network.classifier  # type: ignore[union-attr]
         if feedback:  # a feedback image the model already calls absent needs no correction: leave it out
             with torch.inference_mode():
@@ -559,6 +560,7 @@ def finetune(
                 params.update({"source": everything.source, "train_images": len(train), "val_images": len(val),
                                "split_by": split_kind(everything.patients)})
             feature_seconds = time.perf_counter() - started
+            network.cpu()  # the head is trained on the CPU, on the cached features
             head = network.classifier  # type: ignore[union-attr]
             result = finetune_head(train, val, head.weight.detach().float().numpy(),
                                    head.bias.detach().float().numpy(), labels=manifest.labels,
