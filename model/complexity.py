@@ -1,4 +1,5 @@
-"""Parameter and multiply-accumulate (MAC) counts of a DenseNet :class:`~model.network.Architecture`.
+"""Parameter and multiply-accumulate (MAC) counts of a DenseNet :class:`~model.network.Architecture`, and measured
+forward latency (:func:`time_forward`).
 
 MACs count the multiply-accumulates of every convolution and of the linear head for one image, exactly as
 torchvision's ``_ops`` figure does (2.834 G for densenet121 at 224 px with 1000 classes; 2,833,152,000 with the
@@ -8,11 +9,16 @@ them (ptflops) report about 2.87-2.88 GMac for the same network.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from model.network import Architecture
 
-__all__ = ["Complexity", "complexity", "count_macs", "feature_size"]
+__all__ = ["Complexity", "complexity", "count_macs", "feature_size", "time_forward"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,3 +103,32 @@ def complexity(architecture: Architecture, input_size: int) -> Complexity:
 def count_macs(architecture: Architecture, input_size: int) -> int:
     """Conv + linear multiply-accumulates for one square image (see :func:`complexity`)."""
     return complexity(architecture, input_size).macs
+
+
+def time_forward(
+    models: Sequence[torch.nn.Module],
+    *,
+    input_size: int,
+    batch_size: int,
+    channels: int = 3,
+    repeats: int = 30,
+    warmup: int = 3,
+) -> list[float]:
+    """Median wall-clock seconds per forward pass of a ``[batch_size, channels, input_size, input_size]`` batch, one
+    figure per model, measured interleaved (model A, model B, A, B ...) so that other load on the machine hits every
+    model alike. CPU, float32, channels_last, ``torch.inference_mode`` (the engine's CPU path); ``repeats`` >= 1."""
+    if repeats < 1 or batch_size < 1:
+        raise ValueError(f"Invalid repeats {repeats} or batch_size {batch_size} - must be >= 1")
+    x = torch.randn(batch_size, channels, input_size, input_size).contiguous(memory_format=torch.channels_last)
+    prepared = [m.eval().to(memory_format=torch.channels_last) for m in models]
+    times: list[list[float]] = [[] for _ in prepared]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for m in prepared:
+                m(x)
+        for _ in range(repeats):
+            for k, m in enumerate(prepared):
+                start = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

@@ -1,0 +1,217 @@
+"""``chexd compress``: a smaller model version by channel pruning with least-squares refit (torch loads lazily).
+
+The active model is never changed: the compressed artifact is registered as a *candidate* (``chexd model activate``
+makes it active) after it was evaluated against its parent on the phantom test split, paired image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from daemon.console import fail
+from daemon.console import out as stdout
+from daemon.train_cli import _progress, _reporter
+
+__all__ = ["compress"]
+
+
+def _latency(parent: Any, child: Any, input_size: int, channels: int) -> dict[str, Any]:
+    """CPU ms per image at batch 1 and images/s at batch 16, parent and child timed interleaved."""
+    import torch
+
+    from model.complexity import time_forward
+
+    threads = torch.get_num_threads()
+    b1 = time_forward([parent, child], input_size=input_size, channels=channels, batch_size=1, repeats=30)
+    b16 = time_forward([parent, child], input_size=input_size, channels=channels, batch_size=16, repeats=8)
+    return {
+        "device": "cpu",
+        "threads": threads,
+        "batch1_ms_before": round(b1[0] * 1000, 2),
+        "batch1_ms_after": round(b1[1] * 1000, 2),
+        "batch1_speedup": round(b1[0] / b1[1], 3),
+        "batch16_images_per_s_before": round(16 / b16[0], 1),
+        "batch16_images_per_s_after": round(16 / b16[1], 1),
+        "batch16_speedup": round(b16[0] / b16[1], 3),
+    }
+
+
+def compress(
+    target_params: Annotated[
+        float, typer.Option(min=0.01, max=0.99, help="Fraction of the parameters to keep (0.45 removes 55%).")
+    ] = 0.45,
+    target_macs: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Fraction of the MACs (conv + linear) to keep at most.")
+    ] = 0.55,
+    calibration_images: Annotated[
+        int, typer.Option(min=16, help="Phantom train-split images for channel selection and refit.")
+    ] = 1000,
+    distill_steps: Annotated[
+        int, typer.Option(min=0, help="Distillation steps from the original on unlabeled images (0: none).")
+    ] = 0,
+    test_images: Annotated[int, typer.Option(min=20, help="Phantom test-split images for the before/after.")] = 1000,
+    n_bootstrap: Annotated[int, typer.Option(min=10, help="Paired bootstrap resamples of the AUROC delta.")] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[Path | None, typer.Option(help="Artifact to compress (default: the active model).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Compress the active model: prune DenseNet channels (a removed channel leaves every consumer), refit the kept
+    weights by least squares to reproduce the original's layer outputs, optionally distil; evaluate before/after on
+    the phantom test split (paired bootstrap CI of the AUROC difference) and time both on the CPU; register the
+    result as a candidate version."""
+    import torch
+
+    from daemon.cli import settings
+    from daemon.registry import RegistryError, active_model_path, admin_job, register_candidate
+    from model.artifact import load_artifact, provenance_entry, save_artifact
+    from model.complexity import complexity
+    from model.compress import CompressionError, paired_auroc_delta
+    from model.compress import compress as run_compression
+    from model.errors import ModelError
+    from model.train import predict_scores, render_split
+    from model.types import LABELS
+
+    cfg = settings()
+    try:
+        path = model or active_model_path(cfg)
+        if path is None:
+            fail("no model: pass --model PATH or activate one (this build bundles no demo model)")
+        parent, manifest = load_artifact(path)
+    except ModelError as exc:
+        fail(str(exc))
+    if tuple(manifest.labels) != tuple(LABELS):
+        fail(f"{path}: the phantom evaluation needs the 14 CheXNet labels in order, the model has {manifest.labels}")
+    recipe = manifest.preprocessing
+    params: dict[str, Any] = {
+        "target_params": target_params,
+        "target_macs": target_macs,
+        "calibration_images": calibration_images,
+        "calibration_data": "chexd chest phantom, train split",
+        "distill_steps": distill_steps,
+        "seed": seed,
+        "method": "greedy channel selection + least-squares refit (model.compress)",
+    }
+    device = torch.device("cpu")
+    try:
+        with admin_job(cfg, "compress", params | {"parent": manifest.weights_sha256[:16]}) as job:
+            with _progress(quiet=json_out) as progress:
+                report_progress = _reporter(progress)
+                calibration = render_split(
+                    "train", seed=seed, count=calibration_images, recipe=recipe, progress=report_progress
+                )
+                child, report = run_compression(
+                    parent,
+                    calibration.x,
+                    target_params=target_params,
+                    target_macs=target_macs,
+                    distill_steps=distill_steps,
+                    seed=seed,
+                    progress=report_progress,
+                )
+                test = render_split("test", seed=seed, count=test_images, recipe=recipe, progress=report_progress)
+            before = predict_scores(parent, test.x, device)
+            after = predict_scores(child, test.x, device)
+            delta = paired_auroc_delta(before, after, test.y, LABELS, n_bootstrap=n_bootstrap, seed=seed)
+            latency = _latency(parent, child, recipe.input_size, recipe.channels)
+            counts = complexity(child.architecture, recipe.input_size)
+            metrics = {
+                "parameters": counts.parameters,
+                "macs": counts.macs,
+                "input_size": recipe.input_size,
+                "compression": report.to_dict(units=False),
+                "test": {"split": "test", "images": test_images, "seed": seed} | delta.to_dict(),
+                "latency": latency,
+            }
+            name = manifest.name if manifest.name.endswith("-compressed") else f"{manifest.name}-compressed"
+            with tempfile.TemporaryDirectory(prefix="chexd-compress-") as tmp:
+                written = save_artifact(
+                    child,
+                    Path(tmp),
+                    name=name[:100],
+                    preprocessing=recipe,
+                    intended_use=manifest.intended_use,
+                    version=manifest.version,
+                    labels=manifest.labels,
+                    thresholds=manifest.thresholds,
+                    provenance=(
+                        *manifest.provenance,
+                        provenance_entry("compress", params, parent_sha256=manifest.weights_sha256),
+                    ),
+                    metrics=metrics,
+                    synthetic=manifest.synthetic,
+                    dtype=manifest.dtype,
+                )
+                version = register_candidate(cfg, written, operation="compress", parameters=params, metrics=metrics)
+            summary = {
+                "version": version.version,
+                "state": version.state,
+                "path": str(version.path),
+                "parent": manifest.weights_sha256[:16],
+                "parameters_before": report.parameters_before,
+                "parameters_after": report.parameters_after,
+                "parameters_removed": round(report.parameters_removed, 4),
+                "macs_before": report.macs_before,
+                "macs_after": report.macs_after,
+                "macs_removed": round(report.macs_removed, 4),
+                "mean_auroc_before": delta.mean_before,
+                "mean_auroc_after": delta.mean_after,
+                "mean_auroc_delta": delta.mean_delta,
+                "mean_auroc_delta_ci": list(delta.mean_delta_ci),
+                "latency": latency,
+            }
+            job.result = summary
+    except (CompressionError, ModelError, RegistryError, ValueError) as exc:
+        fail(str(exc))
+    if json_out:
+        data = summary | {"compression": report.to_dict(), "test": metrics["test"]}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table("finding", "AUROC before", "after", "Δ", "Δ 95% CI", title=f"phantom test ({test_images} images)")
+    for c, label in enumerate(delta.labels):
+        ci = delta.delta_ci[c]
+        table.add_row(
+            label,
+            _fmt(delta.before[c]),
+            _fmt(delta.after[c]),
+            _fmt(delta.delta[c], signed=True),
+            f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else "-",
+        )
+    lo, hi = delta.mean_delta_ci
+    table.add_row(
+        "mean", _fmt(delta.mean_before), _fmt(delta.mean_after), _fmt(delta.mean_delta, signed=True),
+        f"{lo:+.4f} … {hi:+.4f}",
+    )
+    stdout.print(table)
+    stdout.print(
+        f"parameters {report.parameters_before:,} -> {report.parameters_after:,} "
+        f"({report.parameters_removed:.1%} removed); MACs {report.macs_before / 1e9:.3f} G -> "
+        f"{report.macs_after / 1e9:.3f} G ({report.macs_removed:.1%} removed)",
+        highlight=False,
+    )
+    stdout.print(
+        f"CPU ({latency['threads']} threads) batch 1: {latency['batch1_ms_before']} -> {latency['batch1_ms_after']} ms "
+        f"({latency['batch1_speedup']}x); batch 16: {latency['batch16_images_per_s_before']} -> "
+        f"{latency['batch16_images_per_s_after']} images/s ({latency['batch16_speedup']}x)",
+        highlight=False,
+    )
+    stdout.print(
+        f"registered candidate {version.version} ({version.path}); activate with: chexd model activate "
+        f"{version.version}",
+        highlight=False,
+        markup=False,
+    )
+    if manifest.synthetic:
+        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
+
+
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
