@@ -13,7 +13,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import calibrate_cli, exclusions_cli, forward_cli, phantom_cli, queries, scu, train_cli
+from daemon import (
+    calibrate_cli,
+    compress_cli,
+    correct_cli,
+    exclusions_cli,
+    forward_cli,
+    phantom_cli,
+    queries,
+    scu,
+    train_cli,
+)
 from daemon.console import err, fail, out
 from daemon.db import (
     DatabaseError,
@@ -40,6 +50,9 @@ app.command("phantom")(phantom_cli.phantom)
 app.command("forward")(forward_cli.forward)
 app.command("exclusions")(exclusions_cli.exclusions)
 app.command("calibrate")(calibrate_cli.calibrate)
+app.command("correct")(correct_cli.correct)
+app.command("finetune")(correct_cli.finetune)
+app.command("compress")(compress_cli.compress)
 
 
 @app.command("feedback")
