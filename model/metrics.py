@@ -105,7 +105,9 @@ def evaluate(
     thresholds = thresholds or {}
     rng = np.random.default_rng(seed)
     n = len(scores)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_bootstrap)])
+    counts = np.zeros((n_bootstrap, n), np.int64)
+    for b in range(n_bootstrap):
+        counts[b] = np.bincount(rng.integers(0, n, n), minlength=n)
     boot = np.stack([bootstrap_auroc(targets[:, c], scores[:, c], counts) for c in range(len(labels))], axis=1)
     classes = []
     for c, label in enumerate(labels):
