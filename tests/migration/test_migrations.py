@@ -12,7 +12,22 @@ from sqlalchemy import Engine, inspect, text
 from daemon.db import alembic_config, create_db_engine, current_revision, head_revision, upgrade_to_head
 from daemon.tables import Base
 
-TABLES = {"studies", "series", "instances", "jobs", "audit_events", "predictions"}
+TABLES = {
+    "studies",
+    "series",
+    "instances",
+    "jobs",
+    "audit_events",
+    "predictions",
+    "model_versions",
+    "admin_jobs",
+    "feedback",
+    "findings",
+    "channel_evidence",
+    "study_reports",
+    "report_files",
+    "forwards",
+}
 
 
 @pytest.fixture
