@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"params_removed": 0.5143, "macs_removed": 0.45, "mean_delta": -0.001, "worst_delta": -0.005, "speedup": 1.3}
@@ -44,8 +43,10 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _split(name: str, count: int, recipe: Any, seed: int, cache: Path) -> tuple[torch.Tensor, np.ndarray]:
+def _split(name: str, count: int, recipe: Any, seed: int, cache: Path) -> tuple[Any, np.ndarray]:
     """Prepared phantom images [N, C, S, S] float16 and labels [N, 14] of one split, rendered once and cached."""
+    import torch
+
     from model.train import render_split
 
     file = cache / f"phantom-{name}-seed{seed}-n{count}-s{recipe.input_size}-c{recipe.channels}-r256.npz"
@@ -59,8 +60,9 @@ def _split(name: str, count: int, recipe: Any, seed: int, cache: Path) -> tuple[
     return split.x, split.y
 
 
-def _macs(model: torch.nn.Module, size: int, channels: int) -> int:
+def _macs(model: Any, size: int, channels: int) -> int:
     """Conv + linear MACs for one image, by torch's FLOP counter (any module, pruned or not)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -68,23 +70,43 @@ def _macs(model: torch.nn.Module, size: int, channels: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def _params(model: torch.nn.Module) -> int:
+def _params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _torch_pruning(model: Any, max_params: int, size: int, channels: int) -> tuple[torch.nn.Module, float]:
+def _torch_pruning(model: Any, max_params: int, size: int, channels: int) -> tuple[Any, float]:
     """Torch-Pruning's magnitude pruner on a torchvision DenseNet copy of ``model``, ratio bisected so that the
     result has at most ``max_params`` parameters (closest from below). Returns (pruned model, ratio)."""
+    import torch
     import torch_pruning as tp
     import torchvision
 
+    from model.network import Architecture
+
     arch = model.architecture
-    if any(layer.kept_inputs is not None for block in arch.blocks for layer in block) or arch.head_inputs:
-        raise ValueError("Torch-Pruning comparison needs an unpruned DenseNet (no kept_inputs)")
+    first = arch.blocks[0][0]
+    uniform = Architecture.densenet(
+        [len(block) for block in arch.blocks],
+        growth_rate=first.growth,
+        bn_size=first.bottleneck // first.growth,
+        stem_channels=arch.stem_channels,
+        in_channels=arch.in_channels,
+        num_classes=arch.num_classes,
+    )
+    if arch != uniform:
+        raise ValueError("the Torch-Pruning comparison needs an unpruned uniform DenseNet (torchvision's family)")
     example = torch.zeros(1, channels, size, size)
 
-    def prune(ratio: float) -> torch.nn.Module:
-        tv = torchvision.models.densenet121(num_classes=arch.num_classes)
+    def prune(ratio: float) -> Any:
+        tv = torchvision.models.DenseNet(
+            growth_rate=first.growth,
+            block_config=tuple(len(block) for block in arch.blocks),
+            num_init_features=arch.stem_channels,
+            bn_size=first.bottleneck // first.growth,
+            num_classes=arch.num_classes,
+        )
+        if arch.in_channels != 3:
+            tv.features.conv0 = torch.nn.Conv2d(arch.in_channels, arch.stem_channels, 7, 2, 3, bias=False)
         tv.load_state_dict(model.state_dict(), strict=True)
         tv.eval()
         pruner = tp.pruner.MetaPruner(
@@ -113,7 +135,9 @@ def _torch_pruning(model: Any, max_params: int, size: int, channels: int) -> tup
     return best, best_ratio
 
 
-def _scores(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+def _scores(model: Any, x: Any) -> np.ndarray:
+    import torch
+
     from model.compress import predict_logits
 
     return torch.sigmoid(predict_logits(model, x)).numpy()
@@ -136,6 +160,8 @@ def _fp16_round_trip(model: Any, manifest: Any, folder: Path) -> tuple[Any, Path
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from model.artifact import load_artifact, provenance_entry, save_artifact
     from model.complexity import complexity, time_forward
     from model.compress import compress, paired_auroc_delta
@@ -187,6 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     b16 = time_forward(
         list(models.values()), input_size=size, channels=channels, batch_size=16, repeats=max(5, args.repeats // 4)
     )
+    # the same in NCHW layout (torchvision's default): the kept-input gathers cost less there
+    b1_nchw = time_forward(
+        list(models.values()), input_size=size, channels=channels, batch_size=1, repeats=args.repeats,
+        channels_last=False,
+    )
     rows = {}
     for k, (name, m) in enumerate(models.items()):
         rows[name] = {
@@ -196,6 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch16_images_per_s": 16 / b16[k],
             "batch1_speedup": b1[0] / b1[k],
             "batch16_speedup": b16[0] / b16[k],
+            "batch1_nchw_ms": b1_nchw[k] * 1000,
+            "batch1_nchw_speedup": b1_nchw[0] / b1_nchw[k],
         }
     assert rows["chexd"]["macs"] == complexity(ours.architecture, size).macs
     for name in ("chexd", "torch-pruning"):
@@ -224,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
             "python": platform.python_version(),
         },
         "model": f"{manifest.name} {manifest.short_hash}",
@@ -288,8 +322,8 @@ def _table(result: dict[str, Any]) -> str:
         f"torch {result['machine']['torch']}, {result['machine']['threads']} threads",
         "",
         "| model | parameters | removed | MACs (G) | removed | mean AUROC | ΔAUROC [95% CI] | worst Δ "
-        "| CPU b1 ms | speed-up | b16 img/s | ratio |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| CPU b1 ms | speed-up | b16 img/s | ratio | b1 ms NCHW | speed-up |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, r in rows.items():
         if name == "original":
@@ -301,7 +335,8 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {r['parameters']:,} | {r['params_removed']:.2%} | {r['macs'] / 1e9:.3f} | "
             f"{r['macs_removed']:.2%} | {r['mean_auroc']:.4f} | {delta} | {worst} | {r['batch1_ms']:.2f} | "
-            f"{r['batch1_speedup']:.2f}x | {r['batch16_images_per_s']:.1f} | {r['batch16_speedup']:.2f}x |"
+            f"{r['batch1_speedup']:.2f}x | {r['batch16_images_per_s']:.1f} | {r['batch16_speedup']:.2f}x | "
+            f"{r['batch1_nchw_ms']:.2f} | {r['batch1_nchw_speedup']:.2f}x |"
         )
     lines += ["", "| finding | original | chexd | Δ [95% CI] | Torch-Pruning | Δ [95% CI] |"]
     lines.append("|---|--:|--:|--:|--:|--:|")
@@ -349,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", default=None, help="write the compressed artifact here (.json path or folder)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
     args = parser.parse_args(argv)
+    if "torch" not in sys.modules:
+        # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made CPU timings
+        # meaningless (bench/README.md, engine_speed); set before torch is imported
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.calibration_images < 16 or args.test_images < 20:
         parser.error("--calibration-images must be >= 16 and --test-images >= 20")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s", stream=sys.stderr)

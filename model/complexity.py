@@ -113,14 +113,17 @@ def time_forward(
     channels: int = 3,
     repeats: int = 30,
     warmup: int = 3,
+    channels_last: bool = True,
 ) -> list[float]:
     """Median wall-clock seconds per forward pass of a ``[batch_size, channels, input_size, input_size]`` batch, one
     figure per model, measured interleaved (model A, model B, A, B ...) so that other load on the machine hits every
-    model alike. CPU, float32, channels_last, ``torch.inference_mode`` (the engine's CPU path); ``repeats`` >= 1."""
+    model alike. CPU, float32, ``torch.inference_mode``; ``channels_last`` memory layout (the engine's CPU path) or
+    NCHW. ``repeats`` >= 1."""
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"Invalid repeats {repeats} or batch_size {batch_size} - must be >= 1")
-    x = torch.randn(batch_size, channels, input_size, input_size).contiguous(memory_format=torch.channels_last)
-    prepared = [m.eval().to(memory_format=torch.channels_last) for m in models]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, channels, input_size, input_size).contiguous(memory_format=layout)
+    prepared = [m.eval().to(memory_format=layout) for m in models]
     times: list[list[float]] = [[] for _ in prepared]
     with torch.inference_mode():
         for _ in range(warmup):

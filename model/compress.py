@@ -19,9 +19,10 @@ bisected until the network meets the parameter and MAC targets.
 Then, block by block, every kept conv is refit by least squares (with an intercept) so that, fed by the *compressed*
 network's own activations, it reproduces the *original* network's output on the calibration images; errors do not
 accumulate from layer to layer. The intercepts re-estimate the BatchNorm running means of the consumers (a conv has no
-bias; BN(z + b) is BN with its mean shifted by b). An optional short distillation on unlabeled images (matching the
-original's class activation maps, which fixes the logits too) follows; it is kept only when it brings the compressed
-network closer to the original on held-out calibration images.
+bias; BN(z + b) is BN with its mean shifted by b). An optional short distillation on the unlabeled calibration images
+follows: the network (or only its last block and head) is fine-tuned to the original's class activation maps (which
+fixes the logits too); it is kept only when it brings the compressed network closer to the original on held-out
+calibration images.
 
 The result is a real, smaller :class:`~model.network.DenseNet` whose :class:`~model.network.Architecture` carries the
 new channel counts; it saves and loads like any other artifact.
@@ -314,6 +315,22 @@ class _Sample:
         return torch.stack(parts, 2).reshape(len(self.n), -1)
 
 
+def _round_channels(keep: int, total: int, multiple: int) -> int:
+    """``keep`` rounded to the nearest multiple of ``multiple`` (CPU and GPU conv kernels work in blocks of channels),
+    for convs with at least 8 such blocks; never below ``multiple`` (or 1) nor above ``total``."""
+    keep = max(1, min(keep, total))
+    if multiple <= 1 or keep == total or total < 8 * multiple:
+        return keep
+    return min(total, max(multiple, int(round(keep / multiple)) * multiple))
+
+
+def _class_scale(logits: Tensor) -> Tensor:
+    """[classes] 1/std of each class's logit over the images: AUROC depends on each class's ranking, so an error
+    counts relative to how widely that class's logit varies between images."""
+    std = logits.float().std(0)
+    return 1 / std.clamp_min(1e-3 * float(std.max()) + 1e-12)
+
+
 def _positions(indices: Tensor | None, available: int) -> list[int]:
     """A consumer's input channels (indices into the concatenation it is offered)."""
     return list(range(available)) if indices is None else [int(i) for i in indices.tolist()]
@@ -360,7 +377,15 @@ def _stem(model: DenseNet, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- the compressor
 class _Compressor:
     def __init__(
-        self, model: DenseNet, images: Tensor, *, rows: int, seed: int, refit: bool, progress: Progress | None
+        self,
+        model: DenseNet,
+        images: Tensor,
+        *,
+        rows: int,
+        seed: int,
+        refit: bool,
+        round_to: int,
+        progress: Progress | None,
     ) -> None:
         self.model = model
         self.refit_weights = refit
@@ -369,6 +394,7 @@ class _Compressor:
         self.n = len(images)
         self.rows = rows
         self.analysis_rows = max(4096, rows // 4)  # the curves only size the convs; the refit uses ``rows``
+        self.round_to = round_to
         self.seed = seed
         self.progress = progress
         self.layers = [list(block.values()) for block, _ in _blocks(model)]
@@ -424,6 +450,61 @@ class _Compressor:
         return list(range(self.arch.block_output(b))) if head is None else list(head)
 
     # ----------------------------------------------------------------------------------------- phase A: curves
+    def gains(self, images: int = 16, draws: int = 2, rho: float = 1e-3) -> dict[tuple[Any, ...], float]:
+        """How strongly a relative error at each unit's output reaches the logits, measured on the original model.
+
+        For every unit, a perturbation shaped like that unit's own output (a random mixing of its centred channels,
+        weighted as its fit weights them) with relative energy ``rho`` is added on ``images`` calibration images;
+        the gain is the resulting relative error of the class-normalised logits divided by ``rho``, averaged over
+        ``draws`` mixings and image sets. The allocation
+        weighs each unit's reconstruction error by it, so an error early in the network, which every later layer
+        sees, costs more than the same relative error just before the head."""
+        model = self.model
+        generator = torch.Generator().manual_seed(self.seed)
+        sets = [self.images[k * images : (k + 1) * images].float() for k in range(draws)]
+        sets = [x for x in sets if len(x) >= 2] or [self.images.float()]
+        references = [model(x) for x in sets]
+        cls_scale = _class_scale(torch.cat(references))
+
+        def perturb(out: Tensor, weight: Tensor) -> Tensor:
+            dims = (0, 2, 3) if out.ndim == 4 else (0,)
+            centred = out - out.mean(dims, keepdim=True)
+            channels = out.shape[1]
+            mix = torch.randn(channels, channels, generator=generator) / math.sqrt(channels)
+            delta = torch.einsum("nc...,dc->nd...", centred, mix)
+            shape = (1, -1, 1, 1) if out.ndim == 4 else (1, -1)
+            w = weight.reshape(shape)
+            energy = float((centred * w).pow(2).sum())
+            size = float((delta * w).pow(2).sum())
+            return out + delta * math.sqrt(rho * energy / max(size, 1e-30))
+
+        def measure(module: nn.Module, weight: Tensor) -> float:
+            handle = module.register_forward_hook(lambda _m, _i, out: perturb(out, weight))
+            try:
+                values = []
+                for x, reference in zip(sets, references, strict=True):
+                    spread = float(((reference - reference.mean(0)) * cls_scale).pow(2).mean())
+                    error = float(((model(x) - reference) * cls_scale).pow(2).mean())
+                    values.append(error / max(spread, 1e-30) / rho)
+            finally:
+                handle.remove()
+            return float(np.mean(values))
+
+        gains: dict[tuple[Any, ...], float] = {}
+        for b, layers in enumerate(self.layers):
+            out_scale = self._reader_scale(b)
+            for i, layer in enumerate(layers):
+                avail = self.arch.layer_available(b, i)
+                gains[("conv1", b, i)] = measure(layer.conv1, self._norm_scale(layer.norm2))
+                growth = layer.conv2.out_channels
+                gains[("conv2", b, i)] = measure(layer.conv2, out_scale[avail : avail + growth])
+            transition = self.transitions[b]
+            if transition is not None:
+                out = transition.conv.out_channels
+                gains[("transition", b)] = measure(transition.conv, self._reader_scale(b + 1)[:out])
+        gains[("head",)] = measure(model.classifier, cls_scale)
+        return gains
+
     def curves(self) -> dict[tuple[Any, ...], np.ndarray]:
         """Relative residual increase per removal, in removal order, for every prunable unit (original model)."""
         curves: dict[tuple[Any, ...], np.ndarray] = {}
@@ -470,7 +551,7 @@ class _Compressor:
                 pos = self._head_inputs()
                 a = F.relu(self.model.features.norm5(feat[:, pos]))
                 y = torch.einsum("nchw,kc->nkhw", a, self.model.classifier.weight)
-                stats = _Stats.of(sample.rows(a), sample.rows(y))
+                stats = _Stats.of(sample.rows(a), sample.rows(y), _class_scale(y.mean((2, 3))))
                 _, costs = _eliminate(stats, len(pos), 1, 1)
                 curves[("head",)] = costs / stats.variance
             del feat
@@ -518,6 +599,7 @@ class _Compressor:
         target_params: float,
         target_macs: float | None,
         input_size: int,
+        gains: dict[tuple[Any, ...], float] | None = None,
     ) -> dict[tuple[Any, ...], int]:
         """Keep counts per unit meeting both targets with the least total relative error (see module doc)."""
         arch = self.arch
@@ -526,7 +608,8 @@ class _Compressor:
 
         sides = feature_size(arch, input_size)
         totals = {u: len(c) + 1 for u, c in curves.items()}
-        cumulative = {u: np.concatenate([[0.0], np.cumsum(c)]) for u, c in curves.items()}
+        weights = gains or {}
+        cumulative = {u: weights.get(u, 1.0) * np.concatenate([[0.0], np.cumsum(c)]) for u, c in curves.items()}
 
         def keep_for(lam: float, mu: float) -> dict[tuple[Any, ...], int]:
             keep = dict(totals)
@@ -551,20 +634,19 @@ class _Compressor:
                     unit_cost = params / base.parameters + mu * macs / base.macs
                     k = np.arange(len(cum))
                     removed = int(np.argmin(cum - lam * unit_cost * k))
-                    keep[u] = totals[u] - removed
+                    keep[u] = _round_channels(totals[u] - removed, totals[u], self.round_to)
             return keep
 
-        best: dict[tuple[Any, ...], int] | None = None
-        for mu in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0):
+        limit = target_params * base.parameters
+
+        def fit_lambda(mu: float) -> tuple[dict[tuple[Any, ...], int], int, int] | None:
+            """The least pruning (smallest lambda) meeting the parameter target at this MAC weight."""
             lo, hi = 1e-6, 1e6
-            limit = target_params * base.parameters
-            smallest = complexity(self._architecture(keep_for(hi, mu)), input_size).parameters
-            if smallest > limit:
-                continue
+            if complexity(self._architecture(keep_for(hi, mu)), input_size).parameters > limit:
+                return None
             for _ in range(60):
                 mid = math.sqrt(lo * hi)
-                counts = complexity(self._architecture(keep_for(mid, mu)), input_size)
-                if counts.parameters <= limit:
+                if complexity(self._architecture(keep_for(mid, mu)), input_size).parameters <= limit:
                     hi = mid
                 else:
                     lo = mid
@@ -572,16 +654,40 @@ class _Compressor:
                     break
             keep = keep_for(hi, mu)
             counts = complexity(self._architecture(keep), input_size)
-            best = keep
-            if target_macs is None or counts.macs <= target_macs * base.macs:
-                log.info("allocation: lambda %.4g mu %.3g: %d params, %d MACs", hi, mu, counts.parameters, counts.macs)
-                return keep
-        if best is None:
+            return keep, counts.parameters, counts.macs
+
+        def meets(result: tuple[dict[tuple[Any, ...], int], int, int] | None) -> bool:
+            return result is not None and (target_macs is None or result[2] <= target_macs * base.macs)
+
+        # the smallest MAC weight mu that meets the MAC target: MACs are cut no more than asked
+        tried: list[tuple[float, tuple[dict[tuple[Any, ...], int], int, int] | None]] = []
+        lo_mu, hi_mu, found = 0.0, None, None
+        for mu in (0.0, *(2.0**k for k in range(-2, 15))):
+            result = fit_lambda(mu)
+            tried.append((mu, result))
+            if meets(result):
+                hi_mu, found = mu, result
+                break
+            lo_mu = mu
+        if found is not None and hi_mu is not None and hi_mu > 0:
+            for _ in range(6):
+                mid_mu = math.sqrt(lo_mu * hi_mu) if lo_mu > 0 else hi_mu / 2
+                result = fit_lambda(mid_mu)
+                if meets(result):
+                    hi_mu, found = mid_mu, result
+                else:
+                    lo_mu = mid_mu
+        if found is not None:
+            log.info("allocation: mu %.3g: %d params, %d MACs", hi_mu, found[1], found[2])
+            return found[0]
+        reachable = [r for _, r in tried if r is not None]
+        if not reachable:
+            smallest = complexity(self._architecture(keep_for(1e6, 0.0)), input_size).parameters
             raise CompressionError(
                 f"Invalid target_params {target_params}: unreachable - pruning conv inputs and bottlenecks leaves this "
                 f"network at least {smallest:,} of {base.parameters:,} parameters ({smallest / base.parameters:.0%})"
             )
-        fewest = complexity(self._architecture(best), input_size).macs
+        fewest = min(r[2] for r in reachable)
         raise CompressionError(
             f"Invalid target_macs {target_macs}: not reachable together with target_params {target_params} - the "
             f"fewest MACs found were {fewest:,} of {base.macs:,} ({fewest / base.macs:.0%}); the stem conv is not "
@@ -741,11 +847,12 @@ class _Compressor:
                 cls_b = self.model.classifier.bias.detach()
                 a_o = _bn_relu(orig[:, pos], scale, shift)
                 y = sample.rows(a_o) @ cls_w.T + cls_b
+                scale_h = _class_scale(a_o.mean((2, 3)) @ cls_w.T)
                 del a_o, orig
                 a_c = _bn_relu(comp[:, pos], scale, shift)
-                stats = _Stats.of(sample.rows(a_c), y)
+                stats = _Stats.of(sample.rows(a_c), y, scale_h)
                 del a_c, comp
-                kept, fit = self._fit_reader("classifier", stats, pos, keep[("head",)], cls_w, cls_b)
+                kept, fit = self._fit_reader("classifier", stats, pos, keep[("head",)], cls_w, cls_b, scale_h)
                 readers.append(
                     _ReaderPlan(
                         inputs=[pos[k] for k in kept],
@@ -759,6 +866,18 @@ class _Compressor:
         return plans, readers, input_bias
 
     # ----------------------------------------------------------------------------------------- assembly
+    def _live(self, b: int, plans: list[_LayerPlan], read: set[int]) -> tuple[set[int], list[bool]]:
+        """Channels of block ``b`` still read (starting from ``read``, the block reader's inputs) and which layers
+        still have a reader, walking the layers backwards (a layer is read only by later ones)."""
+        alive = set(read)
+        live = [False] * len(plans)
+        for i in reversed(range(len(plans))):
+            start = self.arch.layer_available(b, i)
+            if set(range(start, start + self.arch.blocks[b][i].growth)) & alive:
+                live[i] = True
+                alive |= set(plans[i].inputs)
+        return alive, live
+
     def assemble(
         self, plans: list[list[_LayerPlan]], readers: list[_ReaderPlan], input_bias: list[Tensor]
     ) -> DenseNet:
@@ -770,18 +889,10 @@ class _Compressor:
         alive_sets: list[set[int]] = []
         live_layers: list[list[bool]] = []
         for b in range(n_blocks):
-            alive = set(readers[b].inputs)
-            live = [False] * len(plans[b])
-            for i in reversed(range(len(plans[b]))):
-                start = arch.layer_available(b, i)
-                outputs = set(range(start, start + arch.blocks[b][i].growth))
-                if outputs & alive:
-                    live[i] = True
-                    alive |= set(plans[b][i].inputs)
-            if not any(live):  # keep the last layer (one channel) so the block stays a block
-                i = len(plans[b]) - 1
-                live[i] = True
-                alive |= set(plans[b][i].inputs) | {arch.layer_available(b, i)}
+            last = len(plans[b]) - 1
+            alive, live = self._live(b, plans[b], set(readers[b].inputs))
+            if not any(live):  # nobody reads the block's layers: keep the last one (one channel), a block needs one
+                alive, live = self._live(b, plans[b], set(readers[b].inputs) | {arch.layer_available(b, last)})
             alive_sets.append(alive)
             live_layers.append(live)
 
@@ -891,6 +1002,7 @@ def _cams(model: DenseNet, x: Tensor) -> Tensor:
 
 
 def _augment(x: Tensor, rng: np.random.Generator) -> Tensor:
+    """Small random shifts and gains, as in training (no flips: laterality matters on a chest radiograph)."""
     dy, dx = (int(v) for v in rng.integers(-6, 7, 2))
     gain = torch.from_numpy(rng.uniform(0.9, 1.1, (x.shape[0], 1, 1, 1)).astype(np.float32))
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3)) * gain
@@ -904,22 +1016,54 @@ def _distill(
     steps: int,
     batch_size: int,
     lr: float,
+    scope: str,
     seed: int,
     progress: Progress | None,
 ) -> None:
-    """Match the teacher's class activation maps on augmented unlabeled images; BatchNorm statistics stay frozen."""
-    rng = np.random.default_rng([seed, 4])
+    """Fine-tune the student so that its class activation maps match the teacher's (each class's error relative to
+    its logit's spread over the images). BatchNorm statistics stay frozen (eval mode); Adam with cosine decay.
+
+    ``scope="all"``: every weight, on randomly shifted and scaled calibration images, the teacher run on the same
+    batch. ``scope="last_block"``: only the last dense block, the final BatchNorm affine and the classifier, on the
+    calibration images; the earlier blocks' output is computed once and cached (cheap on a CPU)."""
+    feats = student.features
+    names = list(feats._modules)
+    cut = names.index(f"denseblock{len(student.architecture.blocks)}") if scope == "last_block" else 0
+    stem = [feats._modules[n] for n in names[:cut]]
+    tail = [feats._modules[n] for n in names[cut:]]
     student.eval()
-    params = [p for p in student.parameters() if p.requires_grad]
+    teacher.eval()
+    with torch.no_grad():
+        cached, targets = [], []
+        for start in range(0, len(images), _CHUNK):
+            x = images[start : start + _CHUNK].float()
+            t = _cams(teacher, x)
+            targets.append(t)
+            if scope == "last_block":
+                for module in stem:
+                    x = module(x)
+                cached.append(x)
+        target = torch.cat(targets)
+        inputs = torch.cat(cached) if cached else images
+    weight = _class_scale(target.mean((2, 3)))[None, :, None, None]
+    params = [p for m in tail for p in m.parameters()] + list(student.classifier.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    rng = np.random.default_rng([seed, 4])
     for step in range(steps):
-        idx = torch.from_numpy(rng.choice(len(images), min(batch_size, len(images)), replace=False))
-        x = _augment(images[idx].float(), rng)
-        with torch.no_grad():
-            target = _cams(teacher, x)
+        idx = torch.from_numpy(rng.choice(len(inputs), min(batch_size, len(inputs)), replace=False))
+        if scope == "all":
+            z = _augment(inputs[idx].float(), rng)
+            with torch.no_grad():
+                goal = _cams(teacher, z)
+        else:
+            z, goal = inputs[idx], target[idx]
         with torch.enable_grad():
-            loss = F.mse_loss(_cams(student, x), target)
+            for module in tail:
+                z = module(z)
+            cams = torch.einsum("nchw,kc->nkhw", F.relu(z), student.classifier.weight)
+            cams = cams + student.classifier.bias[None, :, None, None]
+            loss = F.mse_loss(cams * weight, goal * weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
@@ -955,9 +1099,11 @@ def compress(
     distill_steps: int = 0,
     distill_batch_size: int = 32,
     distill_lr: float = 5e-5,
+    distill_scope: str = "all",
     rows: int = 32768,
     held_out: float = 0.1,
     refit: bool = True,
+    round_to: int = 8,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> tuple[DenseNet, CompressionReport]:
@@ -967,9 +1113,13 @@ def compress(
     ``calibration_images``: prepared network inputs [N, C, S, S] (float16 or float32), N >= 16, unlabeled, not the
     images the result will be evaluated on. A ``held_out`` fraction (at least 4 images when N >= 40) is used only to
     measure how closely the result follows the original (and to decide whether distillation helped).
-    ``rows``: calibration positions sampled per conv for its fit. ``refit=False`` selects the same way but keeps the
-    original weights of the kept channels (the "pruning without refit" baseline). ``distill_steps``: 0 for none;
-    each step is one batch of ``distill_batch_size`` augmented images, Adam at ``distill_lr`` with cosine decay.
+    ``rows``: calibration positions sampled per conv for its fit, spread over the images. ``refit=False`` selects
+    the same way but keeps the original weights of the kept channels (the "pruning without refit" baseline).
+    ``round_to``: channel counts of convs with at least ``8 * round_to`` inputs are multiples of it (1: none).
+    ``distill_steps``: 0 for none; each step fits the network (``distill_scope="all"``, on shifted and scaled
+    calibration images) or only its last dense block and head (``"last_block"``, cached inputs, far cheaper) to the
+    original's class activation maps on a batch of ``distill_batch_size`` images; Adam at ``distill_lr``, cosine
+    decay.
     Raises CompressionError for invalid settings or inputs, or a MAC target not reachable with the parameter target.
     """
     started = time.perf_counter()
@@ -983,6 +1133,8 @@ def compress(
         raise CompressionError(f"Invalid target_macs {target_macs!r} - the fraction of MACs to keep, in (0, 1]")
     if distill_steps < 0:
         raise CompressionError(f"Invalid distill_steps {distill_steps} - must be >= 0")
+    if distill_scope not in ("all", "last_block"):
+        raise CompressionError(f"Invalid distill_scope {distill_scope!r} - expected 'all' or 'last_block'")
     if not 0 <= held_out < 0.5:
         raise CompressionError(f"Invalid held_out {held_out} - must be in [0, 0.5)")
     arch = model.architecture
@@ -1006,9 +1158,14 @@ def compress(
     reference = predict_logits(model, held_x) if n_held else torch.empty(0)
 
     with torch.inference_mode():
-        worker = _Compressor(model, fit_x, rows=rows, seed=seed, refit=refit, progress=progress)
+        worker = _Compressor(
+            model, fit_x, rows=rows, seed=seed, refit=refit, round_to=round_to, progress=progress
+        )
         curves = worker.curves()
-        keep = worker.allocate(curves, target_params=target_params, target_macs=target_macs, input_size=input_size)
+        gains = worker.gains()
+        keep = worker.allocate(
+            curves, target_params=target_params, target_macs=target_macs, input_size=input_size, gains=gains
+        )
         plans, readers, input_bias = worker.refit(keep)
     compressed = worker.assemble(plans, readers, input_bias)
     rmse_refit, max_refit = _fidelity(compressed, reference, held_x)
@@ -1025,6 +1182,7 @@ def compress(
             steps=distill_steps,
             batch_size=distill_batch_size,
             lr=distill_lr,
+            scope=distill_scope,
             seed=seed,
             progress=progress,
         )

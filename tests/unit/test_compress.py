@@ -3,6 +3,7 @@ beats pruning without refit, predictions follow the original; the selection alge
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -280,3 +281,21 @@ def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp
     assert step["parent_sha256"] == read_manifest(parent).weights_sha256
     versions = list_versions(load_settings(None))
     assert [v.operation for v in versions if v.state == "candidate"] == ["compress"]
+
+
+def test_layers_nobody_reads_are_removed(tiny, phantom, tmp_path: Path) -> None:
+    """Silence the last block's layers (zero conv2): the head has no use for their output, so they disappear (the
+    block keeps one layer of one channel, as an Architecture needs) and the result still loads and predicts."""
+    train, test = phantom
+    model = copy.deepcopy(tiny)
+    for layer in model.features.denseblock4.values():
+        torch.nn.init.zeros_(layer.conv2.weight)
+    small, _ = compress(model, train.x, target_params=0.6, target_macs=None, rows=ROWS)
+    last = small.architecture.blocks[-1]
+    assert sum(layer.growth for layer in last) < sum(layer.growth for layer in model.architecture.blocks[-1])
+    loaded, _ = load_artifact(
+        save_artifact(small, tmp_path, name="tiny-small", preprocessing=RECIPE, intended_use="unit test")
+    )
+    torch.testing.assert_close(
+        predict_logits(loaded, test.x), predict_logits(small, test.x), rtol=0, atol=0.05
+    )
