@@ -628,7 +628,7 @@ class _Compressor:
                     elif kind == "transition":
                         b = u[1]
                         out = arch.transitions[b].out_channels
-                        params, macs = out + 2, out * sides[b] ** 2 // 4
+                        params, macs = out + 2, out * sides[b] ** 2  # the conv runs before the pooling
                     else:
                         params, macs = arch.num_classes + 2, arch.num_classes
                     unit_cost = params / base.parameters + mu * macs / base.macs
@@ -638,56 +638,49 @@ class _Compressor:
             return keep
 
         limit = target_params * base.parameters
+        mac_limit = None if target_macs is None else target_macs * base.macs
+        Result = tuple[dict[tuple[Any, ...], int], int, int, float]
 
-        def fit_lambda(mu: float) -> tuple[dict[tuple[Any, ...], int], int, int] | None:
-            """The least pruning (smallest lambda) meeting the parameter target at this MAC weight."""
-            lo, hi = 1e-6, 1e6
-            if complexity(self._architecture(keep_for(hi, mu)), input_size).parameters > limit:
+        def evaluate(keep: dict[tuple[Any, ...], int]) -> Result:
+            counts = complexity(self._architecture(keep), input_size)
+            error = sum(float(cum[totals[u] - keep[u]]) for u, cum in cumulative.items())
+            return keep, counts.parameters, counts.macs, error
+
+        def feasible(result: Result) -> bool:
+            return result[1] <= limit and (mac_limit is None or result[2] <= mac_limit)
+
+        def fit_lambda(mu: float) -> Result | None:
+            """The least pruning (smallest lambda) meeting both targets at this MAC weight."""
+            lo, hi = 1e-8, 1e8
+            if not feasible(evaluate(keep_for(hi, mu))):
                 return None
-            for _ in range(60):
+            for _ in range(80):
                 mid = math.sqrt(lo * hi)
-                if complexity(self._architecture(keep_for(mid, mu)), input_size).parameters <= limit:
+                if feasible(evaluate(keep_for(mid, mu))):
                     hi = mid
                 else:
                     lo = mid
                 if hi / lo < 1.0001:
                     break
-            keep = keep_for(hi, mu)
-            counts = complexity(self._architecture(keep), input_size)
-            return keep, counts.parameters, counts.macs
+            return evaluate(keep_for(hi, mu))
 
-        def meets(result: tuple[dict[tuple[Any, ...], int], int, int] | None) -> bool:
-            return result is not None and (target_macs is None or result[2] <= target_macs * base.macs)
-
-        # the smallest MAC weight mu that meets the MAC target: MACs are cut no more than asked
-        tried: list[tuple[float, tuple[dict[tuple[Any, ...], int], int, int] | None]] = []
-        lo_mu, hi_mu, found = 0.0, None, None
-        for mu in (0.0, *(2.0**k for k in range(-2, 15))):
-            result = fit_lambda(mu)
-            tried.append((mu, result))
-            if meets(result):
-                hi_mu, found = mu, result
-                break
-            lo_mu = mu
-        if found is not None and hi_mu is not None and hi_mu > 0:
-            for _ in range(6):
-                mid_mu = math.sqrt(lo_mu * hi_mu) if lo_mu > 0 else hi_mu / 2
-                result = fit_lambda(mid_mu)
-                if meets(result):
-                    hi_mu, found = mid_mu, result
-                else:
-                    lo_mu = mid_mu
-        if found is not None:
-            log.info("allocation: mu %.3g: %d params, %d MACs", hi_mu, found[1], found[2])
-            return found[0]
-        reachable = [r for _, r in tried if r is not None]
-        if not reachable:
-            smallest = complexity(self._architecture(keep_for(1e6, 0.0)), input_size).parameters
+        # Two budgets, one multiplier each: lambda prices parameters, lambda * mu prices MACs. For each mu the
+        # smallest feasible lambda; of those, the allocation with the least weighted error.
+        mus = (0.0, *(2.0**k for k in range(-4, 15)))
+        tried: list[tuple[float, Result | None]] = [(mu, fit_lambda(mu)) for mu in mus]
+        found = [(r[3], mu, r) for mu, r in tried if r is not None]
+        if found:
+            _, mu, best = min(found, key=lambda item: item[0])
+            log.info("allocation: mu %.3g: %d params, %d MACs, weighted error %.4g", mu, best[1], best[2], best[3])
+            return best[0]
+        smallest = evaluate(keep_for(1e8, 0.0))
+        if smallest[1] > limit:
             raise CompressionError(
                 f"Invalid target_params {target_params}: unreachable - pruning conv inputs and bottlenecks leaves this "
-                f"network at least {smallest:,} of {base.parameters:,} parameters ({smallest / base.parameters:.0%})"
+                f"network at least {smallest[1]:,} of {base.parameters:,} parameters "
+                f"({smallest[1] / base.parameters:.0%})"
             )
-        fewest = min(r[2] for r in reachable)
+        fewest = min(evaluate(keep_for(1e8, mu))[2] for mu, _ in tried)
         raise CompressionError(
             f"Invalid target_macs {target_macs}: not reachable together with target_params {target_params} - the "
             f"fewest MACs found were {fewest:,} of {base.macs:,} ({fewest / base.macs:.0%}); the stem conv is not "
