@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -186,17 +187,19 @@ def sha256_of(path: Path) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StudyImage:
-    """One image of a study to report: its stored file, instance row id, prediction row id and archive."""
+    """One image of a study to report: its stored file, instance row id, prediction row id, the model version of that
+    prediction and its archive file (prediction, CAMs and model facts; see :func:`save_archive`)."""
 
     instance_id: int
     prediction_id: int
     sop_instance_uid: str
     path: Path
-    archive: ArchivedPrediction
+    model_version: str
+    archive_path: Path
 
 
 def study_images(session: Session, spool: Spool, data_dir: Path, study_id: int) -> list[StudyImage]:
-    """Every image of the study with a prediction: the newest prediction per image, oldest image first."""
+    """Every image of the study with an archived prediction: the newest prediction per image, oldest image first."""
     rows = session.execute(
         select(Instance.id, Instance.sop_instance_uid, Instance.path, PredictionRow.id, PredictionRow.model_version)
         .join(Series, Instance.series_id == Series.id)
@@ -219,7 +222,8 @@ def study_images(session: Session, spool: Spool, data_dir: Path, study_id: int) 
                 prediction_id=prediction_id,
                 sop_instance_uid=uid,
                 path=spool.path_of(rel_path),
-                archive=load_archive(archive),
+                model_version=version,
+                archive_path=archive,
             )
         )
     return images
@@ -250,10 +254,37 @@ def store_findings(session: Session, prediction_id: int, findings: list[Any]) ->
         session.add(row)
 
 
-def _compose(**kwargs: Any) -> Any:
+def warm_up() -> int:
+    """Import the document libraries (highdicom, reportlab, pydicom's SR dictionaries: seconds in a fresh process) so
+    the first report a worker process writes is not slowed by them. Returns the process id."""
+    import reporting.compose  # noqa: F401
+
+    return os.getpid()
+
+
+def compose_files(
+    *, images: list[tuple[Path, Path]], revision: int, predecessors: list[str], folder: Path, settings: Any
+) -> tuple[list[Any], list[Any]]:
+    """Read each (stored image file, prediction archive) pair and write the study's documents (runs in a report worker
+    process: decoding and the documents are CPU work). Returns the findings per image and the files written.
+
+    Raises PermanentJobError when a stored image cannot be read or decoded."""
     from reporting.compose import compose_study
 
-    return compose_study(**kwargs)
+    inputs = []
+    for image_path, archive_file in images:
+        ds, pixels = read_stored_image(image_path)
+        archived = load_archive(archive_file)
+        inputs.append((ds, pixels, archived.prediction, archived.model))
+    composed = compose_study(
+        images=inputs, revision=revision, predecessors=predecessors, folder=folder, settings=settings
+    )
+    return composed.findings, composed.files
+
+
+def _log_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.error("report worker process failed to start: %s", future.exception())
 
 
 class ReportLoop:
@@ -285,6 +316,9 @@ class ReportLoop:
         if workers > 0:
             # spawn: forking a process that holds torch, CUDA and open database connections is unsafe
             self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            # start every worker process and load its libraries now, not when the first study is due
+            for future in [self._pool.submit(warm_up) for _ in range(workers)]:
+                future.add_done_callback(_log_failure)
         for i in range(max(1, workers)):
             thread = threading.Thread(target=self._loop, name=f"chexd-reports-{i}", daemon=True)
             thread.start()
@@ -375,24 +409,23 @@ class ReportLoop:
             images = study_images(session, self.spool, self.settings.data_dir, study_id)
         if not images:
             raise PermanentJobError("no image of the study has a usable prediction")
-        sources = [read_stored_image(image.path) for image in images]
         folder = self.settings.data_dir / "reports" / f"study-{study_id}" / f"r{revision}"
-        compose = _compose if self._pool is None else lambda **kw: self._pool.submit(_compose, **kw).result()
-        composed = compose(
-            images=[
-                (ds, pixels, image.archive.prediction, image.archive.model)
-                for image, (ds, pixels) in zip(images, sources, strict=True)
-            ],
-            revision=revision,
-            predecessors=predecessors,
-            folder=folder,
-            settings=self.settings,
-        )
+        work = {
+            "images": [(image.path, image.archive_path) for image in images],
+            "revision": revision,
+            "predecessors": predecessors,
+            "folder": folder,
+            "settings": self.settings,
+        }
+        if self._pool is None:
+            findings_per_image, files = compose_files(**work)
+        else:
+            findings_per_image, files = self._pool.submit(compose_files, **work).result()
         with self.sessions.begin() as session:
-            for image, findings in zip(images, composed.findings, strict=True):
+            for image, findings in zip(images, findings_per_image, strict=True):
                 store_findings(session, image.prediction_id, findings)
             file_ids = []
-            for written in composed.files:
+            for written in files:
                 row = ReportFile(
                     report_id=report_id,
                     kind=_KINDS.get(written.kind, written.kind),
@@ -432,7 +465,7 @@ class ReportLoop:
                 .values(
                     state=ReportState.SUPERSEDED if newer else ReportState.DONE,
                     finished_at=utcnow(),
-                    model_version=images[-1].archive.prediction.model_version,
+                    model_version=images[-1].model_version,
                     instance_uids=[image.sop_instance_uid for image in images],
                     error=None,
                 )

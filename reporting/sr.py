@@ -62,6 +62,7 @@ FINDING_CODES: dict[str, Code] = {
     "Hernia": Code("CXR14-HERNIA", PRIVATE_SCHEME, "Hernia"),
 }
 PROBABILITY = Code("122157", "DCM", "Probability")
+IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
@@ -151,6 +152,20 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
     return group
 
 
+def _without_measurements(root: Dataset) -> Dataset:
+    """A shallow copy of a TID 1500 root container without its "Imaging Measurements" container (DCM 126010), the
+    subtree that holds the measurement groups; the other items are shared, not copied."""
+    out = Dataset()
+    for elem in root:
+        if elem.keyword != "ContentSequence":
+            out.add(elem)
+    out.ContentSequence = [
+        item for item in root.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue != IMAGING_MEASUREMENTS.value
+    ]
+    return out
+
+
 def _predecessor(report: StudyReport, uid: str) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = Comprehensive3DSRStorage
@@ -166,8 +181,14 @@ def sr_instance_uid(report: StudyReport) -> UID:
                         report.revision)
 
 
-def build_sr(report: StudyReport, sources: Sequence[pydicom.Dataset]) -> hd.sr.Comprehensive3DSR:
+def build_sr(
+    report: StudyReport, sources: Sequence[pydicom.Dataset], *, fast: bool = True
+) -> hd.sr.Comprehensive3DSR:
     """The report as a Comprehensive 3D SR (see the module docstring); write it with ``sr.save_as(path)``.
+
+    ``fast`` (default) attaches the measurement groups after highdicom built the document around the rest of the
+    content tree (same dataset, a third of the time); ``fast=False`` hands highdicom the whole tree. With ``fast``
+    the returned object's ``content`` property lacks the groups: read the dataset (``ContentSequence``) instead.
 
     ``sources``: the source image datasets, one per ``report.images`` in the same order (pixel data not needed).
     Raises ValueError when sources and images do not match (count or SOP Instance UID)."""
@@ -196,9 +217,18 @@ def build_sr(report: StudyReport, sources: Sequence[pydicom.Dataset]) -> hd.sr.C
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
     )
+    root = content[0]
+    if fast:
+        # highdicom's document constructor deep-copies the content tree and searches it for image references: about
+        # two thirds of the SR's build time for a tree we have just built. Give it the root container without the
+        # measurement groups, then attach the full tree. The evidence (every source image, all that the groups
+        # reference) and so CurrentRequestedProcedureEvidenceSequence are the same; the test
+        # test_fast_sr_equals_highdicom_full_build proves the written files identical.
+        full = root.ContentSequence
+        root = _without_measurements(root)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=content[0],
+        content=root,
         series_instance_uid=series_uid("sr", report.study_instance_uid),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sr_instance_uid(report),
@@ -211,6 +241,8 @@ def build_sr(report: StudyReport, sources: Sequence[pydicom.Dataset]) -> hd.sr.C
         previous_versions=[_predecessor(report, uid) for uid in report.predecessors] or None,
         series_description="chexd AI findings (unverified)",
     )
+    if fast:
+        sr.ContentSequence = full
     created = report.created_at
     sr.ContentDate = created.strftime("%Y%m%d")
     sr.ContentTime = created.strftime("%H%M%S")

@@ -167,3 +167,26 @@ def test_a_two_image_study_has_a_group_per_finding_and_image(tmp_path: Path) -> 
     assert len(groups) == 2 * len(LABELS)
     out = _run("dsrdump", str(path))
     assert "Effusion image 1" in out and "Effusion image 2" in out
+
+
+def _comparable(ds: pydicom.Dataset) -> bytes:
+    """The written SR without highdicom's build timestamp (Contributing Equipment's ContributionDateTime)."""
+    import io
+
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = "20000101000000"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_fast_sr_equals_highdicom_full_build() -> None:
+    """The fast path (measurement groups attached after highdicom built the document) writes the same bytes as handing
+    highdicom the whole content tree, for a revision with a predecessor and an excluded finding."""
+    report, sources = phantom_report(
+        findings={"Pneumothorax": 0.97, "Edema": 0.6}, revision=2, predecessors=("1.2.826.0.1.3680043.8.498.7",)
+    )
+    assert any(f.status == "excluded" for f in report.images[0].findings)
+    fast, full = build_sr(report, sources), build_sr(report, sources, fast=False)
+    assert len(fast.ContentSequence[-1].ContentSequence) == len(LABELS)
+    assert _comparable(fast) == _comparable(full)
