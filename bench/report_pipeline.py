@@ -5,6 +5,8 @@ beside a naive pipeline over the same files in the same run.
   a deliberate wait for more images, 5 s by default - is not counted); one storescu association sends all N files.
   Latency per image = report written (``study_reports.finished_at``) - instance received (``instances.received_at``),
   both from the database. Throughput = N / (last report written - first image received).
+  CPU seconds per image: user + system time of the daemon and its report worker processes from the first C-STORE
+  to the last report (/proc), divided by N - less sensitive than images/s to other load on the machine.
 - **naive**: per file, sequentially: ``pydicom.dcmread`` + ``pixel_array`` (min-max normalised, MONOCHROME1
   inverted), resize, torchvision ``densenet121`` eager fp32 forward with the same weights, pytorch-grad-cam
   ``GradCAM`` (one backward) per positive finding, then the same documents through the same code
@@ -54,6 +56,22 @@ def _write_phantoms(folder: Path, count: int, size: int, start: int) -> list[Pat
     return paths
 
 
+def _tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process and its direct children (the report worker processes), from /proc
+    (Linux only; None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: ppid
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            found = True
+    return total / tick if found else None
+
+
 def run_chexd(files: list[Path], work: Path, timeout: float) -> dict[str, object]:
     from sqlalchemy import create_engine, text
 
@@ -80,6 +98,8 @@ def run_chexd(files: list[Path], work: Path, timeout: float) -> dict[str, object
                 raise SystemExit(f"chexd did not start: see {work / 'chexd.log'}")
             time.sleep(0.5)
         engine = create_engine(f"sqlite:///{data / 'chexd.db'}")
+        time.sleep(3)  # the report worker processes load their libraries at start
+        cpu_before = _tree_cpu_seconds(proc.pid)
         sent = time.monotonic()
         subprocess.run(["storescu", "-aec", "CHEXD", "127.0.0.1", str(port), *map(str, files)], check=True)
         deadline = sent + timeout
@@ -88,7 +108,8 @@ def run_chexd(files: list[Path], work: Path, timeout: float) -> dict[str, object
                 done = conn.scalar(text("SELECT count(*) FROM study_reports WHERE state IN ('DONE', 'FAILED')"))
             if done >= len(files) or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.25)
+        cpu_after = _tree_cpu_seconds(proc.pid)
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
@@ -119,6 +140,7 @@ def run_chexd(files: list[Path], work: Path, timeout: float) -> dict[str, object
         "images_per_s": len(ok) / span if ok else 0.0,
         "p50_s": float(np.percentile(latencies, 50)) if ok else None,
         "p95_s": float(np.percentile(latencies, 95)) if ok else None,
+        "cpu_s_per_image": (cpu_after - cpu_before) / len(files) if cpu_before is not None and cpu_after else None,
         "findings": findings,
     }
 
@@ -153,6 +175,7 @@ def run_naive(files: list[Path], work: Path) -> dict[str, object]:
         "preprocessing": manifest.preprocessing.to_dict(),
     }
     latencies = []
+    cpu_before = time.process_time()
     start = time.monotonic()
     for n, path in enumerate(files):
         t0 = time.monotonic()
@@ -186,9 +209,11 @@ def run_naive(files: list[Path], work: Path) -> dict[str, object]:
         )
         latencies.append(time.monotonic() - t0)
     span = time.monotonic() - start
+    cpu = time.process_time() - cpu_before
     lat = np.array(latencies)
     return {
         "images_per_s": len(files) / span,
+        "cpu_s_per_image": cpu / len(files),
         "p50_s": float(np.percentile(lat, 50)),
         "p95_s": float(np.percentile(lat, 95)),
     }
@@ -239,6 +264,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("storescu"):
         raise SystemExit("storescu (dcmtk) is required: apt-get install dcmtk")
+    load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="chexd-bench-"))
     files = _write_phantoms(work / "in", args.count, args.size, args.start)
     chexd = run_chexd(files, work, args.timeout)  # on failure the work folder (with chexd.log) is kept
@@ -247,10 +273,13 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used"
     print(f"\nEnd to end, {args.count} phantom DX images {args.size} px, bundled demo model on CPU ({machine})\n")
-    print("| pipeline | images/s | p50 latency (s) | p95 latency (s) |")
-    print("|---|---|---|---|")
+    print(f"load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)\n")
+    print("| pipeline | images/s | p50 latency (s) | p95 latency (s) | CPU s per image |")
+    print("|---|---|---|---|---|")
     for name, r in (("chexd (storescu -> reports)", chexd), ("naive (sequential)", naive)):
-        print(f"| {name} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
+        cpu = r.get("cpu_s_per_image")
+        cpu_text = f"{cpu:.3f}" if isinstance(cpu, float) else "n/a"
+        print(f"| {name} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {cpu_text} |")
     ratio = chexd["images_per_s"] / naive["images_per_s"]  # type: ignore[operator]
     print(f"\nthroughput ratio chexd / naive: {ratio:.1f}x (targets: >= 3 images/s, >= 5x the naive pipeline)")
     print(f"reports written {chexd['reports']}, failed {chexd['failed']}\n")
@@ -259,7 +288,8 @@ def main() -> None:
     for label, g in game.items():
         print(f"| {label} | {g['n']} | {g['chexd']:.2f} | {g['centre']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"chexd": chexd, "naive": naive, "ratio": ratio, "pointing": game}, indent=2))
+        results = {"chexd": chexd, "naive": naive, "ratio": ratio, "pointing": game, "load_average": load}
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
