@@ -72,9 +72,17 @@ ABSENT = Code("272519000", "SCT", "Absent")
 _AGE_LENGTH = 4
 
 
-def _code(label: str) -> Code:
+# highdicom converts every pydicom Code it is given into a CodedConcept (validated, hashed): convert ours once.
+_CONCEPTS = {label: hd.sr.CodedConcept.from_code(code) for label, code in FINDING_CODES.items()}
+_PROBABILITY = hd.sr.CodedConcept.from_code(PROBABILITY)
+_PRESENT, _ABSENT = hd.sr.CodedConcept.from_code(PRESENT), hd.sr.CodedConcept.from_code(ABSENT)
+_NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
+_COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+
+
+def _code(label: str) -> hd.sr.CodedConcept:
     try:
-        return FINDING_CODES[label]
+        return _CONCEPTS[label]
     except KeyError:
         raise ValueError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
 
@@ -120,7 +128,7 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
         identifier=f"{finding.label} image {n}",
     )
     algorithm = _algorithm(report, finding)
-    evaluation = hd.sr.QualitativeEvaluation(name=code, value=PRESENT if finding.status == "present" else ABSENT)
+    evaluation = hd.sr.QualitativeEvaluation(name=code, value=_PRESENT if finding.status == "present" else _ABSENT)
     probability = round(finding.probability, 6)
     if finding.peak is not None:
         row, col = finding.peak
@@ -129,14 +137,14 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
             graphic_data=np.array([[col + 0.5, row + 0.5]]),  # (column, row) of the peak pixel centre, C.18.6.1.1
             source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
         )
-        measurement = hd.sr.Measurement(name=PROBABILITY, value=probability, unit=codes.UCUM.NoUnits)
+        measurement = hd.sr.Measurement(name=_PROBABILITY, value=probability, unit=_NO_UNITS)
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, referenced_region=region, finding_type=code, algorithm_id=algorithm,
             measurements=[measurement], qualitative_evaluations=[evaluation],
         )
     else:
         measurement = hd.sr.Measurement(
-            name=PROBABILITY, value=probability, unit=codes.UCUM.NoUnits,
+            name=_PROBABILITY, value=probability, unit=_NO_UNITS,
             referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds)],
         )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -144,10 +152,10 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
             qualitative_evaluations=[evaluation],
         )
     items = group[0].ContentSequence
-    items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=_comment(finding)[:1024],
+    items.append(hd.sr.TextContentItem(name=_COMMENT, value=_comment(finding)[:1024],
                                        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if finding.status == "excluded" and finding.reason:
-        items.append(hd.sr.TextContentItem(name=codes.DCM.Comment, value=f"Excluded: {finding.reason}"[:1024],
+        items.append(hd.sr.TextContentItem(name=_COMMENT, value=f"Excluded: {finding.reason}"[:1024],
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
