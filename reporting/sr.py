@@ -18,9 +18,9 @@ One measurement group per finding and image:
   finding (above its threshold, but mutually exclusive with a much more confident one) is reported **Absent**, with a
   DCM 121106 "Comment" TEXT item "Excluded: <reason>" — the probability stays in the measurement;
 - measurement: DCM 122157 "Probability", unit UCUM "1" (no units), value in [0, 1];
-- algorithm identification (TID 4019): the model name, version = the model version hash, parameters: the decision
-  threshold and the weights' sha256;
-- a "Comment" TEXT item with the threshold, status and the main zone of the heat.
+- algorithm identification (TID 4019): the model name, version = the model version hash (it covers the weights, the
+  thresholds and the preprocessing), parameter: the decision threshold;
+- present and excluded findings: a "Comment" TEXT item with the zone holding most of the heat.
 """
 
 from __future__ import annotations
@@ -107,18 +107,17 @@ def _clean_evidence(ds: Dataset) -> Dataset:
 
 def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentification:
     m = report.model
-    parameters = [f"decision threshold {finding.threshold:.4f}"]
-    if m.weights_sha256:
-        parameters.append(f"weights sha256 {m.weights_sha256}")
-    return hd.sr.AlgorithmIdentification(name=m.name[:64], version=m.version, parameters=parameters)
+    return hd.sr.AlgorithmIdentification(
+        name=m.name[:64], version=m.version, parameters=[f"decision threshold {finding.threshold:.4f}"]
+    )
 
 
-def _comment(finding: Finding) -> str:
-    text = f"Status {finding.status}; probability {finding.probability:.4f}; threshold {finding.threshold:.4f}"
-    if finding.regions:
-        top = finding.regions[0]
-        text += f"; main region {top.zone} ({top.share:.0%} of heat)"
-    return text
+def _comment(finding: Finding) -> str | None:
+    """What the coded items do not say: the zone with most of the heat (present and excluded findings)."""
+    if not finding.positive or not finding.regions:
+        return None
+    top = finding.regions[0]
+    return f"Main region of the heatmap: {top.zone} ({top.share:.0%} of the heat)"
 
 
 def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset):  # type: ignore[no-untyped-def]
@@ -152,8 +151,10 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
             qualitative_evaluations=[evaluation],
         )
     items = group[0].ContentSequence
-    items.append(hd.sr.TextContentItem(name=_COMMENT, value=_comment(finding)[:1024],
-                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    comment = _comment(finding)
+    if comment:
+        items.append(hd.sr.TextContentItem(name=_COMMENT, value=comment[:1024],
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     if finding.status == "excluded" and finding.reason:
         items.append(hd.sr.TextContentItem(name=_COMMENT, value=f"Excluded: {finding.reason}"[:1024],
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
