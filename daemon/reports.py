@@ -148,11 +148,14 @@ def mark_pending(session: Session, study_id: int, *, quiet_seconds: float, model
 class ReportScheduler:
     """The worker's result sink: archives each prediction and marks its study pending (same commit as the job)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_prediction: Any = None) -> None:
         self.settings = settings
+        self.on_prediction = on_prediction  # e.g. ReportLoop.prepare
 
     def save(self, job: ClaimedJob, result: JobResult) -> None:
         assert result.prediction is not None
+        if self.on_prediction is not None:
+            self.on_prediction()
         save_archive(
             archive_path(self.settings.data_dir, job.sop_instance_uid, result.prediction.model_version),
             result.prediction,
@@ -310,15 +313,22 @@ class ReportLoop:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Start the worker processes and load their libraries (seconds of CPU each), once: called when the first
+        prediction of this run is archived, so a study's report is not delayed by it and an idle daemon never pays."""
+        workers = self.settings.report_workers
+        with self._pool_lock:
+            if workers <= 0 or self._pool is not None or self._stop.is_set():
+                return
+            # spawn: forking a process that holds torch, CUDA and open database connections is unsafe
+            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            for future in [self._pool.submit(warm_up) for _ in range(workers)]:
+                future.add_done_callback(_log_failure)
 
     def start(self) -> None:
         workers = self.settings.report_workers
-        if workers > 0:
-            # spawn: forking a process that holds torch, CUDA and open database connections is unsafe
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            # start every worker process and load its libraries now, not when the first study is due
-            for future in [self._pool.submit(warm_up) for _ in range(workers)]:
-                future.add_done_callback(_log_failure)
         for i in range(max(1, workers)):
             thread = threading.Thread(target=self._loop, name=f"chexd-reports-{i}", daemon=True)
             thread.start()
@@ -329,8 +339,9 @@ class ReportLoop:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -417,6 +428,7 @@ class ReportLoop:
             "folder": folder,
             "settings": self.settings,
         }
+        self.prepare()
         if self._pool is None:
             findings_per_image, files = compose_files(**work)
         else:

@@ -43,7 +43,8 @@ class Daemon:
         self.processor = processor
         self.forwards = ForwardLoop(self.sessions, settings)
         self.reports = ReportLoop(self.sessions, self.spool, settings, on_written=self.forwards.wake)
-        self.workers = WorkerPool(self.sessions, self.spool, settings, processor, sink=ReportScheduler(settings))
+        scheduler = ReportScheduler(settings, on_prediction=self.reports.prepare)
+        self.workers = WorkerPool(self.sessions, self.spool, settings, processor, sink=scheduler)
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
         self._stopped = threading.Event()

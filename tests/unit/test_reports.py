@@ -84,3 +84,29 @@ def test_prediction_archive_round_trips(tmp_path: Path) -> None:
     back = load_archive(path)
     assert np.array_equal(back.prediction.cams, prediction.cams) and back.prediction.labels == LABELS
     assert back.model["thresholds"]["Mass"] == 0.5 and not list(path.parent.glob("*.tmp*"))
+
+
+def test_worker_processes_start_with_the_first_prediction_not_with_the_daemon(tmp_path: Path) -> None:
+    """An idle daemon never starts report worker processes; the first archived prediction starts them once."""
+    import multiprocessing
+
+    from daemon.reports import ReportScheduler
+
+    db_url = f"sqlite:///{tmp_path / 'chexd.db'}"
+    engine = create_db_engine(db_url)
+    upgrade_to_head(engine)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, report_workers=1)
+    loop = ReportLoop(session_factory(engine), Spool(settings.spool_dir, settings.quarantine_dir, 0), settings)
+    scheduler = ReportScheduler(settings, on_prediction=loop.prepare)
+    before = set(multiprocessing.active_children())
+    loop.start()
+    try:
+        assert set(multiprocessing.active_children()) == before
+        for _ in range(2):  # as the sink does for each prediction; the second call starts nothing more
+            assert scheduler.on_prediction is not None
+            scheduler.on_prediction()
+        started = set(multiprocessing.active_children()) - before
+        assert len(started) == 1
+    finally:
+        loop.stop()
+    assert not (set(multiprocessing.active_children()) - before)
