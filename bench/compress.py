@@ -2,7 +2,7 @@
 
     python -m bench.compress [--model model/demo/chexd-demo.json] [--calibration-images 1000] [--test-images 1000]
                              [--target-params 0.45] [--target-macs 0.55] [--distill-steps 0] [--cache DIR]
-                             [--save PATH] [--json]
+                             [--load PATH] [--save PATH] [--json]
 
 One run: compresses the model with :func:`model.compress.compress` (calibration: phantom *train* split images), prunes
 the same model with Torch-Pruning (``MetaPruner`` + ``GroupMagnitudeImportance``, no fine-tuning; its pruning ratio
@@ -11,7 +11,9 @@ conv + linear MACs, per-finding and mean AUROC on the phantom *test* split with 
 difference to the original (the same resampled images for both models), and CPU latency at batch 1 / throughput at
 batch 16 (interleaved timing, median; ratio to the original). The compressed model is evaluated after a float16
 round trip, as the artifact stores it. ``--save`` writes that artifact (float16, the parent's intended use,
-thresholds and provenance plus ``compress``).
+thresholds and provenance plus ``compress``). ``--load PATH`` evaluates an artifact compressed earlier from
+``--model`` instead of compressing again (its manifest's last provenance entry must be ``compress`` with the
+model's weights as parent; its settings and compression report are carried over to ``--save``).
 
 Targets (issue 6): >= 51.43% of the parameters and >= 45% of the MACs removed; mean dAUROC >= -0.001 with its CI
 containing 0; no finding below -0.005; >= 1.3x faster at CPU batch 1.
@@ -159,6 +161,23 @@ def _fp16_round_trip(model: Any, manifest: Any, folder: Path) -> tuple[Any, Path
     return loaded, path
 
 
+def _load_compressed(path: Path, parent: Any) -> tuple[Any, dict[str, Any], dict[str, Any], float]:
+    """A compressed artifact made earlier from ``parent`` (manifest): (model, compression report dict, compress
+    settings, compression seconds). Raises SystemExit with a message when it is not a compression of ``parent``."""
+    from model.artifact import load_artifact
+
+    model, manifest = load_artifact(path)
+    last = manifest.provenance[-1] if manifest.provenance else {}
+    if last.get("operation") != "compress" or last.get("parent_sha256") != parent.weights_sha256:
+        raise SystemExit(
+            f"{path}: not a compression of {parent.name} {parent.short_hash} - its last provenance entry must be "
+            f"'compress' with parent_sha256 {parent.weights_sha256[:16]}..., found {last.get('operation')!r} "
+            f"{str(last.get('parent_sha256'))[:16]}"
+        )
+    report = dict(manifest.metrics.get("compression", {}))
+    return model, report, dict(last.get("parameters", {})), float(report.get("seconds", float("nan")))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -171,28 +190,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = manifest.preprocessing
     size, channels = recipe.input_size, recipe.channels
     cache = Path(args.cache)
-    calibration, _ = _split("train", args.calibration_images, recipe, args.seed, cache)
     test_x, test_y = _split("test", args.test_images, recipe, args.seed, cache)
+    if args.load:
+        ours, report_dict, params, compress_seconds = _load_compressed(Path(args.load), manifest)
+        calibration_count = int(params.get("calibration_images", report_dict.get("calibration_images", 0)))
+    else:
+        calibration, _ = _split("train", args.calibration_images, recipe, args.seed, cache)
+        calibration_count = len(calibration)
+        _log(f"compressing {manifest.name} with {len(calibration)} calibration images")
+        last = {"stage": ""}
 
-    _log(f"compressing {manifest.name} with {len(calibration)} calibration images")
-    last = {"stage": ""}
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage != last["stage"] or done == total or done % 10 == 0:
+                _log(f"{stage} {done}/{total}")
+                last["stage"] = stage
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage != last["stage"] or done == total or done % 10 == 0:
-            _log(f"{stage} {done}/{total}")
-            last["stage"] = stage
-
-    started = time.perf_counter()
-    ours, report = compress(
-        original,
-        calibration,
-        target_params=args.target_params,
-        target_macs=args.target_macs,
-        distill_steps=args.distill_steps,
-        seed=args.seed,
-        progress=progress,
-    )
-    compress_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        ours, report = compress(
+            original,
+            calibration,
+            target_params=args.target_params,
+            target_macs=args.target_macs,
+            distill_steps=args.distill_steps,
+            seed=args.seed,
+            progress=progress,
+        )
+        compress_seconds = time.perf_counter() - started
+        report_dict = report.to_dict()
+        params = {
+            "target_params": args.target_params,
+            "target_macs": args.target_macs,
+            "calibration_images": len(calibration),
+            "calibration_data": "chexd chest phantom, train split",
+            "distill_steps": args.distill_steps,
+            "seed": args.seed,
+            "method": "greedy channel selection + least-squares refit (model.compress)",
+        }
     with tempfile.TemporaryDirectory() as tmp:
         ours, _ = _fp16_round_trip(ours, manifest, Path(tmp))
 
@@ -262,11 +295,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "model": f"{manifest.name} {manifest.short_hash}",
         "input_size": size,
-        "calibration_images": len(calibration),
+        "calibration_images": calibration_count,
         "test_images": len(test_x),
         "compress_seconds": round(compress_seconds, 1),
+        "loaded": args.load,
         "torch_pruning": {"ratio": round(tp_ratio, 4), "seconds": round(tp_seconds, 1)},
-        "report": report.to_dict(),
+        "report": report_dict,
         "rows": rows,
         "deltas": {name: d.to_dict() for name, d in deltas.items()},
         "targets": TARGETS,
@@ -277,21 +311,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "parameters": c["parameters"],
             "macs": c["macs"],
             "input_size": size,
-            "compression": report.to_dict(units=False),
+            "compression": {k: v for k, v in report_dict.items() if k != "units"},
             "test": {"split": "test", "images": len(test_x), "seed": args.seed} | deltas["chexd"].to_dict(),
             "latency": {k: round(v, 3) for k, v in c.items() if k.startswith("batch")} | {"device": "cpu"},
             "torch_pruning_at_same_parameters": {
                 k: rows["torch-pruning"][k] for k in ("parameters", "macs", "mean_auroc", "mean_delta")
             },
-        }
-        params = {
-            "target_params": args.target_params,
-            "target_macs": args.target_macs,
-            "calibration_images": len(calibration),
-            "calibration_data": "chexd chest phantom, train split",
-            "distill_steps": args.distill_steps,
-            "seed": args.seed,
-            "method": "greedy channel selection + least-squares refit (model.compress)",
         }
         path = save_artifact(
             ours,
@@ -361,8 +386,10 @@ def _table(result: dict[str, Any]) -> str:
     lines += [""] + [f"{'PASS' if ok else 'FAIL'}  {names[k]}" for k, ok in result["checks"].items()]
     rep = result["report"]
     lines.append(
-        f"compression took {result['compress_seconds']} s; held-out calibration logit RMSE {rep['logit_rmse']:.4f} "
-        f"(distilled: {rep['distilled']}); Torch-Pruning {result['torch_pruning']['seconds']} s"
+        (f"loaded {result['loaded']} (compressed earlier); " if result.get("loaded") else "")
+        + f"compression took {result['compress_seconds']} s; held-out calibration logit RMSE "
+        f"{rep.get('logit_rmse', float('nan')):.4f} (distilled: {rep.get('distilled')}); "
+        f"Torch-Pruning {result['torch_pruning']['seconds']} s"
     )
     if "saved" in result:
         lines.append(f"saved {result['saved']}")
@@ -381,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=40, help="timed batch-1 forwards per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "chexd-bench-compress"))
+    parser.add_argument("--load", default=None, help="evaluate this artifact, compressed earlier from --model")
     parser.add_argument("--save", default=None, help="write the compressed artifact here (.json path or folder)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
     args = parser.parse_args(argv)

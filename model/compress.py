@@ -53,6 +53,7 @@ __all__ = [
     "CompressionReport",
     "UnitReport",
     "compress",
+    "distill",
     "paired_auroc_delta",
     "predict_logits",
 ]
@@ -1001,6 +1002,29 @@ def _augment(x: Tensor, rng: np.random.Generator) -> Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3)) * gain
 
 
+_LOGIT_WEIGHT = 4.0  # distillation loss: CAM error plus this times the (spatially averaged) logit error
+
+
+def _scope_cut(student: DenseNet, scope: str) -> int:
+    """Index into ``student.features`` where a distillation ``scope`` starts (0: the whole network).
+    Raises CompressionError for an unknown scope or one with more blocks than the network has."""
+    blocks = len(student.architecture.blocks)
+    if scope == "all":
+        return 0
+    if scope == "last_block":
+        count = 1
+    else:
+        parts = scope.split("_")
+        if len(parts) != 3 or parts[0] != "last" or parts[2] != "blocks" or not parts[1].isdigit():
+            raise CompressionError(
+                f"Invalid distill_scope {scope!r} - expected 'all', 'last_block' or 'last_<k>_blocks'"
+            )
+        count = int(parts[1])
+    if not 1 <= count <= blocks:
+        raise CompressionError(f"Invalid distill_scope {scope!r} - the network has {blocks} dense blocks")
+    return list(student.features._modules).index(f"denseblock{blocks - count + 1}")
+
+
 def _distill(
     student: DenseNet,
     teacher: DenseNet,
@@ -1013,15 +1037,18 @@ def _distill(
     seed: int,
     progress: Progress | None,
 ) -> None:
-    """Fine-tune the student so that its class activation maps match the teacher's (each class's error relative to
-    its logit's spread over the images). BatchNorm statistics stay frozen (eval mode); Adam with cosine decay.
+    """Fine-tune the student so that its class activation maps and logits match the teacher's (each class's error
+    relative to its logit's spread over the images). BatchNorm statistics stay frozen (eval mode); Adam with cosine
+    decay.
 
     ``scope="all"``: every weight, on randomly shifted and scaled calibration images, the teacher run on the same
-    batch. ``scope="last_block"``: only the last dense block, the final BatchNorm affine and the classifier, on the
-    calibration images; the earlier blocks' output is computed once and cached (cheap on a CPU)."""
+    batch. ``scope="last_block"`` / ``"last_<k>_blocks"``: only the last k dense blocks (with the transitions between
+    them), the final BatchNorm affine and the classifier, on the calibration images as they are; the earlier layers'
+    output and the teacher's maps are computed once and cached (far cheaper on a CPU, memory ~ images x the cut's
+    activation size)."""
     feats = student.features
     names = list(feats._modules)
-    cut = names.index(f"denseblock{len(student.architecture.blocks)}") if scope == "last_block" else 0
+    cut = _scope_cut(student, scope)
     stem = [feats._modules[n] for n in names[:cut]]
     tail = [feats._modules[n] for n in names[cut:]]
     student.eval()
@@ -1032,13 +1059,15 @@ def _distill(
             x = images[start : start + _CHUNK].float()
             t = _cams(teacher, x)
             targets.append(t)
-            if scope == "last_block":
+            if scope != "all":
                 for module in stem:
                     x = module(x)
                 cached.append(x)
+            if progress:
+                progress("compress: distill (caching)", min(start + _CHUNK, len(images)), len(images))
         target = torch.cat(targets)
         inputs = torch.cat(cached) if cached else images
-    weight = _class_scale(target.mean((2, 3)))[None, :, None, None]
+    weight = _class_scale(target.mean((2, 3)))
     params = [p for m in tail for p in m.parameters()] + list(student.classifier.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -1056,7 +1085,8 @@ def _distill(
                 z = module(z)
             cams = torch.einsum("nchw,kc->nkhw", F.relu(z), student.classifier.weight)
             cams = cams + student.classifier.bias[None, :, None, None]
-            loss = F.mse_loss(cams * weight, goal * weight)
+            error = (cams - goal) * weight[None, :, None, None]
+            loss = error.pow(2).mean() + _LOGIT_WEIGHT * error.mean((2, 3)).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
@@ -1064,8 +1094,37 @@ def _distill(
         if progress:
             progress("compress: distill", step + 1, steps)
         if (step + 1) % 25 == 0:
-            log.info("distill step %d/%d CAM MSE %.5f", step + 1, steps, loss.item())
+            log.info("distill step %d/%d loss %.5f", step + 1, steps, loss.item())
     student.eval()
+
+
+def distill(
+    student: DenseNet,
+    teacher: DenseNet,
+    images: Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-4,
+    scope: str = "last_2_blocks",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> DenseNet:
+    """Distil ``teacher`` into ``student`` (changed in place and returned, eval mode) on unlabeled prepared images
+    [N, C, S, S]; see :func:`compress` for ``scope``. The student is typically a :func:`compress` result; both must
+    take the same input. Raises CompressionError for invalid settings."""
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise CompressionError(f"Invalid distillation settings steps={steps} batch_size={batch_size} lr={lr}")
+    if images.ndim != 4 or len(images) < 2:
+        raise CompressionError(f"Invalid distillation images {tuple(images.shape)} - expected [N >= 2, C, S, S]")
+    _scope_cut(student, scope)
+    _distill(
+        student, teacher, images, steps=steps, batch_size=batch_size, lr=lr, scope=scope, seed=seed,
+        progress=progress,
+    )
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
 
 
 @torch.inference_mode()
@@ -1093,6 +1152,7 @@ def compress(
     distill_batch_size: int = 32,
     distill_lr: float = 5e-5,
     distill_scope: str = "all",
+    distill_images: Tensor | None = None,
     rows: int = 32768,
     held_out: float = 0.1,
     refit: bool = True,
@@ -1110,9 +1170,10 @@ def compress(
     the same way but keeps the original weights of the kept channels (the "pruning without refit" baseline).
     ``round_to``: channel counts of convs with at least ``8 * round_to`` inputs are multiples of it (1: none).
     ``distill_steps``: 0 for none; each step fits the network (``distill_scope="all"``, on shifted and scaled
-    calibration images) or only its last dense block and head (``"last_block"``, cached inputs, far cheaper) to the
-    original's class activation maps on a batch of ``distill_batch_size`` images; Adam at ``distill_lr``, cosine
-    decay.
+    calibration images) or only its last dense block(s) and head (``"last_block"``, ``"last_<k>_blocks"``: cached
+    inputs, far cheaper) to the original's class activation maps and logits on a batch of ``distill_batch_size``
+    images; Adam at ``distill_lr``, cosine decay. ``distill_images``: more unlabeled prepared images [M, C, S, S]
+    used for distillation only (besides the calibration images that are not held out).
     Raises CompressionError for invalid settings or inputs, or a MAC target not reachable with the parameter target.
     """
     started = time.perf_counter()
@@ -1126,8 +1187,16 @@ def compress(
         raise CompressionError(f"Invalid target_macs {target_macs!r} - the fraction of MACs to keep, in (0, 1]")
     if distill_steps < 0:
         raise CompressionError(f"Invalid distill_steps {distill_steps} - must be >= 0")
-    if distill_scope not in ("all", "last_block"):
-        raise CompressionError(f"Invalid distill_scope {distill_scope!r} - expected 'all' or 'last_block'")
+    _scope_cut(model, distill_scope)
+    if distill_images is not None and (
+        not isinstance(distill_images, Tensor)
+        or distill_images.ndim != 4
+        or tuple(distill_images.shape[1:]) != tuple(getattr(calibration_images, "shape", ())[1:])
+    ):
+        shape = tuple(distill_images.shape) if isinstance(distill_images, Tensor) else type(distill_images).__name__
+        raise CompressionError(
+            f"Invalid distill_images {shape} - expected prepared images shaped like the calibration images"
+        )
     if not 0 <= held_out < 0.5:
         raise CompressionError(f"Invalid held_out {held_out} - must be in [0, 0.5)")
     arch = model.architecture
@@ -1171,7 +1240,7 @@ def compress(
         _distill(
             compressed,
             model,
-            fit_x,
+            fit_x if distill_images is None else torch.cat([fit_x.float(), distill_images.float()]),
             steps=distill_steps,
             batch_size=distill_batch_size,
             lr=distill_lr,

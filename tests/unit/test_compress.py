@@ -22,6 +22,7 @@ from model.compress import (
     _eliminate,
     _Stats,
     compress,
+    distill,
     paired_auroc_delta,
     predict_logits,
 )
@@ -158,6 +159,41 @@ def test_distillation_is_kept_only_when_it_helps(tiny, phantom) -> None:
         assert report.logit_rmse == report.logit_rmse_before_distill
 
 
+@pytest.mark.parametrize("scope", ["last_block", "last_2_blocks", "all"])
+def test_distil_scope_trains_only_the_layers_after_its_cut(tiny, compressed, phantom, scope: str) -> None:
+    train, test = phantom
+    student = copy.deepcopy(compressed[0])
+    before = copy.deepcopy(student.state_dict())
+    reference = predict_logits(tiny, train.x[:64])
+    error_before = float((predict_logits(student, train.x[:64]) - reference).pow(2).mean())
+    out = distill(student, tiny, train.x[:64], steps=30, batch_size=16, lr=1e-3, scope=scope)
+    assert out is student and not student.training
+    changed = {k.split(".")[1] for k, v in student.state_dict().items() if k.startswith("features.")
+               and v.is_floating_point() and not torch.equal(v, before[k])}
+    trained = {"last_block": {"denseblock4", "norm5"}, "last_2_blocks": {"denseblock3", "transition3", "denseblock4",
+               "norm5"}}.get(scope)
+    error_after = float((predict_logits(student, train.x[:64]) - reference).pow(2).mean())
+    if trained is not None:
+        assert changed == trained
+        assert error_after < error_before  # fitted on exactly these images (cached, not augmented): the error falls
+    else:
+        assert "conv0" in changed and "denseblock1" in changed  # "all" fits on shifted, scaled copies instead
+    assert torch.isfinite(predict_logits(student, test.x)).all()
+
+
+def test_distill_images_are_used_for_distillation(tiny, phantom) -> None:
+    train, _ = phantom
+    _, plain = compress(tiny, train.x[:40], target_params=0.6, target_macs=None, distill_steps=3, rows=ROWS,
+                        distill_scope="last_2_blocks")
+    _, more = compress(tiny, train.x[:40], target_params=0.6, target_macs=None, distill_steps=3, rows=ROWS,
+                       distill_scope="last_2_blocks", distill_images=train.x[40:120])
+    assert plain.logit_rmse_before_distill == more.logit_rmse_before_distill  # same selection and refit
+    if plain.distilled or more.distilled:  # different images were distilled on: a different result
+        assert plain.logit_rmse != more.logit_rmse
+    with pytest.raises(CompressionError, match="distillation settings"):
+        distill(DenseNet(Architecture.tiny()), tiny, train.x[:8], steps=0)
+
+
 def test_original_model_is_not_changed(tiny, phantom) -> None:
     train, _ = phantom
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
@@ -173,6 +209,9 @@ def test_original_model_is_not_changed(tiny, phantom) -> None:
         ({"target_params": 0.0}, "target_params"),
         ({"target_macs": 0.0}, "target_macs"),
         ({"distill_steps": -1}, "distill_steps"),
+        ({"distill_scope": "last_5_blocks"}, "4 dense blocks"),  # the tiny net has four
+        ({"distill_scope": "first_block"}, "distill_scope"),
+        ({"distill_images": torch.zeros(4, 1, SIZE, SIZE)}, "distill_images"),
         ({"target_params": 0.9, "target_macs": 0.05}, "target_macs"),
         ({"target_params": 0.1}, "at least"),  # the tiny net's 7x7 stem alone is 23% of its parameters
     ],
