@@ -73,6 +73,21 @@ def _tree_cpu_seconds(pid: int) -> float | None:
     return total / tick if found else None
 
 
+def _busy_cpus(seconds: float = 2.0) -> float | None:
+    """CPUs kept busy by other work over the next ``seconds`` (from /proc/stat; None where there is none)."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return None
+    return (1.0 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
 def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float) -> dict[str, object]:
     from sqlalchemy import create_engine, text
 
@@ -277,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("storescu"):
         raise SystemExit("storescu (dcmtk) is required: apt-get install dcmtk")
-    load = os.getloadavg()
+    busy = _busy_cpus()
     work = Path(tempfile.mkdtemp(prefix="chexd-bench-"))
     files = _write_phantoms(work / "in", args.count, args.size, args.start)
     (warm,) = _write_phantoms(work / "warm", 1, args.size, args.start + args.count)
@@ -287,8 +302,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used"
     print(f"\nEnd to end, {args.count} phantom DX images {args.size} px, bundled demo model on CPU ({machine})\n")
-    print(f"load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)\n")
-    if load[0] > 0.5:
+    if busy is not None:
+        print(f"CPUs busy with other work just before the run: {busy:.2f}\n")
+    if busy is not None and busy > 0.25:
         print("WARNING: the machine was not idle - other jobs distort both pipelines (torch's worker threads in the "
               "naive one especially); rerun on an idle machine before quoting these figures\n")
     print("| pipeline | images/s | p50 latency (s) | p95 latency (s) | CPU s per image |")
@@ -305,7 +321,7 @@ def main() -> None:
     for label, g in game.items():
         print(f"| {label} | {g['n']} | {g['chexd']:.2f} | {g['centre']:.2f} |")
     if args.json:
-        results = {"chexd": chexd, "naive": naive, "ratio": ratio, "pointing": game, "load_average": load}
+        results = {"chexd": chexd, "naive": naive, "ratio": ratio, "pointing": game, "busy_cpus_before": busy}
         args.json.write_text(json.dumps(results, indent=2))
 
 
