@@ -137,7 +137,7 @@ def run(*, model_path: Path | None, sizes: list[int], batches: list[int], gradca
                     return engine.model.classifier(pooled)
 
             def engine_full(x=x, engine=engine) -> object:
-                return engine._to_predictions(engine.forward(x))  # what predict() does after preprocessing
+                return engine.to_predictions(engine.forward(x))  # what predict() does after preprocessing
 
             def engine_predict(images=images, engine=engine) -> object:
                 return engine.predict(images)
@@ -163,7 +163,7 @@ def run(*, model_path: Path | None, sizes: list[int], batches: list[int], gradca
 
             def head_full(f=features, engine=engine) -> object:
                 with torch.inference_mode():
-                    return engine._to_predictions(engine.head(f))
+                    return engine.to_predictions(engine.head(f))
 
             head = _round_robin({"logits": head_logits, "full": head_full}, warmup=5, repeat=max(50, repeat))
             extras = max(0.0, statistics.median(head["full"]) - statistics.median(head["logits"])) / batch

@@ -351,7 +351,7 @@ def _latency(ck: Check, ctx: SimpleNamespace) -> None:
                            _timed(lambda: engine.forward(host), **timed), 1,
                            "bf16 + CUDA graph" if cuda else "fp32 CPU path")
     ctx.engine_full_b1 = ck.row("engine forward + Prediction objects (top-k evidence) b1",
-                                _timed(lambda: engine._to_predictions(engine.forward(host)), **timed), 1)
+                                _timed(lambda: engine.to_predictions(engine.forward(host)), **timed), 1)
     image = np.random.default_rng(0).random((512, 512)).astype(np.float32)
     ck.row("engine.predict b1 from a 512-px image (incl. CPU preprocessing)",
            _timed(lambda: engine.predict([image]), **timed), 1)
@@ -383,7 +383,7 @@ def _throughput(ck: Check, ctx: SimpleNamespace) -> None:
     ck.row(f"engine forward b{bs} (input in host memory, incl. copy)",
            _timed(lambda: engine.forward(host), **timed), bs)
     ck.row(f"engine forward + Prediction objects b{bs}",
-           _timed(lambda: engine._to_predictions(engine.forward(xb)), **timed), bs, "top-k evidence on the CPU")
+           _timed(lambda: engine.to_predictions(engine.forward(xb)), **timed), bs, "top-k evidence on the CPU")
     if cuda:
         ck.meta["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
 

@@ -203,10 +203,12 @@ class Engine:
         with self._lock:
             for start in range(0, len(tensors), self.batch_size):
                 out = self.forward(torch.stack(tensors[start : start + self.batch_size]))
-                predictions.extend(self._to_predictions(out))
+                predictions.extend(self.to_predictions(out))
         return predictions
 
-    def _to_predictions(self, out: HeadOutputs) -> list[Prediction]:
+    def to_predictions(self, out: HeadOutputs) -> list[Prediction]:
+        """HeadOutputs of a batch -> one Prediction per image (top-k channel evidence, probabilities), on the CPU.
+        Raises ModelError for non-finite logits. ``predict`` = prepare + ``forward`` + this."""
         weight = self.weight.cpu()
         bias = self.bias.cpu() if self.bias is not None else torch.zeros(weight.shape[0])
         contributions = out.pooled[:, None, :] * weight[None]  # [B, n, C]
