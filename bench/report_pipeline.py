@@ -88,7 +88,7 @@ def _busy_cpus(seconds: float = 2.0) -> float | None:
     return (1.0 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
 
 
-def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float) -> dict[str, object]:
+def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float, model: Path) -> dict[str, object]:
     from sqlalchemy import create_engine, text
 
     port = _free_port()
@@ -103,6 +103,7 @@ def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float) -> dict
         CHEXD_WORKER_POLL_SECONDS="0.1",
         CHEXD_MODEL_DEVICE="cpu",
         CHEXD_LOG_LEVEL="WARNING",
+        CHEXD_MODEL_PATH=str(model),
     )
     chexd = [sys.executable, "-m", "daemon"]
     log = open(work / "chexd.log", "wb")
@@ -173,19 +174,18 @@ def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float) -> dict
     }
 
 
-def run_naive(files: list[Path], work: Path) -> dict[str, object]:
+def run_naive(files: list[Path], work: Path, model_path: Path) -> dict[str, object]:
     import pydicom
     import torch
     import torchvision
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from daemon.inference import bundled_demo_model
     from model.artifact import load_artifact
     from model.types import Prediction
     from reporting.compose import compose_study
 
-    network, manifest = load_artifact(bundled_demo_model())
+    network, manifest = load_artifact(model_path)
     model = torchvision.models.densenet121(num_classes=len(manifest.labels))
     model.load_state_dict(network.state_dict(), strict=True)
     model.eval()
@@ -282,6 +282,30 @@ def pointing_game(findings: list[tuple], start: int, count: int, size: int) -> d
     }
 
 
+def _model(path: Path | None, input_size: int | None, work: Path) -> Path:
+    """The artifact to run: ``path`` or the bundled demo, re-saved with ``input_size`` when one is given."""
+    import dataclasses
+
+    from daemon.inference import bundled_demo_model
+    from model.artifact import load_artifact, save_artifact
+
+    chosen = path or bundled_demo_model()
+    if chosen is None:
+        raise SystemExit("no model: this build ships no demo model - pass --model")
+    if not input_size:
+        return chosen
+    network, manifest = load_artifact(chosen)
+    return save_artifact(
+        network,
+        work / "model",
+        name=f"{manifest.name}-at-{input_size}px",
+        preprocessing=dataclasses.replace(manifest.preprocessing, input_size=input_size),
+        intended_use="synthetic demo model, not for diagnosis - benchmark compute proxy only",
+        thresholds=manifest.thresholds,
+        synthetic=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=40)
@@ -289,19 +313,33 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=20000, help="first phantom index")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--model", type=Path, help="artifact to run (default: the bundled demo model)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        help="run the model's weights at this input size instead (e.g. 224, CheXNet's): a compute proxy only - a "
+        "model trained at another size gives findings of no meaning",
+    )
     args = parser.parse_args()
     if not shutil.which("storescu"):
         raise SystemExit("storescu (dcmtk) is required: apt-get install dcmtk")
     busy = _busy_cpus()
     work = Path(tempfile.mkdtemp(prefix="chexd-bench-"))
+    model = _model(args.model, args.input_size, work)
+    from model.artifact import read_manifest
+
+    manifest = read_manifest(model)
+    what = f"model {manifest.name} at {manifest.preprocessing.input_size} px"
+    if args.input_size:
+        what += " (compute proxy: weights trained at another size)"
     files = _write_phantoms(work / "in", args.count, args.size, args.start)
     (warm,) = _write_phantoms(work / "warm", 1, args.size, args.start + args.count)
-    chexd = run_chexd(files, warm, work, args.timeout)  # on failure the work folder (with chexd.log) is kept
-    naive = run_naive(files, work)
+    chexd = run_chexd(files, warm, work, args.timeout, model)  # on failure the work folder (with chexd.log) is kept
+    naive = run_naive(files, work, model)
     game = pointing_game(chexd.pop("findings"), args.start, args.count, args.size)  # type: ignore[arg-type]
     shutil.rmtree(work, ignore_errors=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU used"
-    print(f"\nEnd to end, {args.count} phantom DX images {args.size} px, bundled demo model on CPU ({machine})\n")
+    print(f"\nEnd to end, {args.count} phantom DX images {args.size} px, {what}, CPU ({machine})\n")
     if busy is not None:
         print(f"CPUs busy with other work just before the run: {busy:.2f}\n")
     if busy is not None and busy > 0.25:
