@@ -56,6 +56,13 @@ def compress(
     distill_steps: Annotated[
         int, typer.Option(min=0, help="Distillation steps from the original on unlabeled images (0: none).")
     ] = 0,
+    distill_scope: Annotated[
+        str,
+        typer.Option(
+            help="What distillation trains: 'all' (every layer; slow on a CPU) or 'last_block' / 'last_<k>_blocks' "
+            "(the last k dense blocks and the head, on cached inputs)."
+        ),
+    ] = "all",
     test_images: Annotated[int, typer.Option(min=20, help="Phantom test-split images for the before/after.")] = 1000,
     n_bootstrap: Annotated[int, typer.Option(min=10, help="Paired bootstrap resamples of the AUROC delta.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
@@ -95,6 +102,7 @@ def compress(
         "calibration_images": calibration_images,
         "calibration_data": "chexd chest phantom, train split",
         "distill_steps": distill_steps,
+        "distill_scope": distill_scope,
         "seed": seed,
         "method": "greedy channel selection + least-squares refit (model.compress)",
     }
@@ -112,6 +120,7 @@ def compress(
                     target_params=target_params,
                     target_macs=target_macs,
                     distill_steps=distill_steps,
+                    distill_scope=distill_scope,
                     seed=seed,
                     progress=report_progress,
                 )

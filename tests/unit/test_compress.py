@@ -301,7 +301,8 @@ def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp
         app,
         [
             "--model", str(parent), "--target-params", "0.6", "--target-macs", "1.0", "--calibration-images", "40",
-            "--test-images", "40", "--n-bootstrap", "20", "--json",
+            "--test-images", "40", "--n-bootstrap", "20", "--distill-steps", "2", "--distill-scope", "last_2_blocks",
+            "--json",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -317,9 +318,26 @@ def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp
     assert manifest.synthetic and manifest.name == "tiny-compressed"
     step = manifest.provenance[-1]
     assert step["operation"] == "compress" and step["parameters"]["target_params"] == 0.6
+    assert step["parameters"]["distill_scope"] == "last_2_blocks" and step["parameters"]["distill_steps"] == 2
     assert step["parent_sha256"] == read_manifest(parent).weights_sha256
     versions = list_versions(load_settings(None))
     assert [v.operation for v in versions if v.state == "candidate"] == ["compress"]
+
+
+def test_cli_refuses_an_unknown_distill_scope(tiny, tmp_path: Path, monkeypatch) -> None:
+    from daemon.compress_cli import compress as compress_command
+
+    parent = save_artifact(
+        tiny, tmp_path / "parent", name="tiny", preprocessing=RECIPE, synthetic=True, dtype="float32",
+        intended_use="synthetic demo model, not for diagnosis: unit test",
+    )  # fmt: skip
+    monkeypatch.setenv("CHEXD_DATA_DIR", str(tmp_path / "data"))
+    app = typer.Typer()
+    app.command()(compress_command)
+    args = ["--model", str(parent), "--calibration-images", "40", "--distill-steps", "2", "--distill-scope", "first"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "distill_scope" in result.output
 
 
 def test_layers_nobody_reads_are_removed(tiny, phantom, tmp_path: Path) -> None:
