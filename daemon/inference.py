@@ -46,8 +46,13 @@ class ModelProcessor:
     """Callable worker step: path of a stored DICOM file -> JobResult with the prediction. Thread-safe; concurrent
     calls from several worker threads are batched together (DynamicBatcher)."""
 
-    def __init__(self, artifact_path: Path, *, device: str = "auto", batch_size: int = 16) -> None:
+    def __init__(self, artifact_path: Path, *, device: str = "auto", batch_size: int = 16, threads: int = 0) -> None:
+        import torch
+
         from model.artifact import load_artifact
+
+        if threads:
+            torch.set_num_threads(threads)  # process-wide: the daemon's only torch work is this model
         from model.batcher import DynamicBatcher
         from model.engine import Engine
 
@@ -117,7 +122,14 @@ class ActiveModelProcessor:
         path = active[1] if active else resolve_model_path(self.settings)
         if path is None:
             raise ModelError("no model configured and none bundled")
-        self._swap(ModelProcessor(path, device=self.settings.model_device, batch_size=self.settings.model_batch_size))
+        self._swap(
+            ModelProcessor(
+                path,
+                device=self.settings.model_device,
+                batch_size=self.settings.model_batch_size,
+                threads=self.settings.effective_model_threads,
+            )
+        )
         self._version = active[0] if active else None
         self._checked = time.monotonic()
 
@@ -152,7 +164,10 @@ class ActiveModelProcessor:
         version, path = active
         try:
             processor = ModelProcessor(
-                path, device=self.settings.model_device, batch_size=self.settings.model_batch_size
+                path,
+                device=self.settings.model_device,
+                batch_size=self.settings.model_batch_size,
+                threads=self.settings.effective_model_threads,
             )
         except (ModelError, OSError, ValueError) as exc:
             log.error("cannot load newly activated model version %s (keeping the current one): %s", version, exc)

@@ -176,3 +176,14 @@ def test_negative_duration_is_rejected(tmp_path: Path, name: str) -> None:
     # a negative poll interval makes Event.wait() return at once: an idle worker would spin on the database
     with pytest.raises(SettingsError, match=name):
         load_settings(environ={f"CHEXD_{name.upper()}": "-1", "CHEXD_DATA_DIR": str(tmp_path)})
+
+
+def test_model_threads_default_to_the_cores_the_report_workers_leave(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings(report_workers=2).effective_model_threads == 1
+    assert Settings(report_workers=0).effective_model_threads == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Settings(report_workers=2).effective_model_threads == 14
+    assert Settings(report_workers=2, model_threads=3).effective_model_threads == 3
+    with pytest.raises(SettingsError, match="model_threads"):
+        Settings(model_threads=-1)
