@@ -16,8 +16,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image as PILImage
-from reportlab.graphics.shapes import Drawing, Rect, String
 from reportlab import rl_config
+from reportlab.graphics.shapes import Drawing, Rect, String
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
 from reportlab.lib.pagesizes import A4
