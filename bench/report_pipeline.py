@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,19 @@ def _busy_cpus(seconds: float = 2.0) -> float | None:
     return (1.0 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
 
 
+def _wait_for_reports(engine: Any, count: int, deadline: float) -> bool:
+    """Poll the daemon's database until ``count`` study reports are written or failed; False at ``deadline``."""
+    from sqlalchemy import text
+
+    while True:
+        with engine.connect() as conn:
+            if conn.scalar(text("SELECT count(*) FROM study_reports WHERE state IN ('DONE', 'FAILED')")) >= count:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+
+
 def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float, model: Path) -> dict[str, object]:
     from sqlalchemy import create_engine, text
 
@@ -117,23 +131,12 @@ def run_chexd(files: list[Path], warm: Path, work: Path, timeout: float, model: 
         engine = create_engine(f"sqlite:///{data / 'chexd.db'}")
         # one image first, as a running daemon has seen: the report worker processes start with the first prediction
         subprocess.run(["storescu", "-aec", "CHEXD", "127.0.0.1", str(port), str(warm)], check=True)
-        while True:
-            with engine.connect() as conn:
-                if conn.scalar(text("SELECT count(*) FROM study_reports WHERE state IN ('DONE', 'FAILED')")):
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the warm-up image got no report: see {work / 'chexd.log'}")
-            time.sleep(0.25)
+        if not _wait_for_reports(engine, 1, deadline):
+            raise SystemExit(f"the warm-up image got no report: see {work / 'chexd.log'}")
         cpu_before = _tree_cpu_seconds(proc.pid)
         sent = time.monotonic()
         subprocess.run(["storescu", "-aec", "CHEXD", "127.0.0.1", str(port), *map(str, files)], check=True)
-        deadline = sent + timeout
-        while True:
-            with engine.connect() as conn:
-                done = conn.scalar(text("SELECT count(*) FROM study_reports WHERE state IN ('DONE', 'FAILED')")) - 1
-            if done >= len(files) or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
+        _wait_for_reports(engine, 1 + len(files), sent + timeout)
         cpu_after = _tree_cpu_seconds(proc.pid)
         with engine.connect() as conn:
             rows = conn.execute(

@@ -50,11 +50,11 @@ class ModelProcessor:
         import torch
 
         from model.artifact import load_artifact
+        from model.batcher import DynamicBatcher
+        from model.engine import Engine
 
         if threads:
             torch.set_num_threads(threads)  # process-wide: the daemon's only torch work is this model
-        from model.batcher import DynamicBatcher
-        from model.engine import Engine
 
         network, manifest = load_artifact(artifact_path)
         self.manifest = manifest
@@ -122,16 +122,17 @@ class ActiveModelProcessor:
         path = active[1] if active else resolve_model_path(self.settings)
         if path is None:
             raise ModelError("no model configured and none bundled")
-        self._swap(
-            ModelProcessor(
-                path,
-                device=self.settings.model_device,
-                batch_size=self.settings.model_batch_size,
-                threads=self.settings.effective_model_threads,
-            )
-        )
+        self._swap(self._open(path))
         self._version = active[0] if active else None
         self._checked = time.monotonic()
+
+    def _open(self, path: Path) -> ModelProcessor:
+        return ModelProcessor(
+            path,
+            device=self.settings.model_device,
+            batch_size=self.settings.model_batch_size,
+            threads=self.settings.effective_model_threads,
+        )
 
     def _swap(self, processor: ModelProcessor) -> None:
         with self._lock:
@@ -163,12 +164,7 @@ class ActiveModelProcessor:
             return
         version, path = active
         try:
-            processor = ModelProcessor(
-                path,
-                device=self.settings.model_device,
-                batch_size=self.settings.model_batch_size,
-                threads=self.settings.effective_model_threads,
-            )
+            processor = self._open(path)
         except (ModelError, OSError, ValueError) as exc:
             log.error("cannot load newly activated model version %s (keeping the current one): %s", version, exc)
             self._version = version  # do not retry on every job; a new activation changes the version again

@@ -286,8 +286,9 @@ def compose_files(
 
 
 def _log_failure(future: Any) -> None:
-    if future.exception() is not None:
-        log.error("report worker process failed to start: %s", future.exception())
+    error = future.exception()
+    if error is not None:
+        log.error("report worker process failed to start: %s", error)
 
 
 class ReportLoop:

@@ -989,10 +989,14 @@ class _Compressor:
 
 
 # ------------------------------------------------------------------------------------------------- distillation
+def _class_maps(features: Tensor, classifier: nn.Linear) -> Tensor:
+    """Class activation maps plus bias [B, classes, h, w] of post-ReLU features; their spatial mean is the logits."""
+    return torch.einsum("nchw,kc->nkhw", features, classifier.weight) + classifier.bias[None, :, None, None]
+
+
 def _cams(model: DenseNet, x: Tensor) -> Tensor:
-    """Class activation maps plus bias [B, classes, h, w]; their spatial mean is the logits."""
-    feats = model.forward_features(x)
-    return torch.einsum("nchw,kc->nkhw", feats, model.classifier.weight) + model.classifier.bias[None, :, None, None]
+    """The model's class activation maps plus bias [B, classes, h, w] for prepared images ``x``."""
+    return _class_maps(model.forward_features(x), model.classifier)
 
 
 def _augment(x: Tensor, rng: np.random.Generator) -> Tensor:
@@ -1083,8 +1087,7 @@ def _distill(
         with torch.enable_grad():
             for module in tail:
                 z = module(z)
-            cams = torch.einsum("nchw,kc->nkhw", F.relu(z), student.classifier.weight)
-            cams = cams + student.classifier.bias[None, :, None, None]
+            cams = _class_maps(F.relu(z), student.classifier)
             error = (cams - goal) * weight[None, :, None, None]
             loss = error.pow(2).mean() + _LOGIT_WEIGHT * error.mean((2, 3)).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
