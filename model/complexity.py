@@ -88,7 +88,8 @@ def complexity(architecture: Architecture, input_size: int) -> Complexity:
             conv1 += arch.layer_inputs(b, i) * layer.bottleneck * area
             conv2 += layer.bottleneck * layer.growth * 9 * area
         if b < len(arch.transitions):
-            transition += arch.transition_inputs(b) * arch.transitions[b].out_channels * area  # conv before pooling
+            conv_area = (sides[b] // 2) ** 2 if arch.pool_first else area  # the conv runs after or before pooling
+            transition += arch.transition_inputs(b) * arch.transitions[b].out_channels * conv_area
     parts |= {
         "conv1": conv1,
         "conv2": conv2,

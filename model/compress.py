@@ -25,7 +25,9 @@ fixes the logits too); it is kept only when it brings the compressed network clo
 calibration images.
 
 The result is a real, smaller :class:`~model.network.DenseNet` whose :class:`~model.network.Architecture` carries the
-new channel counts; it saves and loads like any other artifact.
+new channel counts; it saves and loads like any other artifact. Its transitions average-pool before their 1x1 conv
+(``pool_first``, exact), so a transition's kept inputs cost a quarter of the MACs they cost in torchvision's order, and
+the allocation spends the MACs saved on channels elsewhere.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -101,13 +103,17 @@ class CompressionReport:
     """What :func:`compress` did. Counts are per image of ``input_size`` px; MACs are conv + linear
     multiply-accumulates (:mod:`model.complexity`). ``logit_rmse``/``logit_max_abs``: compressed versus original
     logits on the ``held_out_images`` calibration images that no fit saw. ``distilled``: whether the distilled weights
-    were kept (``distill_steps`` > 0 and they were closer to the original on the held-out images)."""
+    were kept (``distill_steps`` > 0 and they were closer to the original on the held-out images).
+    ``macs_before_pool_first``: the original's MACs with its transitions pooling before their conv, as the compressed
+    network's do (an exact reorder, :class:`~model.network.Architecture`); ``macs_removed`` counts against the original
+    as it was given, ``macs_removed_by_pruning`` against this figure."""
 
     input_size: int
     parameters_before: int
     parameters_after: int
     macs_before: int
     macs_after: int
+    macs_before_pool_first: int
     target_params: float
     target_macs: float | None
     calibration_images: int
@@ -130,6 +136,11 @@ class CompressionReport:
         """Fraction of the MACs removed."""
         return 1 - self.macs_after / self.macs_before
 
+    @property
+    def macs_removed_by_pruning(self) -> float:
+        """Fraction of the MACs removed, counted against the original with the same transition order."""
+        return 1 - self.macs_after / self.macs_before_pool_first
+
     def to_dict(self, *, units: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
             "input_size": self.input_size,
@@ -139,6 +150,8 @@ class CompressionReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "macs_removed": round(self.macs_removed, 6),
+            "macs_before_pool_first": self.macs_before_pool_first,
+            "macs_removed_by_pruning": round(self.macs_removed_by_pruning, 6),
             "target_params": self.target_params,
             "target_macs": self.target_macs,
             "calibration_images": self.calibration_images,
@@ -591,6 +604,7 @@ class _Compressor:
             transitions=tuple(transitions),
             head_inputs=tuple(range(n_head)) if n_head < last else None,
             num_classes=arch.num_classes,
+            pool_first=True,
         )
 
     def allocate(
@@ -629,7 +643,7 @@ class _Compressor:
                     elif kind == "transition":
                         b = u[1]
                         out = arch.transitions[b].out_channels
-                        params, macs = out + 2, out * sides[b] ** 2  # the conv runs before the pooling
+                        params, macs = out + 2, out * (sides[b] // 2) ** 2  # the output pools before its conv
                     else:
                         params, macs = arch.num_classes + 2, arch.num_classes
                     unit_cost = params / base.parameters + mu * macs / base.macs
@@ -982,6 +996,7 @@ class _Compressor:
             transitions=tuple(transitions_spec),
             head_inputs=head_inputs,
             num_classes=arch.num_classes,
+            pool_first=True,
         )
         model = DenseNet(new_arch)
         model.load_state_dict(state, strict=True)
@@ -1266,6 +1281,7 @@ def compress(
         parameters_after=after.parameters,
         macs_before=before.macs,
         macs_after=after.macs,
+        macs_before_pool_first=complexity(replace(arch, pool_first=True), input_size).macs,
         target_params=target_params,
         target_macs=target_macs,
         calibration_images=len(fit_x),

@@ -6,15 +6,19 @@ For a DenseNet-family model with post-ReLU final features ``A`` [C, h, w] and a 
 - ``CAM_c = sum_k W_ck * A_k`` — at the post-ReLU features Grad-CAM equals CAM, so no backward pass is needed,
 - ``phi_ck = W_ck * mean(A_k)`` — channel k's exact contribution to logit c; ``sum_k phi_ck + b_c = logit_c``.
 
-CPU path: fp32, channels_last, ``torch.inference_mode``. CUDA path: bf16 autocast, channels_last, one CUDA graph per
-fixed batch size (inputs padded up to the next captured size); the head is always computed in fp32.
+CPU path: fp32, channels_last, ``torch.inference_mode``, the feature extractor traced and frozen with TorchScript once
+per input shape (BatchNorm after a convolution folded into it, constants inlined). The graph is checked against the
+eager model on its first batch and on that batch negated; the eager model runs whenever tracing fails or disagrees.
+CUDA path: bf16 autocast, channels_last, one CUDA graph per fixed batch size (inputs padded up to the next captured
+size). The head is always computed in fp32.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +99,17 @@ def pick_device(preference: str = "auto") -> torch.device:
     return device
 
 
+class _FeatureExtractor(nn.Module):
+    """``model.forward_features`` as a module's ``forward``, the method TorchScript traces and freezes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class HeadOutputs:
     """Raw batched outputs (fp32 tensors on CPU): logits [B, n], cams [B, n, h, w], pooled [B, C]."""
@@ -108,7 +123,8 @@ class Engine:
     """Runs a model with ``forward_features(x) -> post-ReLU features [B, C, h, w]`` and ``classifier: nn.Linear``.
 
     ``predict(images)`` validates, preprocesses and batches (``batch_size``) the images and returns one Prediction
-    per image in order. Thread-safe: calls are serialised.
+    per image in order. Thread-safe: calls are serialised. ``freeze=False`` keeps the CPU path eager (see the module
+    doc); the model must not be changed after the engine is built.
     """
 
     def __init__(
@@ -122,6 +138,7 @@ class Engine:
         batch_size: int = 16,
         top_k: int = 10,
         cuda_graph_batch_sizes: Sequence[int] = (1, 8, 32),
+        freeze: bool = True,
     ) -> None:
         head = getattr(model, "classifier", None)
         if not isinstance(head, nn.Linear) or not hasattr(model, "forward_features"):
@@ -142,13 +159,41 @@ class Engine:
         self._lock = threading.Lock()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_sizes = sorted(set(cuda_graph_batch_sizes)) if self.device.type == "cuda" else []
+        self._freeze = freeze
+        self._frozen: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     # --- forward -------------------------------------------------------------------------------------------------
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return self._features_cuda(x)
-        return self.model.forward_features(x)
+        if not self._freeze:
+            return self.model.forward_features(x)
+        run = self._frozen.get(tuple(x.shape[1:]))
+        if run is None:
+            run = self._frozen[tuple(x.shape[1:])] = self._trace(x)
+        return run(x)
+
+    def _trace(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward_features`` as a frozen TorchScript graph for inputs shaped like ``x``; the eager method when the
+        model cannot be traced or the graph's output on ``x`` or ``-x`` differs from the eager one (data-dependent
+        control flow, which a trace would silently bake in)."""
+        eager = self.model.forward_features
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks, constant per shape
+                graph = torch.jit.freeze(torch.jit.trace(_FeatureExtractor(self.model).eval(), x, check_trace=False))
+            checks = [(eager(probe), graph(probe)) for probe in (x, -x)]
+        except Exception as exc:  # noqa: BLE001 - any tracing failure only costs speed
+            log.warning("running the model eagerly: TorchScript tracing failed (%s: %s)", type(exc).__name__, exc)
+            return eager
+        for expected, got in checks:
+            scale = 1.0 + float(expected.abs().max())
+            if got.shape != expected.shape or float((got - expected).abs().max()) > 1e-4 * scale:
+                log.warning("running the model eagerly: its frozen TorchScript graph disagrees with the eager model")
+                return eager
+        log.info("froze the model's feature extractor for inputs %s", tuple(x.shape[1:]))
+        return graph
 
     def _features_cuda(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

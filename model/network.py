@@ -126,6 +126,9 @@ class Architecture:
     - ``transitions``: one :class:`TransitionSpec` between consecutive blocks (``len(blocks) - 1``).
     - ``head_inputs``: which of the last block's output channels reach ``norm5`` and the classifier (None: all).
     - ``num_classes``: outputs of the linear head.
+    - ``pool_first``: transitions average-pool before their 1x1 conv instead of after (torchvision's order). The
+      output is the same (both are linear: the conv mixes channels at each pixel, the pooling averages pixels within
+      each channel, so they commute; equal up to float rounding), at a quarter of the transition conv's MACs.
 
     Spatial size is divided by 4 in the stem and by 2 in each transition (32 for four blocks).
     Raises ValueError for a non-positive count or a channel index outside the channels a consumer can read.
@@ -137,12 +140,15 @@ class Architecture:
     transitions: tuple[TransitionSpec, ...]
     head_inputs: tuple[int, ...] | None = None
     num_classes: int = 14
+    pool_first: bool = False
     _available: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _positive(self.in_channels, "in_channels")
         _positive(self.stem_channels, "stem_channels")
         _positive(self.num_classes, "num_classes")
+        if not isinstance(self.pool_first, bool):
+            raise ValueError(f"Invalid pool_first {self.pool_first!r} - must be true or false")
         blocks = tuple(tuple(_layer_from(layer) for layer in block) for block in self.blocks)
         transitions = tuple(_transition_from(t) for t in self.transitions)
         if not blocks:
@@ -262,8 +268,9 @@ class Architecture:
 
     # ----------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict; :meth:`from_dict` inverts it."""
-        return {
+        """A JSON-able dict; :meth:`from_dict` inverts it. ``pool_first`` appears only when true, so manifests
+        written before it existed keep their content hash."""
+        data = {
             "in_channels": self.in_channels,
             "stem_channels": self.stem_channels,
             "blocks": [[layer.to_dict() for layer in block] for block in self.blocks],
@@ -271,13 +278,16 @@ class Architecture:
             "head_inputs": None if self.head_inputs is None else list(self.head_inputs),
             "num_classes": self.num_classes,
         }
+        if self.pool_first:
+            data["pool_first"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Architecture:
         """Inverse of :meth:`to_dict`. Raises ValueError for unknown or missing keys and for an invalid spec."""
         if not isinstance(data, Mapping):
             raise ValueError(f"Invalid architecture {data!r} - expected a mapping")
-        known = {"in_channels", "stem_channels", "blocks", "transitions", "head_inputs", "num_classes"}
+        known = {"in_channels", "stem_channels", "blocks", "transitions", "head_inputs", "num_classes", "pool_first"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Invalid architecture: unknown keys {sorted(unknown)}")
@@ -294,6 +304,7 @@ class Architecture:
             transitions=tuple(_transition_from(t) for t in data["transitions"]),
             head_inputs=data.get("head_inputs"),
             num_classes=data.get("num_classes", 14),
+            pool_first=data.get("pool_first", False),
         )
 
 
@@ -341,8 +352,9 @@ class _DenseBlock(nn.ModuleDict):
 class _Transition(nn.Module):
     kept_inputs: Tensor | None
 
-    def __init__(self, n_in: int, spec: TransitionSpec) -> None:
+    def __init__(self, n_in: int, spec: TransitionSpec, *, pool_first: bool = False) -> None:
         super().__init__()
+        self.pool_first = pool_first
         self.norm = nn.BatchNorm2d(n_in)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(n_in, spec.out_channels, kernel_size=1, stride=1, bias=False)
@@ -352,7 +364,8 @@ class _Transition(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.kept_inputs is not None:
             x = x.index_select(1, self.kept_inputs)
-        return self.pool(self.conv(self.relu(self.norm(x))))
+        x = self.relu(self.norm(x))
+        return self.conv(self.pool(x)) if self.pool_first else self.pool(self.conv(x))
 
 
 class _Select(nn.Module):
@@ -389,7 +402,9 @@ class DenseNet(nn.Module):
         for b in range(len(arch.blocks)):
             modules[f"denseblock{b + 1}"] = _DenseBlock(arch, b)
             if b < len(arch.transitions):
-                modules[f"transition{b + 1}"] = _Transition(arch.transition_inputs(b), arch.transitions[b])
+                modules[f"transition{b + 1}"] = _Transition(
+                    arch.transition_inputs(b), arch.transitions[b], pool_first=arch.pool_first
+                )
         if arch.head_inputs is not None:
             modules["select5"] = _Select(arch.head_inputs)
         modules["norm5"] = nn.BatchNorm2d(arch.feature_channels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -53,10 +55,13 @@ def test_counts_match_torch_flop_counter_on_a_pruned_tiny_net() -> None:
         transitions=tuple(transitions),
         head_inputs=(0, 4, 7, 9, 11),
     )
-    net = DenseNet(arch)
-    for size in (64, 96, 100):
-        assert count_macs(arch, size) == _counted_macs(net, size)
-    assert complexity(arch, 64).parameters == sum(p.numel() for p in net.parameters())
+    for variant in (arch, dataclasses.replace(arch, pool_first=True)):
+        net = DenseNet(variant)
+        for size in (64, 96, 100):
+            assert count_macs(variant, size) == _counted_macs(net, size)
+        assert complexity(variant, 64).parameters == sum(p.numel() for p in net.parameters())
+    pooled, plain = complexity(dataclasses.replace(arch, pool_first=True), 64), complexity(arch, 64)
+    assert pooled.macs_by_part["transition"] * 4 == plain.macs_by_part["transition"]  # 16 -> 8 -> 4 px, all even
 
 
 def test_densenet121_matches_torchvision() -> None:

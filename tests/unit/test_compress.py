@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,9 @@ def test_result_is_a_real_smaller_network(tiny, compressed) -> None:
     assert report.parameters_after == arch.parameters() == sum(p.numel() for p in model.parameters())
     assert report.parameters_after <= 0.6 * report.parameters_before
     assert report.macs_after == complexity(arch, SIZE).macs < report.macs_before
+    assert arch.pool_first  # the exact reorder: transitions pool before their conv
+    assert report.macs_before_pool_first == complexity(replace(tiny.architecture, pool_first=True), SIZE).macs
+    assert report.macs_after < report.macs_before_pool_first < report.macs_before
     layers = [layer for block in arch.blocks for layer in block]
     narrower = any(layer.bottleneck < 8 or layer.growth < 4 or layer.kept_inputs is not None for layer in layers)
     assert narrower and arch != tiny.architecture

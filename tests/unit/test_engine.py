@@ -178,3 +178,47 @@ def test_engine_runs_chexd_densenets_including_pruned_heads() -> None:
         with torch.no_grad():
             np.testing.assert_allclose(pred.logits, model(prepare(image, RECIPE)[None])[0].numpy(), atol=1e-5)
         np.testing.assert_allclose(engine.contributions(image).sum(axis=1) + pred.bias, pred.logits, atol=1e-4)
+
+
+class _DataDependent(TinyDenseNet):
+    """Branches on the input's values: a trace would bake in the branch taken on its first batch."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        features = super().forward_features(x)
+        return features * 2 if float(x.mean()) > 0 else features
+
+
+class _Untraceable(TinyDenseNet):
+    """Leaves torch for numpy inside forward_features, which TorchScript tracing cannot record."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(super().forward_features(x).numpy().copy())
+
+
+def test_cpu_path_runs_a_frozen_graph_equal_to_the_eager_model() -> None:
+    images = [_image(i) for i in range(3)]
+    frozen = Engine(TinyDenseNet(), recipe=RECIPE, model_version="v", batch_size=3)
+    eager = Engine(TinyDenseNet(), recipe=RECIPE, model_version="v", batch_size=3, freeze=False)
+    for got, want in zip(frozen.predict(images), eager.predict(images), strict=True):
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+    (graph,) = frozen._frozen.values()
+    assert isinstance(graph, torch.jit.ScriptModule)
+    assert not eager._frozen
+
+
+@pytest.mark.parametrize("model_class", [_DataDependent, _Untraceable])
+def test_models_the_trace_cannot_capture_run_eagerly_with_the_same_results(
+    model_class: type[TinyDenseNet], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = Engine(model_class(), recipe=RECIPE, model_version="v", batch_size=1)
+    dark, bright = np.full((96, 96), 0.05, np.float32), np.full((96, 96), 0.9, np.float32)
+    dark[0, 0] = bright[0, 0] = 0.5  # not constant
+    with caplog.at_level("WARNING", logger="model.engine"):
+        first, second = engine.predict([dark, bright])
+    assert "running the model eagerly" in caplog.text
+    with torch.no_grad():  # one image at a time, as the engine ran them (the branch depends on the batch)
+        reference = [
+            engine.model.classifier(engine.model.forward_features(prepare(im, RECIPE)[None]).mean((2, 3)))[0]
+            for im in (dark, bright)
+        ]
+    np.testing.assert_allclose(np.stack([first.logits, second.logits]), torch.stack(reference).numpy(), atol=1e-5)

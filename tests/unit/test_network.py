@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -181,11 +182,28 @@ def test_dropping_an_input_channel_equals_zeroing_it_in_the_consumer(
     assert sum(p.numel() for p in pruned.parameters()) == pruned_arch.parameters()
 
 
+def test_pooling_first_in_the_transitions_changes_no_weight_and_no_output() -> None:
+    plain = tiny(seed=3, arch=drop_channel(Architecture.tiny(), "transition", 2))
+    reordered = DenseNet(dataclasses.replace(plain.architecture, pool_first=True)).eval()
+    reordered.load_state_dict(plain.state_dict(), strict=True)
+    x = image(size=72)  # odd-sized maps before the second transition: pooling drops the same row either way
+    with torch.inference_mode():
+        torch.testing.assert_close(reordered(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert reordered.architecture.parameters() == plain.architecture.parameters()
+
+
+def test_architectures_written_before_pool_first_existed_keep_their_json() -> None:
+    arch = Architecture.tiny()
+    assert "pool_first" not in arch.to_dict()  # manifests, and their content hashes, unchanged
+    assert Architecture.from_dict(dataclasses.replace(arch, pool_first=True).to_dict()).pool_first
+
+
 def test_architecture_round_trips_through_json() -> None:
     for arch in (
         Architecture.densenet121(),
         Architecture.tiny(in_channels=1),
         drop_channel(Architecture.tiny(), "head", 2),
+        dataclasses.replace(Architecture.tiny(), pool_first=True),
     ):
         data = json.loads(json.dumps(arch.to_dict()))
         assert Architecture.from_dict(data) == arch
@@ -196,6 +214,7 @@ def test_architecture_round_trips_through_json() -> None:
     ("change", "message"),
     [
         (lambda d: d.update(num_classes=0), "Invalid num_classes 0"),
+        (lambda d: d.update(pool_first="yes"), "Invalid pool_first 'yes'"),
         (lambda d: d.update(stem_channels=-8), "Invalid stem_channels -8"),
         (lambda d: d["blocks"][0][0].update(growth=0), "Invalid growth 0"),
         (lambda d: d["blocks"][1].clear(), "denseblock2: a dense block needs at least one layer"),
