@@ -23,14 +23,16 @@ __all__ = ["compress"]
 
 
 def _latency(parent: Any, child: Any, input_size: int, channels: int) -> dict[str, Any]:
-    """CPU ms per image at batch 1 and images/s at batch 16, parent and child timed interleaved."""
+    """CPU ms per image at batch 1 and images/s at batch 16, parent and child timed interleaved on the engine's CPU
+    path (channels-last, frozen TorchScript)."""
     import torch
 
     from model.complexity import time_forward
 
     threads = torch.get_num_threads()
-    b1 = time_forward([parent, child], input_size=input_size, channels=channels, batch_size=1, repeats=30)
-    b16 = time_forward([parent, child], input_size=input_size, channels=channels, batch_size=16, repeats=8)
+    models = [parent, child]
+    b1 = time_forward(models, input_size=input_size, channels=channels, batch_size=1, repeats=30, frozen=True)
+    b16 = time_forward(models, input_size=input_size, channels=channels, batch_size=16, repeats=8, frozen=True)
     return {
         "device": "cpu",
         "threads": threads,

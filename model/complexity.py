@@ -115,16 +115,22 @@ def time_forward(
     repeats: int = 30,
     warmup: int = 3,
     channels_last: bool = True,
+    frozen: bool = False,
 ) -> list[float]:
     """Median wall-clock seconds per forward pass of a ``[batch_size, channels, input_size, input_size]`` batch, one
     figure per model, measured interleaved (model A, model B, A, B ...) so that other load on the machine hits every
-    model alike. CPU, float32, ``torch.inference_mode``; ``channels_last`` memory layout (the engine's CPU path) or
-    NCHW. ``repeats`` >= 1."""
+    model alike. CPU, float32, ``torch.inference_mode``; ``channels_last`` memory layout or NCHW; ``frozen``: each
+    model traced and frozen by TorchScript first (the engine's CPU path is channels_last + frozen). ``repeats`` >= 1."""
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"Invalid repeats {repeats} or batch_size {batch_size} - must be >= 1")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, channels, input_size, input_size).contiguous(memory_format=layout)
     prepared = [m.eval().to(memory_format=layout) for m in models]
+    if frozen:
+        from model.engine import freeze
+
+        with torch.inference_mode():
+            prepared = [freeze(m, x) for m in prepared]
     times: list[list[float]] = [[] for _ in prepared]
     with torch.inference_mode():
         for _ in range(warmup):

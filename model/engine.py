@@ -99,6 +99,15 @@ def pick_device(preference: str = "auto") -> torch.device:
     return device
 
 
+def freeze(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``module`` (switched to eval mode) traced on ``example`` and frozen by TorchScript: parameters become
+    constants, a BatchNorm after a convolution is folded into it. The graph is only valid for the control flow taken
+    on ``example``. Raises what ``torch.jit.trace``/``freeze`` raise for a module they cannot handle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks, constant per shape
+        return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+
+
 class _FeatureExtractor(nn.Module):
     """``model.forward_features`` as a module's ``forward``, the method TorchScript traces and freezes."""
 
@@ -180,9 +189,7 @@ class Engine:
         control flow, which a trace would silently bake in)."""
         eager = self.model.forward_features
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks, constant per shape
-                graph = torch.jit.freeze(torch.jit.trace(_FeatureExtractor(self.model).eval(), x, check_trace=False))
+            graph = freeze(_FeatureExtractor(self.model), x)
             checks = [(eager(probe), graph(probe)) for probe in (x, -x)]
         except Exception as exc:  # noqa: BLE001 - any tracing failure only costs speed
             log.warning("running the model eagerly: TorchScript tracing failed (%s: %s)", type(exc).__name__, exc)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.complexity import complexity, count_macs, feature_size
+from model.complexity import complexity, count_macs, feature_size, time_forward
 from model.network import Architecture, DenseNet, LayerSpec, TransitionSpec
 
 
@@ -78,3 +78,14 @@ def test_densenet121_matches_torchvision() -> None:
 def test_too_small_or_invalid_input_is_refused(size: int) -> None:
     with pytest.raises(ValueError, match="input_size"):
         complexity(Architecture.tiny(), size)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_time_forward_gives_one_median_per_model_and_leaves_the_models_usable(frozen: bool) -> None:
+    models = [DenseNet(Architecture.tiny()), DenseNet(dataclasses.replace(Architecture.tiny(), pool_first=True))]
+    times = time_forward(models, input_size=64, batch_size=2, repeats=3, warmup=1, frozen=frozen)
+    assert len(times) == 2 and all(0 < t < 10 for t in times)
+    with torch.inference_mode():
+        assert models[0](torch.zeros(1, 3, 64, 64)).shape == (1, 14)  # still an eager nn.Module
+    with pytest.raises(ValueError, match="repeats"):
+        time_forward(models, input_size=64, batch_size=1, repeats=0)
