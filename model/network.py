@@ -315,6 +315,15 @@ def _index_buffer(module: nn.Module, indices: tuple[int, ...] | None) -> None:
     module.register_buffer("kept_inputs", value, persistent=False)
 
 
+def _gather(x: Tensor, indices: Tensor) -> Tensor:
+    """Channels ``indices`` of ``x`` [B, C, H, W], in ``x``'s memory format. On a channels-last tensor a plain
+    ``index_select`` along dim 1 returns NCHW, and every op after it then converts back (a copy per layer); gathering
+    along the last dim of the NHWC view keeps channels-last at the same cost."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).index_select(3, indices).permute(0, 3, 1, 2)
+    return x.index_select(1, indices)
+
+
 class _DenseLayer(nn.Module):
     kept_inputs: Tensor | None
 
@@ -330,7 +339,7 @@ class _DenseLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kept_inputs is not None:
-            x = x.index_select(1, self.kept_inputs)
+            x = _gather(x, self.kept_inputs)
         x = self.conv1(self.relu1(self.norm1(x)))
         return self.conv2(self.relu2(self.norm2(x)))
 
@@ -363,7 +372,7 @@ class _Transition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kept_inputs is not None:
-            x = x.index_select(1, self.kept_inputs)
+            x = _gather(x, self.kept_inputs)
         x = self.relu(self.norm(x))
         return self.conv(self.pool(x)) if self.pool_first else self.pool(self.conv(x))
 
@@ -378,7 +387,7 @@ class _Select(nn.Module):
         _index_buffer(self, indices)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.index_select(1, self.kept_inputs)
+        return _gather(x, self.kept_inputs)
 
 
 class DenseNet(nn.Module):

@@ -231,3 +231,15 @@ def test_invalid_architectures_are_refused_with_the_rule(change, message: str) -
     change(data)
     with pytest.raises(ValueError, match=message):
         Architecture.from_dict(data)
+
+
+def test_a_channels_last_input_stays_channels_last_through_the_kept_input_gathers() -> None:
+    net = tiny(seed=4, arch=drop_channel(drop_channel(Architecture.tiny(), "layer", 1), "head", 2))
+    x = image(size=64)
+    with torch.inference_mode():
+        plain = net(x)
+        net.to(memory_format=torch.channels_last)
+        features = net.features(x.contiguous(memory_format=torch.channels_last))
+        logits = net(x.contiguous(memory_format=torch.channels_last))
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
