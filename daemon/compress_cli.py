@@ -65,7 +65,14 @@ def compress(
             "(the last k dense blocks and the head, on cached inputs)."
         ),
     ] = "all",
-    test_images: Annotated[int, typer.Option(min=20, help="Phantom test-split images for the before/after.")] = 1000,
+    test_images: Annotated[
+        int,
+        typer.Option(
+            min=20,
+            help="Phantom test-split images for the before/after (rare findings need thousands: 1,000 hold about "
+            "2 Hernia positives).",
+        ),
+    ] = 1000,
     n_bootstrap: Annotated[int, typer.Option(min=10, help="Paired bootstrap resamples of the AUROC delta.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
     model: Annotated[Path | None, typer.Option(help="Artifact to compress (default: the active model).")] = None,
