@@ -242,7 +242,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name: paired_auroc_delta(scores["original"], scores[name], test_y, LABELS, n_bootstrap=args.n_bootstrap)
         for name in ("chexd", "torch-pruning")
     }
-    _log("timing on the CPU (interleaved)")
+    if args.timing_threads:
+        torch.set_num_threads(args.timing_threads)
+    _log(f"timing on the CPU (interleaved, {torch.get_num_threads()} threads)")
     timed = list(models.values())
     # the engine's CPU path: channels-last, each model traced and frozen by TorchScript
     b1 = time_forward(timed, input_size=size, channels=channels, batch_size=1, repeats=args.repeats, frozen=True)
@@ -420,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-steps", type=int, default=0)
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=40, help="timed batch-1 forwards per model")
+    parser.add_argument(
+        "--timing-threads", type=int, default=None,
+        help="torch threads for the timings only (default: torch's; the daemon's model_threads on a 2-core host is 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "chexd-bench-compress"))
     parser.add_argument("--load", default=None, help="evaluate this artifact, compressed earlier from --model")
