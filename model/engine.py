@@ -8,7 +8,8 @@ For a DenseNet-family model with post-ReLU final features ``A`` [C, h, w] and a 
 
 CPU path: fp32, channels_last, ``torch.inference_mode``, the feature extractor traced and frozen with TorchScript once
 per input shape (BatchNorm after a convolution folded into it, constants inlined). The graph is checked against the
-eager model on its first batch and on that batch negated; the eager model runs whenever tracing fails or disagrees.
+eager model on its first batch, that batch negated and a batch of another size; the eager model runs whenever
+tracing fails or disagrees.
 CUDA path: bf16 autocast, channels_last, one CUDA graph per fixed batch size (inputs padded up to the next captured
 size). The head is always computed in fp32.
 """
@@ -184,13 +185,14 @@ class Engine:
         return run(x)
 
     def _trace(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``forward_features`` as a frozen TorchScript graph for inputs shaped like ``x``; the eager method when the
-        model cannot be traced or the graph's output on ``x`` or ``-x`` differs from the eager one (data-dependent
-        control flow, which a trace would silently bake in)."""
+        """``forward_features`` as a frozen TorchScript graph for inputs shaped like ``x`` (any batch size); the eager
+        method when the model cannot be traced or the graph's output on ``x``, ``-x`` or a batch of another size
+        differs from the eager one (data-dependent control flow or a batch size the trace baked in)."""
         eager = self.model.forward_features
         try:
             graph = freeze(_FeatureExtractor(self.model), x)
-            checks = [(eager(probe), graph(probe)) for probe in (x, -x)]
+            other_batch = x[:1] if len(x) > 1 else torch.cat([x, -x])  # a trace may bake in the batch size
+            checks = [(eager(probe), graph(probe)) for probe in (x, -x, other_batch)]
         except Exception as exc:  # noqa: BLE001 - any tracing failure only costs speed
             log.warning("running the model eagerly: TorchScript tracing failed (%s: %s)", type(exc).__name__, exc)
             return eager

@@ -206,7 +206,14 @@ def test_cpu_path_runs_a_frozen_graph_equal_to_the_eager_model() -> None:
     assert not eager._frozen
 
 
-@pytest.mark.parametrize("model_class", [_DataDependent, _Untraceable])
+class _BatchBaked(TinyDenseNet):
+    """Slices the batch with a Python int, which a trace records as a constant (wrong for other batch sizes)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward_features(x)[: int(x.shape[0])]
+
+
+@pytest.mark.parametrize("model_class", [_DataDependent, _Untraceable, _BatchBaked])
 def test_models_the_trace_cannot_capture_run_eagerly_with_the_same_results(
     model_class: type[TinyDenseNet], caplog: pytest.LogCaptureFixture
 ) -> None:
