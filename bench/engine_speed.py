@@ -86,7 +86,7 @@ def _load(model_path: Path | None):
     if model_path is None:
         from daemon.inference import bundled_demo_model
 
-        model_path = bundled_demo_model()
+        model_path = bundled_demo_model("full")
         if model_path is None:
             raise SystemExit("no bundled demo model in this build - pass --model")
     network, manifest = load_artifact(model_path)

@@ -134,7 +134,7 @@ def run(*, model_path: Path | None, count: int, seed: int, render_size: int, tol
     if model_path is None:
         from daemon.inference import bundled_demo_model
 
-        model_path = bundled_demo_model()
+        model_path = bundled_demo_model("full")
         if model_path is None:
             raise SystemExit("no bundled demo model in this build - pass --model")
     network, manifest = load_artifact(model_path)

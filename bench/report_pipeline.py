@@ -292,7 +292,7 @@ def _model(path: Path | None, input_size: int | None, work: Path) -> Path:
     from daemon.inference import bundled_demo_model
     from model.artifact import load_artifact, save_artifact
 
-    chosen = path or bundled_demo_model()
+    chosen = path or bundled_demo_model("full")
     if chosen is None:
         raise SystemExit("no model: this build ships no demo model - pass --model")
     if not input_size:

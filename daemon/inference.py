@@ -23,12 +23,18 @@ from model.preprocess import stats_of
 
 log = logging.getLogger(__name__)
 
-DEMO_MANIFEST = "chexd-demo.json"
+# The default demo is the compressed DenseNet121 (bench/README.md, `compress`); the full one ships beside it for
+# comparison ("chexd model import bundled:full").
+BUNDLED = {"compressed": "chexd-demo-compressed.json", "full": "chexd-demo.json"}
+DEMO_MANIFEST = BUNDLED["compressed"]
 
 
-def bundled_demo_model() -> Path | None:
-    """The demo artifact's manifest inside the installed package, or None when this build ships none."""
-    candidate = resources.files("model") / "demo" / DEMO_MANIFEST
+def bundled_demo_model(which: str = "compressed") -> Path | None:
+    """A demo artifact's manifest inside the installed package (``which``: ``compressed``, the default model, or
+    ``full``), or None when this build ships none. Raises ValueError for another ``which``."""
+    if which not in BUNDLED:
+        raise ValueError(f"Invalid bundled model {which!r} - expected one of {', '.join(BUNDLED)}")
+    candidate = resources.files("model") / "demo" / BUNDLED[which]
     return Path(str(candidate)) if candidate.is_file() else None
 
 

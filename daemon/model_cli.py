@@ -62,7 +62,13 @@ def _summary(manifest_file: Path) -> dict[str, Any]:
 
 @model_app.command("import")
 def import_cmd(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file (.pth.tar, .pt, .pth, .safetensors) or artifact.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint file (.pth.tar, .pt, .pth, .safetensors) or artifact; 'bundled:full' or "
+            "'bundled:compressed' for the demo models shipped with chexd (the compressed one is the default).",
+        ),
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output folder or .json path (default: <data_dir>/models/<name>-<hash12>/)."),
@@ -82,6 +88,16 @@ def import_cmd(
     from model.checkpoints import import_checkpoint
     from model.errors import ModelError
 
+    if str(path).startswith("bundled:"):
+        from daemon.inference import BUNDLED, bundled_demo_model
+
+        which = str(path).removeprefix("bundled:")
+        if which not in BUNDLED:
+            fail(f"Invalid bundled model {which!r} - expected bundled:{' or bundled:'.join(BUNDLED)}", 2)
+        found = bundled_demo_model(which)
+        if found is None:
+            fail(f"this build of chexd ships no {which} demo model", 2)
+        path = found
     try:
         if out is not None:
             manifest_file = import_checkpoint(path, out, name=name, format=fmt, dtype=dtype)  # type: ignore[arg-type]

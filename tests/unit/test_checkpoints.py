@@ -316,3 +316,23 @@ def test_cli_import_errors_exit_1_with_the_reason(tmp_path: Path) -> None:
     assert "error:" in result.stderr and "not a chexd artifact manifest" in result.stderr
     bad = CliRunner().invoke(cli(), ["model", "import", str(src), "--format", "onnx"])
     assert bad.exit_code == 2 and "Invalid --format 'onnx'" in bad.stderr
+
+
+def test_the_bundled_full_demo_model_imports_by_name_beside_the_compressed_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.inference import bundled_demo_model
+
+    monkeypatch.setenv("CHEXD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CHEXD_CONFIG", raising=False)
+    default, full = read_manifest(bundled_demo_model()), read_manifest(bundled_demo_model("full"))
+    assert default.provenance[-1]["operation"] == "compress"
+    assert default.provenance[-1]["parent_sha256"] == full.weights_sha256
+    assert default.parameters < 0.5 * full.parameters == 0.5 * 6_968_206
+    assert default.synthetic and full.synthetic
+    result = CliRunner().invoke(cli(), ["model", "import", "bundled:full", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["parameters"] == 6_968_206 and summary["registry"]["state"] == "candidate"
+    wrong = CliRunner().invoke(cli(), ["model", "import", "bundled:huge"])
+    assert wrong.exit_code == 2 and "bundled:compressed or bundled:full" in wrong.output
