@@ -3,7 +3,7 @@ off-the-shelf ways on the same card, with a hard time limit on every step. Made 
 
     python -m bench.gpu_check --dry-run                         # anywhere: the same steps on the CPU, tiny counts
     python -m bench.gpu_check --prepare-site build/gpu_site     # here, before a device run (see bench/README.md)
-    PYTHONPATH=build/gpu_site:. timeout -k 10 380 python3 -m bench.gpu_check   # on the GPU machine; < 6 min
+    PYTHONPATH=build/gpu_site:. timeout -k 10 440 python3 -m bench.gpu_check   # on the GPU machine; < 7.5 min
 
 Steps (each under its own SIGALRM deadline, all under ``--budget-s``; a watchdog thread writes what it has and
 exits 3 if the whole run overshoots by 20 s, e.g. when a CUDA call never returns):
@@ -27,6 +27,8 @@ exits 3 if the whole run overshoots by 20 s, e.g. when a CUDA call never returns
 6. **gradcam**: pytorch-grad-cam ``GradCAM`` at ``features[-1]`` (norm5, as gpu_anchor.py), 14 classes, batch 1,
    one backward per class (warm-up 2, 10 calls) against the engine's 14 CAMs from its forward (step 4), and
    gpu_anchor's hand-written "CAM from forward features" for reference.
+7. **compressed** (issue 6): the bundled compressed demo against the full one, both through the engine on the device
+   (bf16, CUDA graphs), at their own input size: throughput at batch 64 (target >= 1.4x) and batch-1 latency.
 
 Targets (issue 3, H100): engine <= 2.0 ms/image at batch 1, >= 8,000 images/s at batch 256, 14 CAMs >= 50x faster
 than pytorch-grad-cam. gpu_anchor's H100 figures (DESIGN.md): fp32 eager b1 9.8 ms; bf16 + CUDA graph b1 2.0 ms;
@@ -77,16 +79,19 @@ class Plan:
     warm_gradcam: int = 2
     reps_gradcam: int = 10
     phantoms: int = 48
+    compressed_batch: int = 64
     step_limits_s: tuple[tuple[str, float], ...] = (
         ("env", 60), ("load", 60), ("agreement", 90), ("latency", 90), ("throughput", 120), ("gradcam", 60),
+        ("compressed", 60),
     )
-    budget_s: float = 330.0
+    budget_s: float = 390.0
 
 
 # a smoke test of the same code on a (possibly busy) CPU: tiny counts, generous limits
 DRY_RUN = Plan(warm_b1=1, reps_b1=3, big_batch=4, warm_big=1, reps_big=2, warm_gradcam=0, reps_gradcam=1,
-               phantoms=48, budget_s=1800.0, step_limits_s=(("env", 300), ("load", 300), ("agreement", 600),
-                                                            ("latency", 300), ("throughput", 300), ("gradcam", 300)))
+               phantoms=48, compressed_batch=4, budget_s=2100.0,
+               step_limits_s=(("env", 300), ("load", 300), ("agreement", 600), ("latency", 300), ("throughput", 300),
+                              ("gradcam", 300), ("compressed", 300)))
 
 
 class StepTimeout(Exception):
@@ -427,6 +432,39 @@ def _gradcam(ck: Check, ctx: SimpleNamespace) -> None:
 # ------------------------------------------------------------------------------------------------------ summary
 
 
+def _compressed(ck: Check, ctx: SimpleNamespace) -> None:
+    """Issue 6: the bundled compressed demo model against the full one it was compressed from, both through the
+    engine on the device (bf16 + CUDA graph of the batch), at the models' own input size: throughput at
+    ``compressed_batch`` (target >= 1.4x) and batch-1 latency."""
+    import torch
+
+    from model.artifact import load_artifact
+
+    path = Path(str(resources.files("model") / "demo" / "chexd-demo-compressed.json"))
+    if not path.is_file():
+        raise RuntimeError("this build ships no compressed demo model")
+    compressed, manifest = load_artifact(path)
+    if manifest.provenance[-1].get("parent_sha256") != ctx.manifest.weights_sha256:
+        raise RuntimeError(f"{path.name} was not compressed from {ctx.manifest.name} - run with the bundled full demo")
+    p, bs, size = ck.plan, ck.plan.compressed_batch, manifest.preprocessing.input_size
+    torch.manual_seed(2)
+    x = torch.randn(bs, manifest.preprocessing.channels, size, size, device=ctx.device)
+    rows = {}
+    for name, network in (("full", ctx.network), ("compressed", compressed)):
+        saved = ctx.network
+        ctx.network = network
+        try:
+            big = _engine(ctx, device=str(ctx.device), graphs=(1, bs), batch_size=bs)
+        finally:
+            ctx.network = saved
+        rows[name] = ck.row(f"engine {name} demo b{bs} ({size} px)",
+                            _timed(lambda e=big: e.forward(x), reps=p.reps_big, warm=p.warm_big, cuda=ctx.cuda), bs)
+        ck.row(f"engine {name} demo b1 ({size} px)",
+               _timed(lambda e=big: e.forward(x[:1]), reps=p.reps_b1, warm=p.warm_b1, cuda=ctx.cuda), 1)
+    ctx.compressed_ratio = rows["compressed"]["images_per_s"] / rows["full"]["images_per_s"]
+    ck.meta["compressed_model"] = f"{manifest.name} {manifest.version_id}"
+
+
 def _summary(ck: Check, ctx: SimpleNamespace) -> list[dict[str, Any]]:
     out = []
 
@@ -452,6 +490,9 @@ def _summary(ck: Check, ctx: SimpleNamespace) -> list[dict[str, Any]]:
     if gc and eng:
         ratio = gc["ms_per_image"] / eng["ms_per_image"]
         add("14 CAMs: pytorch-grad-cam / engine", ratio, "x", f">= {TARGET_GRADCAM_X:.0f}", ratio >= TARGET_GRADCAM_X)
+    ratio = getattr(ctx, "compressed_ratio", None)
+    if ratio:
+        add(f"compressed / full demo throughput b{ck.plan.compressed_batch}", ratio, "x", ">= 1.4", ratio >= 1.4)
     agreement = ck.checks.get("agreement")
     if agreement:
         add("device engine agrees with CPU fp32 engine", None, "", "bf16 tolerance", agreement["pass"])
@@ -557,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = ck.step("env", lambda: _env(ck, ctx)) and ck.step("load", lambda: _load(ck, ctx))
     if ok:
         for name, fn in (("agreement", _agreement), ("latency", _latency), ("throughput", _throughput),
-                         ("gradcam", _gradcam)):
+                         ("gradcam", _gradcam), ("compressed", _compressed)):
             ok &= ck.step(name, lambda fn=fn: fn(ck, ctx))
             if ctx.cuda:
                 with contextlib.suppress(Exception):
