@@ -53,7 +53,12 @@ def compress(
         float, typer.Option(min=0.01, max=1.0, help="Fraction of the MACs (conv + linear) to keep at most.")
     ] = 0.55,
     calibration_images: Annotated[
-        int, typer.Option(min=16, help="Phantom train-split images for channel selection and refit.")
+        int,
+        typer.Option(
+            min=16,
+            help="Phantom train-split images for channel selection and refit (more fit better: the bundled "
+            "compressed demo used 4,000: 17 min on 2 CPU cores).",
+        ),
     ] = 1000,
     distill_steps: Annotated[
         int, typer.Option(min=0, help="Distillation steps from the original on unlabeled images (0: none).")
