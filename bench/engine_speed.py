@@ -11,7 +11,8 @@ Everything runs with ``torch.set_num_threads(2)`` under ``torch.inference_mode()
 Timed, per (input size S, batch B), in ms per image:
 
 - **torchvision eager**: ``model(x)``, NCHW fp32 - the off-the-shelf forward (logits only);
-- **engine forward only**: the engine's own network path without the head extras (channels_last, logits only);
+- **engine forward only**: the engine's own network path without the head extras (channels_last, the feature
+  extractor frozen by TorchScript, logits only);
 - **engine full**: ``Engine.forward`` + the conversion to ``Prediction`` objects - logits, probabilities, all 14
   CAMs ``[14, S/32, S/32]`` and the top-k channel evidence, i.e. ``Engine.predict`` minus the image preprocessing;
 - **engine predict from 512-px images** (information): ``Engine.predict`` on decoded 512x512 images, including the
@@ -132,9 +133,7 @@ def run(*, model_path: Path | None, sizes: list[int], batches: list[int], gradca
 
             def engine_forward_only(x=x, engine=engine) -> object:
                 with torch.inference_mode():
-                    xc = x.contiguous(memory_format=torch.channels_last)
-                    pooled = engine.model.forward_features(xc).mean(dim=(2, 3))
-                    return engine.model.classifier(pooled)
+                    return engine.model.classifier(engine.features(x).mean(dim=(2, 3)))
 
             def engine_full(x=x, engine=engine) -> object:
                 return engine.to_predictions(engine.forward(x))  # what predict() does after preprocessing
@@ -155,7 +154,7 @@ def run(*, model_path: Path | None, sizes: list[int], batches: list[int], gradca
             # the extras alone, on features computed once: a difference of ~1 ms is lost in the noise of two
             # ~100 ms forwards on a shared machine, but not when only the head is timed
             with torch.inference_mode():
-                features = engine.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+                features = engine.features(x)
 
             def head_logits(f=features, engine=engine) -> object:
                 with torch.inference_mode():

@@ -243,6 +243,12 @@ class Engine:
         return HeadOutputs(logits=logits.cpu(), cams=cams.cpu(), pooled=pooled.cpu())
 
     @torch.inference_mode()
+    def features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Post-ReLU final features [B, C, h, w] of a prepared batch on the engine's path (frozen graph on the CPU,
+        bf16 CUDA graph on a GPU), on the engine's device; no head."""
+        return self._features(batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> HeadOutputs:
         """Batch [B, channels, S, S] (already prepared) -> HeadOutputs."""
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -229,3 +229,12 @@ def test_models_the_trace_cannot_capture_run_eagerly_with_the_same_results(
             for im in (dark, bright)
         ]
     np.testing.assert_allclose(np.stack([first.logits, second.logits]), torch.stack(reference).numpy(), atol=1e-5)
+
+
+def test_features_are_the_models_post_relu_features_on_the_engines_path(engine: Engine) -> None:
+    x = torch.stack([prepare(_image(i), RECIPE) for i in range(2)])
+    features = engine.features(x)
+    with torch.no_grad():
+        expected = engine.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    assert float(features.min()) >= 0.0
