@@ -168,8 +168,11 @@ def _mean_auroc(metrics: dict[str, Any]) -> float | None:
             return float(metrics[key])
     for nested in ("test", "evaluation", "after"):
         value = metrics.get(nested)
-        if isinstance(value, dict) and isinstance(value.get("mean_auroc"), int | float):
-            return float(value["mean_auroc"])
+        if not isinstance(value, dict):
+            continue
+        for key in ("mean_auroc", "mean_after"):  # mean_after: a before/after comparison (compress, correct)
+            if isinstance(value.get(key), int | float):
+                return float(value[key])
     return None
 
 

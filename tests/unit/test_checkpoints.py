@@ -334,5 +334,8 @@ def test_the_bundled_full_demo_model_imports_by_name_beside_the_compressed_defau
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["parameters"] == 6_968_206 and summary["registry"]["state"] == "candidate"
+    listed = CliRunner().invoke(cli(), ["model", "list"], terminal_width=200)
+    assert listed.exit_code == 0 and "0.8138" in listed.stdout  # the full one's test AUROC
+    assert f"{default.metrics['test']['mean_after']:.4f}" in listed.stdout  # the compressed default's, after compress
     wrong = CliRunner().invoke(cli(), ["model", "import", "bundled:huge"])
     assert wrong.exit_code == 2 and "bundled:compressed or bundled:full" in wrong.output
