@@ -262,10 +262,12 @@ def _load(ck: Check, ctx: SimpleNamespace) -> None:
                 "input_size": ctx.manifest.preprocessing.input_size, "phantom_images": len(images)}
 
 
-def _engine(ctx: SimpleNamespace, *, device: str, graphs: tuple[int, ...], batch_size: int, recipe=None):
+def _engine(ctx: SimpleNamespace, *, device: str, graphs: tuple[int, ...], batch_size: int, recipe=None,
+            network=None):
     from model.engine import Engine
 
-    return Engine(copy.deepcopy(ctx.network), recipe=recipe or ctx.manifest.preprocessing, labels=ctx.manifest.labels,
+    return Engine(copy.deepcopy(network or ctx.network), recipe=recipe or ctx.manifest.preprocessing,
+                  labels=ctx.manifest.labels,
                   model_version=ctx.manifest.version_id, device=device, batch_size=batch_size,
                   cuda_graph_batch_sizes=graphs)
 
@@ -451,12 +453,7 @@ def _compressed(ck: Check, ctx: SimpleNamespace) -> None:
     x = torch.randn(bs, manifest.preprocessing.channels, size, size, device=ctx.device)
     rows = {}
     for name, network in (("full", ctx.network), ("compressed", compressed)):
-        saved = ctx.network
-        ctx.network = network
-        try:
-            big = _engine(ctx, device=str(ctx.device), graphs=(1, bs), batch_size=bs)
-        finally:
-            ctx.network = saved
+        big = _engine(ctx, device=str(ctx.device), graphs=(1, bs), batch_size=bs, network=network)
         rows[name] = ck.row(f"engine {name} demo b{bs} ({size} px)",
                             _timed(lambda e=big: e.forward(x), reps=p.reps_big, warm=p.warm_big, cuda=ctx.cuda), bs)
         ck.row(f"engine {name} demo b1 ({size} px)",

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 # The default demo is the compressed DenseNet121 (bench/README.md, `compress`); the full one ships beside it for
 # comparison ("chexd model import bundled:full").
 BUNDLED = {"compressed": "chexd-demo-compressed.json", "full": "chexd-demo.json"}
-DEMO_MANIFEST = BUNDLED["compressed"]
 
 
 def bundled_demo_model(which: str = "compressed") -> Path | None:

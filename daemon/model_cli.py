@@ -92,9 +92,10 @@ def import_cmd(
         from daemon.inference import BUNDLED, bundled_demo_model
 
         which = str(path).removeprefix("bundled:")
-        if which not in BUNDLED:
+        try:
+            found = bundled_demo_model(which)
+        except ValueError:
             fail(f"Invalid bundled model {which!r} - expected bundled:{' or bundled:'.join(BUNDLED)}", 2)
-        found = bundled_demo_model(which)
         if found is None:
             fail(f"this build of chexd ships no {which} demo model", 2)
         path = found

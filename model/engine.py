@@ -179,10 +179,10 @@ class Engine:
             return self._features_cuda(x)
         if not self._freeze:
             return self.model.forward_features(x)
-        run = self._frozen.get(tuple(x.shape[1:]))
-        if run is None:
-            run = self._frozen[tuple(x.shape[1:])] = self._trace(x)
-        return run(x)
+        shape = tuple(x.shape[1:])
+        if shape not in self._frozen:
+            self._frozen[shape] = self._trace(x)
+        return self._frozen[shape](x)
 
     def _trace(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``forward_features`` as a frozen TorchScript graph for inputs shaped like ``x`` (any batch size); the eager
