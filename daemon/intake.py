@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.uid import UID
 
+from daemon.identity import PatientIdentity
 from daemon.spool import validate_uid
 
 CHEST_MODALITIES = frozenset({"CR", "DX"})
@@ -33,6 +34,8 @@ class InstanceMeta:
     view_position: str | None
     study_date: str | None
     skip_reason: str | None  # set when the input gate keeps the instance away from the model
+    # who the image belongs to, in memory only (its repr shows no values); the store keeps a keyed fingerprint
+    identity: PatientIdentity | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -95,6 +98,7 @@ def inspect(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
         view_position=_clip(view_position, 16),
         study_date=(str(ds.get("StudyDate") or "")[:8] or None),
         skip_reason=gate_reason(modality, body_part, view_position),
+        identity=PatientIdentity.from_dataset(ds),
     )
     check_pixel_module(ds)
     return meta

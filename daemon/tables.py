@@ -1,7 +1,8 @@
 """ORM tables (SQLAlchemy 2.x). Every change here needs an Alembic revision in ``migrations/versions``.
 
 No patient names or IDs are stored: rows carry UIDs, file locations and processing state; the DICOM file in the
-spool is the one copy of the patient data.
+spool is the one copy of the patient data. Studies carry a keyed fingerprint of their patient's identity
+(daemon.identity: HMAC-SHA256 under a secret kept outside the database), which can be compared but not reversed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     study_date: Mapped[str | None] = mapped_column(String(8))
+    # daemon.identity fingerprint of the study's patient: "<basis>:<key id>:<hmac>", "none" (images without any
+    # identity), NULL (stored before revision 0004: the first image after the upgrade claims the study)
+    patient_fingerprint: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -104,6 +108,7 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     path: Mapped[str] = mapped_column(Text)  # relative to the spool root
     size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the stored file; NULL for rows before revision 0004
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
@@ -150,6 +155,42 @@ class AuditEvent(Base):
     peer_address: Mapped[str | None] = mapped_column(String(64))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class ConflictKind(enum.StrEnum):
+    STUDY = "study"  # StudyInstanceUID known under another patient fingerprint
+    SERIES = "series"  # SeriesInstanceUID known under another StudyInstanceUID
+    SOP = "sop"  # SOPInstanceUID known with other content
+
+
+class IdentityConflict(Base):
+    """An acknowledged image held back because merging it would mix patients, studies or contents. It has no
+    instance, series or study row (nothing of the existing study sees it); its bytes are in the quarantine folder
+    (``path``, relative to it) beside a reason file. Rows stay for audit; see README "Patient identity conflicts"."""
+
+    __tablename__ = "identity_conflicts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[ConflictKind] = mapped_column(
+        Enum(
+            ConflictKind,
+            name="conflict_kind",
+            native_enum=False,
+            length=16,
+            values_callable=lambda kinds: [k.value for k in kinds],
+        )
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    reason: Mapped[str] = mapped_column(Text)  # names attributes, never their values
+    path: Mapped[str] = mapped_column(Text)  # relative to the quarantine folder
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    patient_fingerprint: Mapped[str] = mapped_column(String(80))  # of the held image
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
 class PredictionRow(Base):

@@ -27,6 +27,7 @@ TABLES = {
     "study_reports",
     "report_files",
     "forwards",
+    "identity_conflicts",
 }
 
 
