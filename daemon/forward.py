@@ -16,6 +16,7 @@ Resending a file is harmless: result UIDs are deterministic, so a PACS files a d
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import Settings
 from daemon.tables import Forward, ForwardState, ReportFile, utcnow
+from daemon.tls import TLSFileError, client_handshake_error, forward_context
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +59,33 @@ SUCCESS = 0x0000
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Destination:
-    """A C-STORE SCP: ``AE@host:port`` (IPv6 hosts in brackets)."""
+    """A C-STORE SCP: ``AE@host:port`` (IPv6 hosts in brackets); ``AE@host:port+tls`` is reached over DICOM TLS
+    (``tls``: the server's certificate verified against ``tls_ca``, this node's ``tls_cert`` presented)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """Raises ValueError naming the value when it is not ``AE@host:port`` with a port in 1..65535."""
-        ae, at, rest = text.partition("@")
+        """Raises ValueError naming the value when it is not ``AE@host:port[+tls]`` with a port in 1..65535."""
+        body, plus, suffix = text.rpartition("+")
+        tls = bool(plus) and suffix == "tls"
+        if not tls:
+            body = text
+        ae, at, rest = body.partition("@")
         host, colon, port = rest.rpartition(":")
         if not (at and colon and ae.strip() and host and port.isdigit() and 1 <= int(port) <= 65535 and len(ae) <= 16):
-            raise ValueError(f"Invalid destination {text!r} - expected 'AE@host:port', e.g. 'PACS@10.0.0.5:104'")
-        return cls(ae_title=ae, host=host.strip("[]"), port=int(port))
+            raise ValueError(
+                f"Invalid destination {text!r} - expected 'AE@host:port' or 'AE@host:port+tls', "
+                "e.g. 'PACS@10.0.0.5:104'"
+            )
+        return cls(ae_title=ae, host=host.strip("[]"), port=int(port), tls=tls)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 def backoff_seconds(attempts: int, base: float) -> float:
@@ -278,10 +293,12 @@ def deliver(
     *,
     calling_ae: str,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[int, Outcome]:
     """C-STORE every item's file over one association; return forward id -> Outcome (never raises for a peer or
     file problem). Files go as stored when the peer accepts their transfer syntax; an uncompressed file is
-    re-encoded to another uncompressed syntax when that is all the peer accepts."""
+    re-encoded to another uncompressed syntax when that is all the peer accepts. A ``+tls`` destination needs
+    ``tls`` (a client context, :func:`daemon.tls.forward_context`); without one nothing is sent."""
     outcomes: dict[int, Outcome] = {}
     headers: list[tuple[ClaimedForward, UID, UID]] = []
     for item in items:
@@ -309,10 +326,18 @@ def deliver(
                 contexts[(sop_class, other)] = None
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, ts)
-    name = f"{destination.ae_title}@{destination.host}:{destination.port}"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    name = str(destination)
+    if destination.tls and tls is None:
+        for item, _, _ in headers:
+            outcomes[item.forward_id] = Outcome(delivered=False, note=f"{name} needs TLS and no TLS context was given")
+        return outcomes
+    tls_args = (tls, destination.host) if destination.tls and tls is not None else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "cannot reach the peer or association aborted"
+        if tls_args is not None and not assoc.is_rejected:
+            reason = client_handshake_error(tls_args[0], destination.host, destination.port, timeout=timeout)
+            why = f"TLS handshake failed: {reason}" if reason else why
         for item, _, _ in headers:
             outcomes[item.forward_id] = Outcome(delivered=False, note=f"no association with {name}: {why}")
         return outcomes
@@ -459,11 +484,20 @@ class ForwardLoop:
         if not batch:
             return False
         destination = Destination.parse(batch[0].destination)
+        tls: ssl.SSLContext | None = None
+        if destination.tls:
+            try:  # built per batch: a renewed certificate or CA file is picked up without a restart
+                tls = forward_context(self.settings)
+            except (TLSFileError, ssl.SSLError, OSError) as exc:
+                note = f"cannot set up TLS for {destination}: {exc}"
+                self._record(batch, {item.forward_id: Outcome(delivered=False, note=note) for item in batch})
+                return True
         outcomes = deliver(
             destination,
             batch,
             calling_ae=self.settings.ae_title,
             timeout=min(self.settings.acse_timeout, self.settings.network_timeout),
+            tls=tls,
         )
         self._record(batch, outcomes)
         return True

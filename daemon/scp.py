@@ -133,8 +133,13 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        from daemon.tls import scp_context  # DICOM TLS when tls_cert/tls_key are set (None: plain TCP)
+
         self.server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=scp_context(self.settings),
         )
         log.info("storage SCP listening ae_title=%s port=%s", self.settings.ae_title, self.settings.port)
 

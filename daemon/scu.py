@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from daemon.tls import client_handshake_error
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -38,17 +41,39 @@ def _ae(calling_ae: str, timeout: float) -> AE:
     return ae
 
 
+def _tls_args(tls: ssl.SSLContext | None, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args``: the context and the name the server's certificate must carry (``host``)."""
+    return (tls, host.strip("[]")) if tls is not None else None
+
+
+def _no_association(
+    called_ae: str, host: str, port: int, tls: ssl.SSLContext | None, rejected: bool, timeout: float
+) -> str:
+    """Why no association came up; with TLS, a failed handshake names OpenSSL's reason."""
+    name = f"{called_ae}@{host}:{port}"
+    if tls is not None and not rejected:
+        reason = client_handshake_error(tls, host, port, timeout=timeout)
+        if reason is not None:
+            return f"no association with {name}: TLS handshake failed: {reason}"
+    return f"no association with {name} (rejected, aborted or unreachable)"
+
+
 def echo(
-    host: str, port: int, *, called_ae: str = "ANY-SCP", calling_ae: str = "CHEXD-SCU", timeout: float = 10
+    host: str,
+    port: int,
+    *,
+    called_ae: str = "ANY-SCP",
+    calling_ae: str = "CHEXD-SCU",
+    timeout: float = 10,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Send one C-ECHO; return its status. Raises AssociationError when no association is established."""
+    """Send one C-ECHO; return its status. ``tls``: a client context (``daemon.tls.forward_context``) for DICOM TLS.
+    Raises AssociationError when no association is established (refused, unreachable, TLS handshake failed)."""
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=_tls_args(tls, host))
     if not assoc.is_established:
-        raise AssociationError(
-            f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)"
-        )
+        raise AssociationError(_no_association(called_ae, host, port, tls, assoc.is_rejected, timeout))
     try:
         status = assoc.send_c_echo()
     finally:
@@ -81,9 +106,10 @@ def send(
     calling_ae: str = "CHEXD-SCU",
     timeout: float = 30,
     on_result: Callable[[SendResult], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """C-STORE each file's bytes as stored (no re-encoding). Files that are not DICOM get a SendResult with an error.
-    Raises AssociationError when the peer refuses or cannot be reached."""
+    ``tls``: a client context for DICOM TLS. Raises AssociationError when the peer refuses or cannot be reached."""
     results: list[SendResult] = []
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file's dataset bytes as stored instead of re-encoding
 
@@ -108,11 +134,9 @@ def send(
         ae = _ae(calling_ae, timeout)
         for sop_class, ts in dict.fromkeys((h[1], h[2]) for h in batch):
             ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(host, port, ae_title=called_ae)
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=_tls_args(tls, host))
         if not assoc.is_established:
-            raise AssociationError(
-                f"no association with {called_ae}@{host}:{port} (rejected, aborted or unreachable)"
-            )
+            raise AssociationError(_no_association(called_ae, host, port, tls, assoc.is_rejected, timeout))
         try:
             for path, _, _, uid in batch:
                 try:

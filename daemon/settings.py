@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 
 ENV_PREFIX = "CHEXD_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, no control chars
-_DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")
+_DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}(\+tls)?$")  # +tls: DICOM TLS (daemon.tls)
+_TLS_CLIENT_CERT = ("auto", "none", "optional", "required")
 
 
 class SettingsError(ValueError):
@@ -72,6 +73,12 @@ class Settings:
     forward_destinations: tuple[str, ...] = ()  # AE@host:port that receive the SR, SC and encapsulated PDF
     forward_max_attempts: int = 8
     forward_backoff_seconds: float = 2.0  # first retry delay; doubles per attempt, capped at 10 minutes
+    # DICOM TLS (daemon.tls, BCP 195 profile): PEM paths; tls_cert + tls_key turn TLS on for the SCP (TLS only)
+    tls_cert: str = ""  # this node's certificate (chain); also the client certificate for '+tls' destinations
+    tls_key: str = ""  # its private key (unencrypted PEM; protect it with file permissions)
+    tls_ca: str = ""  # CA bundle that peers' certificates must chain to (clients at the SCP, '+tls' destinations)
+    tls_client_cert: str = "auto"  # none | optional | required; auto: required when tls_ca is set, else none
+    tls_verify_hostname: bool = True  # a '+tls' destination's certificate must name the host/IP dialled
 
     @property
     def effective_model_threads(self) -> int:
@@ -127,8 +134,10 @@ class Settings:
         for entry in self.forward_destinations:
             if not _DESTINATION.match(entry) or not _AE_TITLE.match(entry.split("@", 1)[0]):
                 raise SettingsError(
-                    f"Invalid forward_destinations entry {entry!r} - expected 'AE@host:port', e.g. 'PACS@10.0.0.5:104'"
+                    f"Invalid forward_destinations entry {entry!r} - expected 'AE@host:port' or 'AE@host:port+tls', "
+                    "e.g. 'PACS@10.0.0.5:104'"
                 )
+        self._check_tls()
         for entry in self.allowed_calling_aes:
             ae = entry.split("@", 1)[0]
             if not _AE_TITLE.match(ae):
@@ -146,6 +155,38 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    def _check_tls(self) -> None:
+        """TLS settings: cert and key both or neither, readable PEM files, the key matches the certificate, a
+        client-certificate mode that the other settings can honour."""
+        from daemon.tls import TLSFileError, TLSPaths, check_files
+
+        if self.tls_client_cert not in _TLS_CLIENT_CERT:
+            raise SettingsError(
+                f"Invalid tls_client_cert {self.tls_client_cert!r} - expected one of {', '.join(_TLS_CLIENT_CERT)}"
+            )
+        try:
+            check_files(TLSPaths.from_settings(self))
+        except TLSFileError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.tls_client_cert in ("optional", "required"):
+            if not self.tls_cert:
+                raise SettingsError(
+                    f"Invalid tls_client_cert {self.tls_client_cert!r} without tls_cert/tls_key - client "
+                    "certificates need TLS on the SCP: set tls_cert and tls_key"
+                )
+            if not self.tls_ca:
+                raise SettingsError(
+                    f"Invalid tls_client_cert {self.tls_client_cert!r} without tls_ca - set tls_ca to the CA "
+                    "bundle that client certificates must chain to"
+                )
+
+    @property
+    def effective_tls_client_cert(self) -> str:
+        """``none``, ``optional`` or ``required``: ``auto`` is required when ``tls_ca`` is set, else none."""
+        if self.tls_client_cert != "auto":
+            return self.tls_client_cert
+        return "required" if self.tls_ca and self.tls_cert else "none"
 
     @property
     def quarantine_dir(self) -> Path:

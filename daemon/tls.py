@@ -1,0 +1,274 @@
+"""DICOM TLS: the SSL contexts of the Storage SCP and of forwarding (PS3.15 B.9, the BCP 195 TLS profile).
+
+Profile (RFC 9325 / BCP 195 as DICOM PS3.15 B.9 adopts it): TLS 1.2 or 1.3 only; TLS 1.2 cipher suites with
+forward secrecy and an AEAD cipher only (ECDHE or DHE key exchange with AES-GCM or ChaCha20-Poly1305): no RSA key
+exchange, no CBC, no SHA-1 MAC, no NULL, EXPORT, RC4, 3DES, anonymous or PSK suites; TLS 1.3 suites are all AEAD.
+OpenSSL's security level 2 refuses keys and DH groups under 2048 bits (ECC under 224). No TLS compression, no
+renegotiation.
+
+The SCP context (:func:`server_context`) verifies client certificates against ``tls_ca`` per
+:class:`ClientCertMode`; the forwarding context (:func:`client_context`) verifies the destination's certificate
+against ``tls_ca`` (or the system trust store) and presents ``tls_cert``/``tls_key`` when the server asks.
+
+A server handshake runs under a deadline in the connection's own thread (:func:`server_handshake`), never in the
+accept loop: a peer that connects and says nothing must not hold the listener. A failed handshake is logged once,
+with the peer address and OpenSSL's reason (never certificate subjects: they can name a person), and raises
+:class:`TLSHandshakeError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from daemon.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BCP195_CIPHERS",
+    "ClientCertMode",
+    "TLSFileError",
+    "TLSHandshakeError",
+    "TLSPaths",
+    "check_files",
+    "client_context",
+    "client_handshake_error",
+    "forward_context",
+    "scp_context",
+    "server_context",
+    "server_handshake",
+]
+
+#: TLS 1.2 suites (OpenSSL names): forward-secret key exchange with an AEAD cipher only. TLS 1.3 suites are set
+#: separately by OpenSSL and are all AEAD with ephemeral key exchange.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP:!DSS:@SECLEVEL=2"
+MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+class ClientCertMode(enum.StrEnum):
+    """What the SCP asks of a client certificate (``tls_client_cert``).
+
+    ``none``: not requested. ``optional``: requested and verified against ``tls_ca`` when sent; a client without one
+    is admitted. ``required``: a client without a certificate signed by ``tls_ca`` is refused in the handshake."""
+
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class TLSFileError(ValueError):
+    """A TLS file setting is unusable; the message names the setting, the value and the rule."""
+
+
+class TLSHandshakeError(ConnectionError):
+    """A TLS handshake with a peer failed; ``reason`` is OpenSSL's short reason (no certificate contents)."""
+
+    def __init__(self, reason: str, address: str) -> None:
+        super().__init__(f"TLS handshake with {address} failed: {reason}")
+        self.reason = reason
+        self.address = address
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TLSPaths:
+    """PEM files: ``cert`` + ``key`` this node's certificate (chain) and private key, ``ca`` the bundle that peers'
+    certificates must chain to. ``None``: not configured."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TLSPaths:
+        def path(value: str) -> Path | None:
+            return Path(value).expanduser() if value else None
+
+        return cls(cert=path(settings.tls_cert), key=path(settings.tls_key), ca=path(settings.tls_ca))
+
+
+def _refuse_password() -> bytes:
+    raise TLSFileError("encrypted")
+
+
+def _readable(setting: str, path: Path) -> None:
+    if not path.is_file():
+        raise TLSFileError(f"Invalid {setting} {str(path)!r} - file not found (expected a PEM file)")
+    if not os.access(path, os.R_OK):
+        raise TLSFileError(f"Invalid {setting} {str(path)!r} - file is not readable by this user")
+
+
+def check_files(paths: TLSPaths) -> None:
+    """Check that the files exist, parse as PEM and that the key belongs to the certificate.
+
+    Raises TLSFileError naming the setting (``tls_cert``, ``tls_key``, ``tls_ca``), the path and the rule: cert
+    without key (or the reverse), missing or unreadable file, no PEM certificate in it, an encrypted key (chexd runs
+    unattended and has no passphrase to give: protect the key with file permissions), a key that does not match
+    the certificate."""
+    if (paths.cert is None) != (paths.key is None):
+        have, missing = ("tls_cert", "tls_key") if paths.cert is not None else ("tls_key", "tls_cert")
+        value = paths.cert if paths.cert is not None else paths.key
+        raise TLSFileError(
+            f"Invalid {have} {str(value)!r} without {missing} - set both (the SCP then speaks TLS) or neither"
+        )
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if paths.ca is not None:
+        _readable("tls_ca", paths.ca)
+        try:
+            probe.load_verify_locations(cafile=str(paths.ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise TLSFileError(
+                f"Invalid tls_ca {str(paths.ca)!r} - no PEM certificate could be read from it ({_reason(exc)})"
+            ) from None
+    if paths.cert is None or paths.key is None:
+        return
+    _readable("tls_cert", paths.cert)
+    _readable("tls_key", paths.key)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(paths.cert))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TLSFileError(
+            f"Invalid tls_cert {str(paths.cert)!r} - no PEM certificate could be read from it ({_reason(exc)})"
+        ) from None
+    try:
+        probe.load_cert_chain(str(paths.cert), str(paths.key), password=_refuse_password)
+    except TLSFileError:
+        raise TLSFileError(
+            f"Invalid tls_key {str(paths.key)!r} - the key is encrypted; chexd needs an unencrypted PEM key "
+            "(protect it with file permissions, e.g. chmod 600)"
+        ) from None
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSFileError(
+                f"Invalid tls_key {str(paths.key)!r} - it is not the private key of tls_cert {str(paths.cert)!r}"
+            ) from None
+        raise TLSFileError(
+            f"Invalid tls_key {str(paths.key)!r} - no PEM private key could be read from it ({_reason(exc)})"
+        ) from None
+
+
+def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = MINIMUM_VERSION
+    context.set_ciphers(BCP195_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def server_context(
+    *, cert: Path, key: Path, ca: Path | None = None, client_cert: ClientCertMode = ClientCertMode.NONE
+) -> ssl.SSLContext:
+    """The SCP's context: BCP 195 profile, this node's certificate, client certificates per ``client_cert``.
+
+    Raises TLSFileError for unusable files, ValueError when ``client_cert`` asks for verification without ``ca``."""
+    if client_cert is not ClientCertMode.NONE and ca is None:
+        raise ValueError(f"Invalid tls_client_cert {client_cert.value!r} - needs tls_ca to verify client certificates")
+    check_files(TLSPaths(cert=cert, key=key, ca=ca))
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(str(cert), str(key), password=_refuse_password)
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    context.verify_mode = {
+        ClientCertMode.NONE: ssl.CERT_NONE,
+        ClientCertMode.OPTIONAL: ssl.CERT_OPTIONAL,
+        ClientCertMode.REQUIRED: ssl.CERT_REQUIRED,
+    }[client_cert]
+    return context
+
+
+def client_context(
+    *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """A client context: BCP 195 profile; the server's certificate is always verified (against ``ca``, else the
+    system trust store); ``cert``/``key`` are presented when the server asks. ``check_hostname``: the certificate
+    must name the host or IP address dialled (subjectAltName). Raises TLSFileError for unusable files."""
+    check_files(TLSPaths(cert=cert, key=key, ca=ca))
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if cert is not None and key is not None:
+        context.load_cert_chain(str(cert), str(key), password=_refuse_password)
+    context.check_hostname = check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def scp_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SCP's context from the settings, or None when ``tls_cert`` is not set (plain TCP)."""
+    paths = TLSPaths.from_settings(settings)
+    if paths.cert is None or paths.key is None:
+        return None
+    return server_context(
+        cert=paths.cert, key=paths.key, ca=paths.ca, client_cert=ClientCertMode(settings.effective_tls_client_cert)
+    )
+
+
+def forward_context(settings: Settings) -> ssl.SSLContext:
+    """The context for ``+tls`` forward destinations (and ``chexd echo/send --tls``): verifies the server against
+    ``tls_ca``, presents ``tls_cert``/``tls_key`` when set, checks the host name per ``tls_verify_hostname``."""
+    paths = TLSPaths.from_settings(settings)
+    return client_context(ca=paths.ca, cert=paths.cert, key=paths.key, check_hostname=settings.tls_verify_hostname)
+
+
+def _reason(exc: BaseException) -> str:
+    """OpenSSL's short reason for an error (e.g. ``UNSUPPORTED_PROTOCOL``, ``certificate verify failed``)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionError):
+        return "connection closed by the peer"
+    return type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
+
+
+def server_handshake(
+    context: ssl.SSLContext, sock: socket.socket, address: str, *, timeout: float
+) -> ssl.SSLSocket:
+    """Wrap an accepted TCP socket and complete the server handshake within ``timeout`` seconds.
+
+    Returns the TLS socket (blocking again, no timeout, as pynetdicom expects). On failure - no or an untrusted
+    client certificate when one is required, TLS 1.0/1.1 or no shared BCP 195 cipher offered, plaintext DICOM sent
+    to the TLS port, silence past the deadline - the socket is closed, one WARNING line names the peer address and
+    OpenSSL's reason, and TLSHandshakeError is raised."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    conn: socket.socket = sock
+    try:
+        conn = tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        tls.do_handshake()
+    except (OSError, ValueError) as exc:
+        reason = _reason(exc)
+        log.warning("TLS handshake failed peer=%s after %.1f s: %s", address, time.monotonic() - started, reason)
+        try:
+            conn.close()
+        except OSError:
+            pass
+        raise TLSHandshakeError(reason, address) from None
+    tls.settimeout(None)
+    log.debug("TLS handshake done peer=%s version=%s cipher=%s", address, tls.version(), (tls.cipher() or ("",))[0])
+    return tls
+
+
+def client_handshake_error(context: ssl.SSLContext, host: str, port: int, *, timeout: float) -> str | None:
+    """Try one TLS handshake with ``host:port``; None when it succeeds, else why not (OpenSSL's reason, e.g.
+    ``certificate verify failed: self-signed certificate``, or the connection error). pynetdicom reports only that
+    an association failed; this names the cause for an error message. Sends no DICOM data."""
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return None
+    except (OSError, ValueError) as exc:
+        return _reason(exc)
