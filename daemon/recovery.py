@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.intake import inspect
 from daemon.spool import Spool, SpooledFile
-from daemon.store import audit, record_instance
+from daemon.store import StoreOutcome, adopt, audit
 from daemon.tables import Instance
 from daemon.worker import requeue_expired
 
@@ -52,12 +52,14 @@ def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
             continue
         spooled = SpooledFile(relative_path=rel, absolute_path=path, size_bytes=path.stat().st_size)
         try:
-            with sessions.begin() as session:
-                record_instance(session, meta, spooled, calling_ae=None)
+            outcome = adopt(spool, sessions, meta, spooled)  # identity checks too: a conflict goes to quarantine
         except IntegrityError:
             log.warning(
                 "re-index: %s is already recorded under another path; left in place", meta.sop_instance_uid
             )
+            continue
+        if outcome is StoreOutcome.CONFLICT:
+            quarantined += 1
             continue
         adopted += 1
         log.info("re-indexed orphan file sop_instance_uid=%s", meta.sop_instance_uid)

@@ -3,22 +3,33 @@
 Layout under the spool root: ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; partial writes live
 in ``.tmp/`` on the same file system so the final rename is atomic. ``quarantine/`` (beside the spool) keeps raw
 bytes that could not be parsed, with a ``.reason.txt`` next to each.
+
+The disk reserve (``disk_reserve_mb``) is checked in one place, :class:`DiskGuard`, by every writer: the spool and
+quarantine here, prediction archives and report documents (daemon.reports). Background loops wait while the disk is
+below it through :class:`DiskPause`, which logs one line per change of state.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
+_PART = ".part"  # an unfinished quarantine file (removed at start-up)
 
 
 Payload = bytes | memoryview | Sequence[bytes | memoryview]
@@ -33,7 +44,131 @@ class InvalidUIDError(ValueError):
 
 
 class DiskReserveError(OSError):
-    """Writing would leave less free space than the configured reserve."""
+    """Writing would leave less free space than the configured reserve (errno ENOSPC, so callers that handle a full
+    disk handle this the same way)."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+_PG_DISK_FULL = "53100"  # PostgreSQL SQLSTATE disk_full
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or an exception it was raised from) means the disk is full or below the reserve:
+    DiskReserveError, an OSError with ENOSPC/EDQUOT, SQLite's "database or disk is full", PostgreSQL's disk_full.
+    Database errors are recognised through SQLAlchemy's ``orig`` attribute as well."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        orig = getattr(exc, "orig", None)
+        for candidate in (exc, orig):
+            if candidate is None:
+                continue
+            if getattr(candidate, "sqlite_errorcode", None) == _SQLITE_FULL:
+                return True
+            if getattr(candidate, "sqlstate", None) == _PG_DISK_FULL:
+                return True
+            if "database or disk is full" in str(candidate) or "No space left on device" in str(candidate):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class DiskGuard:
+    """The disk reserve: every writer calls :meth:`check` before it writes. ``reserve_bytes`` in bytes (0: none).
+
+    The reserve is per file system: free space is measured where the file goes (its nearest existing folder)."""
+
+    def __init__(self, reserve_bytes: int = 0) -> None:
+        if reserve_bytes < 0:
+            raise ValueError(f"Invalid reserve_bytes {reserve_bytes} - must be >= 0")
+        self.reserve_bytes = reserve_bytes
+
+    def free_bytes(self, path: Path) -> int:
+        """Free bytes (for unprivileged writers) on the file system holding ``path``."""
+        return shutil.disk_usage(_existing(Path(path))).free
+
+    def check(self, path: Path, incoming_bytes: int = 0) -> None:
+        """Raise DiskReserveError when writing ``incoming_bytes`` under ``path`` would leave less than the reserve."""
+        free = self.free_bytes(path)
+        if free - incoming_bytes < self.reserve_bytes:
+            raise DiskReserveError(
+                errno.ENOSPC,
+                f"free disk {free // 2**20} MiB minus {incoming_bytes} bytes is below the reserve of "
+                f"{self.reserve_bytes // 2**20} MiB (disk_reserve_mb)",
+            )
+
+    def below_reserve(self, path: Path, incoming_bytes: int = 0) -> bool:
+        return self.free_bytes(path) - incoming_bytes < self.reserve_bytes
+
+
+DISK_FULL_RESUME_MARGIN = 16 * 2**20  # after a disk-full error, wait for this much above the reserve (bytes)
+
+
+class DiskPause:
+    """One background activity's view of the disk (``what``: "jobs", "reports", "forwards"), shared by its threads.
+
+    :meth:`blocked` is True while free space under ``path`` is below the reserve, or after :meth:`hit` (a write failed
+    because the disk is full) until free space is :data:`DISK_FULL_RESUME_MARGIN` above the reserve. Each change of
+    state is logged once ("disk below reserve: reports paused (...)", "disk space back: reports resumed (...)"); the
+    loop waits instead of failing or retrying its work."""
+
+    def __init__(self, guard: DiskGuard, path: Path, what: str) -> None:
+        self.guard = guard
+        self.path = Path(path)
+        self.what = what
+        self._lock = threading.Lock()
+        self._paused = False
+        self._after_error = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def blocked(self) -> bool:
+        """Check free space now; log and return whether the activity must wait."""
+        try:
+            free = self.guard.free_bytes(self.path)
+        except OSError:
+            return self._paused
+        reserve = self.guard.reserve_bytes
+        with self._lock:
+            need = reserve + (DISK_FULL_RESUME_MARGIN if self._after_error else 0)
+            if free < need:
+                if not self._paused:
+                    self._paused = True
+                    log.warning(
+                        "disk below reserve: %s paused (free %d MiB < reserve %d MiB)",
+                        self.what,
+                        free // 2**20,
+                        reserve // 2**20,
+                    )
+                return True
+            if self._paused:
+                log.warning("disk space back: %s resumed (free %d MiB)", self.what, free // 2**20)
+            self._paused = self._after_error = False
+            return False
+
+    def hit(self, exc: BaseException) -> None:
+        """A write failed because the disk is full: pause until space returns (one log line per pause)."""
+        with self._lock:
+            self._after_error = True
+            if not self._paused:
+                self._paused = True
+                log.warning("disk full: %s paused until space returns (%s)", self.what, _short(exc))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def validate_uid(value: object, name: str) -> str:
@@ -71,10 +206,10 @@ class SpooledFile:
 class Spool:
     """Durable file store under ``root``. Every method either completes or leaves no file behind."""
 
-    def __init__(self, root: Path, quarantine: Path, reserve_bytes: int = 0) -> None:
+    def __init__(self, root: Path, quarantine: Path, reserve_bytes: int = 0, *, guard: DiskGuard | None = None) -> None:
         self.root = root.resolve()
         self.quarantine = quarantine.resolve()
-        self.reserve_bytes = reserve_bytes
+        self.guard = guard or DiskGuard(reserve_bytes)
         self.tmp = self.root / TMP_DIR
         for folder in (self.root, self.tmp, self.quarantine):
             folder.mkdir(parents=True, exist_ok=True)
@@ -99,16 +234,21 @@ class Spool:
             raise InvalidUIDError(f"path {relative_path!r} is outside the spool")
         return path
 
-    def check_reserve(self, incoming_bytes: int) -> None:
-        free = shutil.disk_usage(self.root).free
-        if free - incoming_bytes < self.reserve_bytes:
-            raise DiskReserveError(
-                f"free disk {free // 2**20} MiB minus {incoming_bytes} bytes is below the reserve of "
-                f"{self.reserve_bytes // 2**20} MiB"
-            )
+    @property
+    def reserve_bytes(self) -> int:
+        return self.guard.reserve_bytes
 
-    def write_temp(self, data: Payload) -> Path:
+    @reserve_bytes.setter
+    def reserve_bytes(self, value: int) -> None:
+        self.guard.reserve_bytes = value
+
+    def check_reserve(self, incoming_bytes: int) -> None:
+        """Raise DiskReserveError when ``incoming_bytes`` more in the spool would go below the reserve."""
+        self.guard.check(self.root, incoming_bytes)
+
+    def write_temp(self, data: Payload, *, digest: Any = None) -> Path:
         """Write ``data`` (bytes, or a sequence of byte chunks written in order) to a new temp file and fsync it.
+        ``digest`` (a hashlib object, optional) is updated with every chunk as it is written (no second pass).
         On any failure the temp file is removed."""
         chunks = as_chunks(data)
         self.check_reserve(sum(len(c) for c in chunks))
@@ -117,6 +257,8 @@ class Spool:
             with open(tmp, "xb", buffering=0) as fh:
                 for chunk in chunks:
                     view = memoryview(chunk)
+                    if digest is not None:
+                        digest.update(view)
                     while view:
                         view = view[fh.write(view) :]
                 os.fsync(fh.fileno())
@@ -158,13 +300,17 @@ class Spool:
         tmp.unlink(missing_ok=True)
 
     def remove_stale_temp_files(self) -> int:
-        """Delete every partial write left by a crash; return how many were removed."""
+        """Delete every partial write left by a crash (spool temp files, unfinished quarantine files); return how
+        many were removed."""
         count = 0
-        for path in self.tmp.iterdir():
-            path.unlink(missing_ok=True)
-            count += 1
-        if count:
-            fsync_dir(self.tmp)
+        for folder, pattern in ((self.tmp, "*"), (self.quarantine, "*" + _PART)):
+            removed = 0
+            for path in folder.glob(pattern):
+                path.unlink(missing_ok=True)
+                removed += 1
+            if removed:
+                fsync_dir(folder)
+            count += removed
         return count
 
     def iter_files(self) -> Iterator[str]:
@@ -177,18 +323,67 @@ class Spool:
                     yield Path(dirpath, name).relative_to(self.root).as_posix()
 
     def quarantine_bytes(self, data: Payload, reason: str) -> Path:
-        """Keep unparseable bytes with their reason; returns the data file's path."""
+        """Keep unparseable bytes with their reason; returns the data file's path.
+
+        Both files are written under temporary names, fsynced, then renamed reason first: a ``.bin`` never exists
+        without its ``.reason.txt``, and a failure (disk full) leaves neither. Raises DiskReserveError when the
+        bytes would take the disk below the reserve (nothing is written), OSError for other write failures."""
+        chunks = as_chunks(data)
+        reason_bytes = (reason + "\n").encode("utf-8")
+        self.guard.check(self.quarantine, sum(len(c) for c in chunks) + len(reason_bytes))
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         base = self.quarantine / f"{stamp}-{uuid.uuid4().hex[:12]}"
-        data_path = base.with_suffix(".bin")
-        with open(data_path, "xb") as fh:
-            for chunk in as_chunks(data):
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        base.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")
-        fsync_dir(self.quarantine)
+        data_path, reason_path = base.with_suffix(".bin"), base.with_suffix(".reason.txt")
+        parts = [Path(str(reason_path) + _PART), Path(str(data_path) + _PART)]
+        renamed: list[Path] = []
+        try:
+            for part, content in zip(parts, ([reason_bytes], chunks), strict=True):
+                with open(part, "xb", buffering=0) as fh:
+                    for chunk in content:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[fh.write(view) :]
+                    os.fsync(fh.fileno())
+            for part, final in zip(parts, (reason_path, data_path), strict=True):
+                os.replace(part, final)
+                renamed.append(final)
+            fsync_dir(self.quarantine)
+        except BaseException:
+            for path in (*parts, *renamed):
+                path.unlink(missing_ok=True)
+            raise
         return data_path
 
+    def quarantine_file(self, source: Path, reason: str) -> Path:
+        """Move a fsynced file of this spool (a temp file or a stored one) into the quarantine as ``<stamp>-<id>.dcm``
+        beside ``<stamp>-<id>.reason.txt`` (both fsynced); returns the new path. The move is a rename: it needs no
+        free space. Used for images held back by an identity conflict (daemon.store)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        base = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        reason_path = self.quarantine / f"{base}.reason.txt"
+        with open(reason_path, "x", encoding="utf-8") as fh:
+            fh.write(reason + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        target = self.quarantine / f"{base}{SUFFIX}"
+        try:
+            try:
+                os.replace(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(source, target)  # spool and quarantine on different file systems
+                with open(target, "rb") as fh:
+                    os.fsync(fh.fileno())
+                source.unlink()
+        except BaseException:
+            if source.exists():  # nothing moved, or a partial copy: the source is still the one copy
+                target.unlink(missing_ok=True)
+            reason_path.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.quarantine)
+        fsync_dir(source.parent)
+        return target
+
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+        return self.guard.free_bytes(self.root)

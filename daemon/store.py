@@ -1,31 +1,89 @@
 """Durable storage of one instance: file in the spool and rows in the database, both or neither.
 
-Order (the answer 0x0000 may only follow a full success): write + fsync a temp file; rename into place + fsync the
-folder; insert study/series/instance/job in one transaction. If the transaction fails the renamed file is removed.
-A crash between rename and commit leaves a file without rows, which :func:`daemon.recovery.reindex` adopts.
+Order (the answer 0x0000 may only follow a full success): write + fsync a temp file (hashing it on the way); rename
+into place + fsync the folder; insert study/series/instance/job in one transaction. If the transaction fails the
+renamed file is removed. A crash between rename and commit leaves a file without rows, which
+:func:`daemon.recovery.reindex` adopts (through :func:`adopt`, which applies the identity checks too).
+
+Patient identity (README "Patient identity conflicts"): an instance whose StudyInstanceUID belongs to another
+patient fingerprint, whose SeriesInstanceUID belongs to another study, or whose SOP Instance UID is stored with
+other content is held: its bytes move to the quarantine beside a reason file, an ``identity_conflicts`` row and an
+audit event record it, and nothing of the existing study refers to it.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.identity import IdentityKey, fingerprint_difference
 from daemon.intake import InstanceMeta
 from daemon.spool import Payload, Spool, SpooledFile
-from daemon.tables import AuditEvent, Instance, Job, JobState, Series, Study
+from daemon.tables import AuditEvent, ConflictKind, IdentityConflict, Instance, Job, JobState, Series, Study
 
 log = logging.getLogger(__name__)
 
 
 class StoreOutcome(enum.Enum):
     STORED = "stored"
-    DUPLICATE = "duplicate"
+    DUPLICATE = "duplicate"  # the same SOP Instance UID with the same dataset: nothing new
+    CONFLICT = "conflict"  # held back in the quarantine with an identity_conflicts row (never merged)
+
+
+class IdentityConflictError(ValueError):
+    """Storing the instance would mix patients, studies or contents; ``reason`` names attributes, never values."""
+
+    def __init__(self, kind: ConflictKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def study_conflict(stored_fingerprint: str | None, fingerprint: str) -> IdentityConflictError | None:
+    """A study whose patient fingerprint is ``stored_fingerprint`` (None: not yet known) and an image with
+    ``fingerprint``: the conflict, or None when they may be merged."""
+    if stored_fingerprint is None:
+        return None
+    difference = fingerprint_difference(stored_fingerprint, fingerprint)
+    if difference is None:
+        return None
+    return IdentityConflictError(
+        ConflictKind.STUDY, f"StudyInstanceUID already belongs to another patient ({difference})"
+    )
+
+
+def series_conflict(series_study_uid: str | None, study_uid: str) -> IdentityConflictError | None:
+    if series_study_uid is None or series_study_uid == study_uid:
+        return None
+    return IdentityConflictError(
+        ConflictKind.SERIES,
+        f"SeriesInstanceUID already belongs to another study ({series_study_uid}; StudyInstanceUID differs)",
+    )
+
+
+def find_conflict(session: Session, meta: InstanceMeta, fingerprint: str) -> IdentityConflictError | None:
+    """Read-only check of a new instance against the stored study and series (no locks): the fast answer before its
+    file is moved into the spool. :func:`record_instance` repeats it authoritatively inside its transaction."""
+    study = session.execute(
+        select(Study.patient_fingerprint).where(Study.study_instance_uid == meta.study_instance_uid)
+    ).first()
+    conflict = study_conflict(study[0], fingerprint) if study is not None else None
+    if conflict is not None:
+        return conflict
+    series_study = session.scalar(
+        select(Study.study_instance_uid)
+        .join(Series, Series.study_id == Study.id)
+        .where(Series.series_instance_uid == meta.series_instance_uid)
+    )
+    return series_conflict(series_study, meta.study_instance_uid)
 
 
 def _insert(session: Session):  # type: ignore[no-untyped-def]
@@ -33,24 +91,53 @@ def _insert(session: Session):  # type: ignore[no-untyped-def]
 
 
 def record_instance(
-    session: Session, meta: InstanceMeta, spooled: SpooledFile, calling_ae: str | None
+    session: Session,
+    meta: InstanceMeta,
+    spooled: SpooledFile,
+    calling_ae: str | None,
+    *,
+    fingerprint: str,
+    sha256: str | None = None,
 ) -> Instance:
-    """Add study, series (if new), instance and its job to ``session`` (no commit). Job is SKIPPED when gated."""
+    """Add study, series (if new), instance and its job to ``session`` (no commit). Job is SKIPPED when gated.
+
+    The study is created with ``fingerprint`` (daemon.identity) or, if it exists, must carry the same one; the series
+    must belong to this study. Concurrent senders of one new Study UID both insert-or-ignore, then compare what was
+    stored, so exactly one patient owns it. Raises IdentityConflictError (roll the session back) otherwise."""
     insert = _insert(session)
     session.execute(
         insert(Study)
-        .values(study_instance_uid=meta.study_instance_uid, study_date=meta.study_date)
+        .values(
+            study_instance_uid=meta.study_instance_uid, study_date=meta.study_date, patient_fingerprint=fingerprint
+        )
         .on_conflict_do_nothing(index_elements=["study_instance_uid"])
     )
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid))
+    study_id, stored = session.execute(
+        select(Study.id, Study.patient_fingerprint).where(Study.study_instance_uid == meta.study_instance_uid)
+    ).one()
+    if stored is None:  # a study stored before fingerprints existed: the first image after the upgrade claims it
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.patient_fingerprint.is_(None))
+            .values(patient_fingerprint=fingerprint)
+        )
+        stored = session.scalar(select(Study.patient_fingerprint).where(Study.id == study_id))
+    conflict = study_conflict(stored, fingerprint)
+    if conflict is not None:
+        raise conflict
     session.execute(
         insert(Series)
         .values(series_instance_uid=meta.series_instance_uid, study_id=study_id, modality=meta.modality)
         .on_conflict_do_nothing(index_elements=["series_instance_uid"])
     )
-    series_id = session.scalar(
-        select(Series.id).where(Series.series_instance_uid == meta.series_instance_uid)
-    )
+    series_id, series_study_id = session.execute(
+        select(Series.id, Series.study_id).where(Series.series_instance_uid == meta.series_instance_uid)
+    ).one()
+    if series_study_id != study_id:
+        owner = session.scalar(select(Study.study_instance_uid).where(Study.id == series_study_id))
+        conflict = series_conflict(owner, meta.study_instance_uid)
+        assert conflict is not None
+        raise conflict
     instance = Instance(
         sop_instance_uid=meta.sop_instance_uid,
         sop_class_uid=meta.sop_class_uid,
@@ -58,6 +145,7 @@ def record_instance(
         transfer_syntax_uid=meta.transfer_syntax_uid,
         path=spooled.relative_path,
         size_bytes=spooled.size_bytes,
+        sha256=sha256,
         calling_ae=calling_ae,
         modality=meta.modality,
         body_part=meta.body_part,
@@ -71,12 +159,114 @@ def record_instance(
     return instance
 
 
-class InstanceStore:
-    """Stores instances durably. Thread-safe: concurrent stores of one SOP Instance UID are serialised."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    def __init__(self, spool: Spool, sessions: sessionmaker[Session]) -> None:
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of a Part 10 file's dataset, without preamble and file meta (which name the sending AE and the
+    receiving implementation): a resend of the same dataset from another AE has the same digest. A file without a
+    readable file meta group is hashed whole."""
+    data = path.read_bytes()
+    start = 0
+    if data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+        start = 144 + int.from_bytes(data[140:144], "little")
+    return hashlib.sha256(memoryview(data)[start:]).hexdigest()
+
+
+def hold(
+    spool: Spool,
+    sessions: sessionmaker[Session],
+    source: Path,
+    meta: InstanceMeta,
+    conflict: IdentityConflictError,
+    *,
+    fingerprint: str,
+    sha256: str,
+    calling_ae: str | None,
+    keep_on_failure: bool = False,
+) -> Path:
+    """Move ``source`` (a fsynced file of the spool) into the quarantine with its reason, then record the conflict and
+    its audit event in one transaction. If that transaction fails the quarantined file is removed again (the sender
+    was not acknowledged and will resend) unless ``keep_on_failure``; the error is raised."""
+    size = source.stat().st_size
+    target = spool.quarantine_file(
+        source,
+        f"identity conflict ({conflict.kind.value}): {conflict.reason}; SOPInstanceUID={meta.sop_instance_uid} "
+        f"StudyInstanceUID={meta.study_instance_uid} SeriesInstanceUID={meta.series_instance_uid}",
+    )
+    try:
+        with sessions.begin() as session:
+            session.add(
+                IdentityConflict(
+                    kind=conflict.kind,
+                    sop_instance_uid=meta.sop_instance_uid,
+                    sop_class_uid=meta.sop_class_uid,
+                    study_instance_uid=meta.study_instance_uid,
+                    series_instance_uid=meta.series_instance_uid,
+                    reason=conflict.reason,
+                    path=target.name,
+                    sha256=sha256,
+                    size_bytes=size,
+                    patient_fingerprint=fingerprint,
+                    calling_ae=calling_ae,
+                )
+            )
+            session.add(
+                AuditEvent(
+                    event="identity_conflict",
+                    calling_ae=calling_ae,
+                    sop_instance_uid=meta.sop_instance_uid,
+                    detail=f"{conflict.kind.value}: {conflict.reason}; study {meta.study_instance_uid}; "
+                    f"kept as {target.name}",
+                )
+            )
+    except BaseException:
+        if not keep_on_failure:
+            target.unlink(missing_ok=True)
+            target.with_name(target.name.removesuffix(".dcm") + ".reason.txt").unlink(missing_ok=True)
+        raise
+    log.warning(
+        "identity conflict: instance held, not merged sop_instance_uid=%s study_instance_uid=%s kind=%s: %s",
+        meta.sop_instance_uid,
+        meta.study_instance_uid,
+        conflict.kind.value,
+        conflict.reason,
+    )
+    return target
+
+
+def adopt(spool: Spool, sessions: sessionmaker[Session], meta: InstanceMeta, spooled: SpooledFile) -> StoreOutcome:
+    """Start-up re-index of a spool file without rows (a crash between rename and commit): record it like a new
+    store, or, when it conflicts with what was stored since, move it to the quarantine and record the conflict.
+    Raises IntegrityError when its SOP Instance UID is already recorded (under another path)."""
+    fingerprint = IdentityKey.for_data_dir(spool.root.parent).fingerprint(meta.identity)
+    sha256 = file_sha256(spooled.absolute_path)
+    try:
+        with sessions.begin() as session:
+            record_instance(session, meta, spooled, None, fingerprint=fingerprint, sha256=sha256)
+    except IdentityConflictError as conflict:
+        hold(spool, sessions, spooled.absolute_path, meta, conflict, fingerprint=fingerprint, sha256=sha256,
+             calling_ae=None, keep_on_failure=True)
+        return StoreOutcome.CONFLICT
+    return StoreOutcome.STORED
+
+
+class InstanceStore:
+    """Stores instances durably. Thread-safe: concurrent stores of one SOP Instance UID are serialised.
+
+    Identity (daemon.identity): an instance is never merged into a study of another patient, a series of another
+    study, or over a stored instance with other content; it is held (StoreOutcome.CONFLICT, see :func:`hold`).
+    ``key`` defaults to ``<data_dir>/identity.key`` with the data dir the spool root's parent."""
+
+    def __init__(self, spool: Spool, sessions: sessionmaker[Session], key: IdentityKey | None = None) -> None:
         self.spool = spool
         self.sessions = sessions
+        self.key = key or IdentityKey.for_data_dir(spool.root.parent)
         self._locks = [threading.Lock() for _ in range(64)]
 
     def _lock(self, sop_instance_uid: str) -> threading.Lock:
@@ -89,6 +279,25 @@ class InstanceStore:
                 is not None
             )
 
+    def _sop_conflict(self, tmp: Path, sha256: str, fingerprint: str, existing: tuple) -> IdentityConflictError | None:
+        """None when the resent file holds the stored dataset (same file, or the same dataset behind another file
+        meta header), else the SOP conflict with whether the patient differs too."""
+        path, stored_sha256, study_fingerprint = existing
+        if stored_sha256 == sha256:
+            return None
+        try:
+            if dataset_sha256(self.spool.path_of(path)) == dataset_sha256(tmp):
+                return None
+        except OSError:
+            pass  # the stored file is gone: the resend cannot be compared, so it is held
+        if study_fingerprint is None:
+            detail = "sha256 differs"
+        else:
+            patient = fingerprint_difference(study_fingerprint, fingerprint)
+            detail = f"sha256 differs; {'another patient: ' + patient if patient else 'same patient'}"
+        reason = f"SOPInstanceUID already stored with different content ({detail})"
+        return IdentityConflictError(ConflictKind.SOP, reason)
+
     def save(
         self,
         meta: InstanceMeta,
@@ -98,23 +307,48 @@ class InstanceStore:
         after_commit: Callable[[], None] | None = None,
     ) -> StoreOutcome:
         """Store ``data`` (the complete DICOM file: bytes or chunks). Raises OSError (disk, reserve) or SQLAlchemyError
-        (database) with nothing left behind; a known SOP Instance UID returns DUPLICATE and changes nothing."""
+        (database) with nothing left behind. A known SOP Instance UID with the same dataset returns DUPLICATE and
+        changes nothing; an identity conflict returns CONFLICT with the bytes held in the quarantine (both are
+        acknowledged by the SCP: the bytes are safe)."""
         uid = meta.sop_instance_uid
         rel = self.spool.relative_path(meta.study_instance_uid, meta.series_instance_uid, uid)
-        tmp = self.spool.write_temp(data)
+        fingerprint = self.key.fingerprint(meta.identity)
+        digest = hashlib.sha256()
+        tmp = self.spool.write_temp(data, digest=digest)
+        sha256 = digest.hexdigest()
         with self._lock(uid):
             try:
-                duplicate = self.exists(uid)
+                with self.sessions() as session:
+                    existing = session.execute(
+                        select(Instance.path, Instance.sha256, Study.patient_fingerprint)
+                        .join(Series, Instance.series_id == Series.id)
+                        .join(Study, Series.study_id == Study.id)
+                        .where(Instance.sop_instance_uid == uid)
+                    ).first()
+                    if existing is not None:
+                        conflict = self._sop_conflict(tmp, sha256, fingerprint, tuple(existing))
+                        if conflict is None:
+                            self.spool.discard(tmp)
+                            return StoreOutcome.DUPLICATE
+                    else:
+                        conflict = find_conflict(session, meta, fingerprint)
+                if conflict is not None:
+                    self._hold(tmp, meta, conflict, fingerprint, sha256, calling_ae)
+                    return StoreOutcome.CONFLICT
             except BaseException:
                 self.spool.discard(tmp)
                 raise
-            if duplicate:
-                self.spool.discard(tmp)
-                return StoreOutcome.DUPLICATE
             spooled = self.spool.commit(tmp, rel)
             try:
                 with self.sessions.begin() as session:
-                    record_instance(session, meta, spooled, calling_ae)
+                    record_instance(session, meta, spooled, calling_ae, fingerprint=fingerprint, sha256=sha256)
+            except IdentityConflictError as conflict:  # another sender won the study or series since the check
+                try:
+                    self._hold(spooled.absolute_path, meta, conflict, fingerprint, sha256, calling_ae)
+                except BaseException:
+                    self.spool.remove(rel)
+                    raise
+                return StoreOutcome.CONFLICT
             except BaseException:
                 self.spool.remove(rel)
                 raise
@@ -122,6 +356,18 @@ class InstanceStore:
         if after_commit is not None:
             after_commit()
         return StoreOutcome.STORED
+
+    def _hold(
+        self,
+        source: Path,
+        meta: InstanceMeta,
+        conflict: IdentityConflictError,
+        fingerprint: str,
+        sha256: str,
+        calling_ae: str | None,
+    ) -> None:
+        hold(self.spool, self.sessions, source, meta, conflict, fingerprint=fingerprint, sha256=sha256,
+             calling_ae=calling_ae)
 
 
 def audit(
