@@ -220,12 +220,26 @@ def forward_context(settings: Settings) -> ssl.SSLContext:
     return client_context(ca=paths.ca, cert=paths.cert, key=paths.key, check_hostname=settings.tls_verify_hostname)
 
 
+_EXPLAIN = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate and one is required",
+    "UNSUPPORTED_PROTOCOL": "the peer offered only TLS versions below 1.2",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the peer refused TLS 1.2 and 1.3",
+    "NO_SHARED_CIPHER": "the peer offered no BCP 195 cipher suite",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer found no common cipher suite or refused the handshake",
+    "WRONG_VERSION_NUMBER": "not TLS - plain DICOM sent to the TLS port?",
+    "HTTP_REQUEST": "not TLS - an HTTP request",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this node's certificate (its CA is not in the peer's list)",
+}
+
+
 def _reason(exc: BaseException) -> str:
-    """OpenSSL's short reason for an error (e.g. ``UNSUPPORTED_PROTOCOL``, ``certificate verify failed``)."""
+    """OpenSSL's short reason for an error (e.g. ``UNSUPPORTED_PROTOCOL``, ``certificate verify failed``), with
+    what it usually means."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
+        explained = _EXPLAIN.get(str(exc.reason))
+        return f"{exc.reason} ({explained})" if explained else str(exc.reason)
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
     if isinstance(exc, ssl.SSLEOFError | ConnectionError):
