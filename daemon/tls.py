@@ -10,20 +10,18 @@ The SCP context (:func:`server_context`) verifies client certificates against ``
 :class:`ClientCertMode`; the forwarding context (:func:`client_context`) verifies the destination's certificate
 against ``tls_ca`` (or the system trust store) and presents ``tls_cert``/``tls_key`` when the server asks.
 
-A server handshake runs under a deadline in the connection's own thread (:func:`server_handshake`), never in the
-accept loop: a peer that connects and says nothing must not hold the listener. A failed handshake is logged once,
-with the peer address and OpenSSL's reason (never certificate subjects: they can name a person), and raises
-:class:`TLSHandshakeError`.
+The SCP's handshake runs in the network edge (``daemon.edge``), non-blocking and under the A-ASSOCIATE-RQ deadline,
+never in pynetdicom's accept loop (pynetdicom 3.0.4 handshakes there, blocking: one silent TCP connection to a TLS
+port stops every association). A failed handshake is logged once with the peer address and OpenSSL's reason
+(:func:`describe_tls_error`; never certificate subjects: they can name a person) and the edge keeps serving.
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,21 +29,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from daemon.settings import Settings
 
-log = logging.getLogger(__name__)
-
 __all__ = [
     "BCP195_CIPHERS",
     "ClientCertMode",
     "TLSFileError",
-    "TLSHandshakeError",
     "TLSPaths",
     "check_files",
     "client_context",
     "client_handshake_error",
+    "describe_tls_error",
     "forward_context",
     "scp_context",
     "server_context",
-    "server_handshake",
 ]
 
 #: TLS 1.2 suites (OpenSSL names): forward-secret key exchange with an AEAD cipher only. TLS 1.3 suites are set
@@ -69,15 +64,6 @@ class TLSFileError(ValueError):
     """A TLS file setting is unusable; the message names the setting, the value and the rule."""
 
 
-class TLSHandshakeError(ConnectionError):
-    """A TLS handshake with a peer failed; ``reason`` is OpenSSL's short reason (no certificate contents)."""
-
-    def __init__(self, reason: str, address: str) -> None:
-        super().__init__(f"TLS handshake with {address} failed: {reason}")
-        self.reason = reason
-        self.address = address
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TLSPaths:
     """PEM files: ``cert`` + ``key`` this node's certificate (chain) and private key, ``ca`` the bundle that peers'
@@ -93,6 +79,10 @@ class TLSPaths:
             return Path(value).expanduser() if value else None
 
         return cls(cert=path(settings.tls_cert), key=path(settings.tls_key), ca=path(settings.tls_ca))
+
+
+def _file_reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or exc)
 
 
 def _refuse_password() -> bytes:
@@ -126,7 +116,7 @@ def check_files(paths: TLSPaths) -> None:
             probe.load_verify_locations(cafile=str(paths.ca))
         except (ssl.SSLError, ValueError) as exc:
             raise TLSFileError(
-                f"Invalid tls_ca {str(paths.ca)!r} - no PEM certificate could be read from it ({_reason(exc)})"
+                f"Invalid tls_ca {str(paths.ca)!r} - no PEM certificate could be read from it ({_file_reason(exc)})"
             ) from None
     if paths.cert is None or paths.key is None:
         return
@@ -136,7 +126,7 @@ def check_files(paths: TLSPaths) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(paths.cert))
     except (ssl.SSLError, ValueError) as exc:
         raise TLSFileError(
-            f"Invalid tls_cert {str(paths.cert)!r} - no PEM certificate could be read from it ({_reason(exc)})"
+            f"Invalid tls_cert {str(paths.cert)!r} - no PEM certificate could be read from it ({_file_reason(exc)})"
         ) from None
     try:
         probe.load_cert_chain(str(paths.cert), str(paths.key), password=_refuse_password)
@@ -151,7 +141,7 @@ def check_files(paths: TLSPaths) -> None:
                 f"Invalid tls_key {str(paths.key)!r} - it is not the private key of tls_cert {str(paths.cert)!r}"
             ) from None
         raise TLSFileError(
-            f"Invalid tls_key {str(paths.key)!r} - no PEM private key could be read from it ({_reason(exc)})"
+            f"Invalid tls_key {str(paths.key)!r} - no PEM private key could be read from it ({_file_reason(exc)})"
         ) from None
 
 
@@ -232,7 +222,7 @@ _EXPLAIN = {
 }
 
 
-def _reason(exc: BaseException) -> str:
+def describe_tls_error(exc: BaseException) -> str:
     """OpenSSL's short reason for an error (e.g. ``UNSUPPORTED_PROTOCOL``, ``certificate verify failed``), with
     what it usually means."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -247,34 +237,6 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
 
 
-def server_handshake(
-    context: ssl.SSLContext, sock: socket.socket, address: str, *, timeout: float
-) -> ssl.SSLSocket:
-    """Wrap an accepted TCP socket and complete the server handshake within ``timeout`` seconds.
-
-    Returns the TLS socket (blocking again, no timeout, as pynetdicom expects). On failure - no or an untrusted
-    client certificate when one is required, TLS 1.0/1.1 or no shared BCP 195 cipher offered, plaintext DICOM sent
-    to the TLS port, silence past the deadline - the socket is closed, one WARNING line names the peer address and
-    OpenSSL's reason, and TLSHandshakeError is raised."""
-    started = time.monotonic()
-    sock.settimeout(timeout)
-    conn: socket.socket = sock
-    try:
-        conn = tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        tls.do_handshake()
-    except (OSError, ValueError) as exc:
-        reason = _reason(exc)
-        log.warning("TLS handshake failed peer=%s after %.1f s: %s", address, time.monotonic() - started, reason)
-        try:
-            conn.close()
-        except OSError:
-            pass
-        raise TLSHandshakeError(reason, address) from None
-    tls.settimeout(None)
-    log.debug("TLS handshake done peer=%s version=%s cipher=%s", address, tls.version(), (tls.cipher() or ("",))[0])
-    return tls
-
-
 def client_handshake_error(context: ssl.SSLContext, host: str, port: int, *, timeout: float) -> str | None:
     """Try one TLS handshake with ``host:port``; None when it succeeds, else why not (OpenSSL's reason, e.g.
     ``certificate verify failed: self-signed certificate``, or the connection error). pynetdicom reports only that
@@ -285,4 +247,4 @@ def client_handshake_error(context: ssl.SSLContext, host: str, port: int, *, tim
             with context.wrap_socket(raw, server_hostname=host):
                 return None
     except (OSError, ValueError) as exc:
-        return _reason(exc)
+        return describe_tls_error(exc)
