@@ -7,6 +7,7 @@ import signal
 import threading
 from types import FrameType
 
+from daemon import logsafety
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.forward import ForwardLoop
 from daemon.inference import ActiveModelProcessor, resolve_model_path
@@ -22,12 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    """Log to stderr at ``level`` through the PHI filter (daemon/logsafety.py): library warnings are logged with
+    their values redacted, pynetdicom at WARNING or above."""
+    logsafety.install(level)
 
 
 class Daemon:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -91,6 +92,37 @@ def _time(tm: str) -> str:
     return f"{tm[:2]}:{tm[2:4]}:{tm[4:6]}" if len(tm) >= 6 and tm[:6].isdigit() else tm
 
 
+# A header value is clipped at this many characters (the DICOM maximum of an LO value and of one PN component group):
+# a 10,000-character PatientName made a table cell taller than the page (reportlab LayoutError, the report lost).
+MAX_FIELD_CHARS = 64
+ELLIPSIS = "…"
+UNSHOWN_NOTE = ("Characters of the patient or study data that this report's font cannot show are printed as '?'; "
+                "the DICOM header of the images holds the exact values.")
+# C0/C1 controls, zero-width and bidirectional formatting characters: never printed (a right-to-left override would
+# reorder what follows it in a viewer that applies it)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
+def _glyphs() -> frozenset[int]:
+    _register_fonts()
+    return frozenset(pdfmetrics.getFont("Vera").face.charToGlyph)
+
+
+def shown(value: str, limit: int = MAX_FIELD_CHARS) -> tuple[str, bool]:
+    """A DICOM text value as the report prints it, and whether characters were replaced: control and direction
+    characters and characters the font lacks become '?', runs of white space one space, and text longer than
+    ``limit`` characters is clipped with an ellipsis (so no value can make a cell taller than a page)."""
+    glyphs = _glyphs()
+    text = " ".join(_UNPRINTABLE.sub("?", value).split())
+    replaced = text != " ".join(value.split())
+    if any(ord(c) not in glyphs for c in text):
+        text = "".join(c if ord(c) in glyphs else "?" for c in text)
+        replaced = True
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + ELLIPSIS
+    return text, replaced
+
+
 def _name(pn: str) -> str:
     parts = [p for p in pn.split("^") if p]
     return ", ".join(parts[:2]) + (" " + " ".join(parts[2:]) if len(parts) > 2 else "") if parts else ""
@@ -125,7 +157,8 @@ def _grid(rows: list[list[object]], widths: Sequence[float], *, header: bool = T
     return table
 
 
-def _header(report: StudyReport, st: dict[str, ParagraphStyle]) -> Table:
+def _header(report: StudyReport, st: dict[str, ParagraphStyle]) -> list[object]:
+    """The patient and study table (every value through :func:`shown`), and a note when characters were replaced."""
     s = report.source
     left = [
         ("Patient", _name(s.patient_name)), ("Patient ID", s.patient_id), ("Birth date", _date(s.patient_birth_date)),
@@ -136,9 +169,10 @@ def _header(report: StudyReport, st: dict[str, ParagraphStyle]) -> Table:
         ("Study", s.study_description), ("Referring", _name(s.referring_physician_name)),
         ("Images", str(len(report.images))),
     ]
-    rows = [[_p(f"<b>{_e(a)}</b>", st["cell"]), _p(_e(b) or "—", st["cell"]),
-             _p(f"<b>{_e(c)}</b>", st["cell"]), _p(_e(d) or "—", st["cell"])]
-            for (a, b), (c, d) in zip(left, right, strict=True)]
+    values = {label: shown(value) for label, value in left + right}
+    rows = [[_p(f"<b>{_e(a)}</b>", st["cell"]), _p(_e(values[a][0]) or "—", st["cell"]),
+             _p(f"<b>{_e(c)}</b>", st["cell"]), _p(_e(values[c][0]) or "—", st["cell"])]
+            for (a, _), (c, _) in zip(left, right, strict=True)]
     rows.append([_p("<b>Study UID</b>", st["cell"]), _p(_e(s.study_instance_uid), st["small"]), "", ""])
     table = Table(rows, colWidths=[24 * mm, 66 * mm, 24 * mm, 66 * mm])
     table.setStyle(TableStyle([
@@ -146,7 +180,9 @@ def _header(report: StudyReport, st: dict[str, ParagraphStyle]) -> Table:
         ("SPAN", (1, -1), (-1, -1)), ("BOX", (0, 0), (-1, -1), 0.5, colors.black),
         ("TOPPADDING", (0, 0), (-1, -1), 1.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
     ]))
-    return table
+    if any(replaced for _, replaced in values.values()):
+        return [table, Spacer(1, 1 * mm), _p(_e(UNSHOWN_NOTE), st["small"])]
+    return [table]
 
 
 def _status(f: Finding) -> str:
@@ -297,13 +333,15 @@ def write_pdf(report: StudyReport, path: str | os.PathLike[str]) -> str:
         supersedes = ", ".join(report.predecessors) if report.predecessors else "the previous revision"
         story += [_p(f'<font color="#c0001a"><b>Revised report, revision {report.revision}</b></font>, supersedes '
                      f"{_e(supersedes)}", st["body"]), Spacer(1, 2 * mm)]
-    story += [_header(report, st)]
+    story += _header(report, st)
     for n, result in enumerate(report.images, start=1):
         src = result.source
-        title = f"Image {n} of {len(report.images)}: {src.modality or 'image'} {src.view_position}".strip()
+        modality, view = shown(src.modality, 16)[0], shown(src.view_position, 16)[0]
+        title = f"Image {n} of {len(report.images)}: {modality or 'image'} {view}".strip()
         story += [_p(_e(title), st["h2"]),
                   _p(f"SOP Instance UID {_e(src.sop_instance_uid)} · {src.rows} × {src.columns} px · "
-                     f"{_e(src.photometric_interpretation)} · zones: {_e(result.lung_fields.note)}", st["small"]),
+                     f"{_e(shown(src.photometric_interpretation, 16)[0])} · zones: {_e(result.lung_fields.note)}",
+                     st["small"]),
                   Spacer(1, 1.5 * mm), _findings_table(result, st)]
         excluded = [f for f in result.findings if f.status == "excluded"]
         if excluded:

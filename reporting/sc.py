@@ -107,6 +107,7 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
         patient_orientation=_orientation(source),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description="chexd AI heatmaps (not for diagnosis)",
+        specific_character_set="ISO_IR 192",  # UTF-8, as the SR (reporting/sr.py says why)
     )
     sc.copy_patient_and_study_information(ref)  # from_ref_dataset copies only the core study attributes
     # General Series Laterality is Type 2C, needed only for a paired body part: say what the body part is
@@ -155,6 +156,7 @@ def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[py
         manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description="chexd AI report (PDF, unverified)",
+        specific_character_set="ISO_IR 192",  # UTF-8: copied names in any script survive (default: '?' for them)
     )
     ds.copy_patient_and_study_information(ref)
     _stamp(ds, report)

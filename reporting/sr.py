@@ -249,6 +249,9 @@ def build_sr(
         institution_name=report.source.institution_name or None,
         previous_versions=[_predecessor(report, uid) for uid in report.predecessors] or None,
         series_description="chexd AI findings (unverified)",
+        # UTF-8 holds every copied name; highdicom would copy the source's, and refuses a legal one that starts
+        # with an empty value (["", "ISO 2022 IR 87"], Japanese) - the report then failed
+        specific_character_set="ISO_IR 192",
     )
     if fast:
         sr.ContentSequence = full
