@@ -8,24 +8,64 @@ photometric interpretation, so they are taken as stored (bright = dense, as ever
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.encaps import get_frame
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_windowing, pixel_array
-from pydicom.uid import UID
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from model.errors import ImageDecodeError
+from model.errors import ImageDecodeError, ImageTooLargeError
 
-__all__ = ["ImageStats", "decode_file", "decode_image", "image_stats"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ImageStats",
+    "PixelLimits",
+    "check_pixel_limits",
+    "codestream_geometry",
+    "decode_file",
+    "decode_image",
+    "image_stats",
+    "inflate",
+    "read_deflated_dataset",
+    "read_dicom",
+]
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_BITS_ALLOCATED = (8, 16, 32)
 
 
-def decode_image(ds: pydicom.Dataset) -> np.ndarray:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PixelLimits:
+    """The largest image chexd decodes, checked from the header (and the codestream) before any decoding.
+
+    max_pixels: Rows x Columns x NumberOfFrames x SamplesPerPixel. max_bytes: those pixels x BitsAllocated / 8, the
+    decoded pixel data in bytes; also the most a Deflated Explicit VR Little Endian dataset may inflate to.
+    """
+
+    max_pixels: int = 100_000_000
+    max_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError(f"Invalid max_pixels {self.max_pixels} - must be >= 1")
+        if self.max_bytes < 1:
+            raise ValueError(f"Invalid max_bytes {self.max_bytes} - must be >= 1")
+
+
+DEFAULT_LIMITS = PixelLimits()
+
+
+def decode_image(ds: pydicom.Dataset, *, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Return the single frame of `ds` as float32 ``[Rows, Columns]`` in [0, 1], bright = dense.
 
     Stored values pass through the Modality LUT (RescaleSlope/RescaleIntercept or ModalityLUTSequence,
@@ -35,15 +75,25 @@ def decode_image(ds: pydicom.Dataset) -> np.ndarray:
     VOI step so the result is in MONOCHROME2 orientation (PS3.3 C.7.6.3.1.2). Any transfer syntax with an
     installed pydicom decoder works (native, deflated, RLE, JPEG, JPEG-LS, JPEG 2000).
 
+    Before decoding, the header is checked against ``limits`` and, for JPEG, JPEG-LS and JPEG 2000, the codestream's
+    own frame header (SOF / SOF55 / SIZ) must agree with Rows, Columns and SamplesPerPixel, so a small header cannot
+    hide a huge codestream.
+
     Raises:
+        ImageTooLargeError: the header or the codestream claims more than ``limits`` allow.
         ImageDecodeError: PixelData missing; Rows or Columns missing or 0; PhotometricInterpretation not
-            MONOCHROME1/MONOCHROME2; SamplesPerPixel != 1; more than one frame; native pixel data shorter
-            than Rows x Columns x BitsAllocated; a decoder or LUT failure (chained); non-finite values;
-            or a constant image at any step.
+            MONOCHROME1/MONOCHROME2; SamplesPerPixel != 1; more than one frame; BitsAllocated not 8, 16 or 32;
+            BitsStored not in 1..BitsAllocated; HighBit not BitsStored - 1; PixelRepresentation not 0 or 1;
+            native pixel data shorter than Rows x Columns x BitsAllocated; a codestream header that is missing
+            or disagrees with the DICOM header; a decoder or LUT failure (chained); non-finite values; or a
+            constant image at any step.
     """
     _check_image_pixel(ds)
+    check_pixel_limits(ds, limits)
     transfer_syntax = _transfer_syntax(ds)
-    if not transfer_syntax.is_encapsulated:
+    if transfer_syntax.is_encapsulated:
+        _check_codestream(ds, transfer_syntax, limits)
+    else:
         _check_native_length(ds)
     try:
         stored = pixel_array(ds)
@@ -186,6 +236,15 @@ def _check_image_pixel(ds: pydicom.Dataset) -> None:
     for keyword in ("BitsAllocated", "BitsStored", "PixelRepresentation"):
         if ds.get(keyword) is None:
             raise ImageDecodeError(f"{keyword} is missing")
+    allocated, stored, high_bit = ds.BitsAllocated, ds.BitsStored, ds.get("HighBit")
+    if allocated not in _BITS_ALLOCATED:
+        raise ImageDecodeError(f"unsupported BitsAllocated {allocated!r} - expected 8, 16 or 32")
+    if not isinstance(stored, int) or not 1 <= stored <= allocated:
+        raise ImageDecodeError(f"BitsStored {stored!r} - must be in 1..BitsAllocated ({allocated})")
+    if high_bit is not None and high_bit != stored - 1:
+        raise ImageDecodeError(f"HighBit {high_bit!r} - must be BitsStored - 1 ({stored - 1}, PS3.3 C.7.6.3.1)")
+    if ds.PixelRepresentation not in (0, 1):
+        raise ImageDecodeError(f"PixelRepresentation {ds.PixelRepresentation!r} - must be 0 (unsigned) or 1 (signed)")
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:
@@ -205,6 +264,252 @@ def _check_native_length(ds: pydicom.Dataset) -> None:
     actual = len(ds.PixelData or b"")
     if actual < expected:
         raise ImageDecodeError(f"pixel data truncated: expected {expected} bytes, got {actual}")
+
+
+# ------------------------------------------------------------------------------ limits before decoding (PS3.5 8, A.4)
+
+
+def _count(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """A non-negative integer attribute (Rows, NumberOfFrames …); ImageDecodeError naming it when it is not one."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"{keyword} is {str(value)[:32]!r} - must be an integer") from None
+    if number < 0:
+        raise ImageDecodeError(f"{keyword} is {number} - must not be negative")
+    return number
+
+
+def _check_size(rows: int, columns: int, frames: int, samples: int, bits: int, limits: PixelLimits, what: str) -> None:
+    pixels = rows * columns * frames * samples
+    if pixels > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"{what} too large: Rows x Columns x NumberOfFrames x SamplesPerPixel = {rows} x {columns} x {frames} x "
+            f"{samples} = {pixels:,} pixels - the limit is {limits.max_pixels:,} (max_image_pixels)"
+        )
+    decoded = (pixels * bits + 7) // 8
+    if decoded > limits.max_bytes:
+        raise ImageTooLargeError(
+            f"{what} too large: {pixels:,} pixels x BitsAllocated {bits} decode to {decoded / 2**20:,.1f} MiB - the "
+            f"limit is {limits.max_bytes / 2**20:,.0f} MiB (max_decompressed_mb)"
+        )
+
+
+def check_pixel_limits(ds: pydicom.Dataset, limits: PixelLimits = DEFAULT_LIMITS) -> None:
+    """Refuse an image whose header claims more than ``limits``: Rows x Columns x NumberOfFrames x SamplesPerPixel
+    pixels above ``max_pixels``, or those pixels x BitsAllocated / 8 bytes above ``max_bytes``. Reads the header
+    only; missing attributes count as 1 frame, 1 sample, 0 rows.
+
+    Raises:
+        ImageTooLargeError: over a limit.
+        ImageDecodeError: one of those attributes is negative or not an integer; NumberOfFrames is 0.
+    """
+    rows, columns = _count(ds, "Rows", 0), _count(ds, "Columns", 0)
+    frames = _count(ds, "NumberOfFrames", 1)
+    if frames == 0:
+        raise ImageDecodeError("NumberOfFrames is 0 - an image has at least one frame")
+    samples, bits = _count(ds, "SamplesPerPixel", 1), _count(ds, "BitsAllocated", 8)
+    _check_size(rows, columns, frames, max(samples, 1), max(bits, 1), limits, "image")
+
+
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI (ITU T.81 B.1.1.3)
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ (ISO 15444-1 A.5.1)
+_JPEG_FAMILY = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.6", "1.2.840.10008.1.2.4.7", "1.2.840.10008.1.2.4.8")
+_J2K_FAMILY = ("1.2.840.10008.1.2.4.9", "1.2.840.10008.1.2.4.20")
+
+
+def codestream_geometry(frame: bytes, transfer_syntax: str) -> tuple[int, int, int] | None:
+    """(rows, columns, components) that a frame's codestream header claims, read without decoding.
+
+    JPEG (ITU T.81 SOFn) and JPEG-LS (ITU T.87 SOF55): the first frame header before the first scan. JPEG 2000
+    (ISO 15444-1 SIZ, bare or inside a JP2 wrapper): Ysiz - YOsiz, Xsiz - XOsiz, Csiz. Returns None for a transfer
+    syntax without such a header (RLE: its decoder writes into a buffer of the header's size).
+
+    Raises:
+        ImageDecodeError: the codestream has no frame header where the syntax requires one, or it is cut short.
+    """
+    uid = str(transfer_syntax)
+    data = bytes(frame[:65536])
+    if uid.startswith(_J2K_FAMILY):
+        at = data.find(_J2K_SIZ)
+        if at < 0 or len(data) < at + 42:
+            raise ImageDecodeError("JPEG 2000 codestream has no SIZ marker segment (SOC FF4F, SIZ FF51)")
+        x, y, x0, y0 = struct.unpack(">4I", data[at + 8 : at + 24])
+        (components,) = struct.unpack(">H", data[at + 40 : at + 42])
+        if x <= x0 or y <= y0:
+            raise ImageDecodeError(f"JPEG 2000 SIZ claims an empty image ({x - x0} x {y - y0})")
+        return y - y0, x - x0, components
+    if uid.startswith(_JPEG_FAMILY):
+        return _jpeg_frame_header(data)
+    return None
+
+
+def _jpeg_frame_header(data: bytes) -> tuple[int, int, int]:
+    name = "JPEG codestream"
+    if data[:2] != b"\xff\xd8":
+        raise ImageDecodeError(f"{name} does not start with SOI (FFD8)")
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            raise ImageDecodeError(f"{name}: no marker at byte {at} before the frame header")
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+        if marker in _JPEG_SOF:
+            if at + 10 > len(data):
+                break
+            lines, samples_per_line, components = struct.unpack(">HHB", data[at + 5 : at + 10])
+            if lines == 0:
+                raise ImageDecodeError(f"{name}: frame header has 0 lines (DNL marker) - not supported")
+            return lines, samples_per_line, components
+        if marker in (0xDA, 0xD9):  # SOS or EOI before any frame header
+            break
+        at += 2 + length
+    raise ImageDecodeError(f"{name} has no frame header (SOFn) before its first scan")
+
+
+def _check_codestream(ds: pydicom.Dataset, transfer_syntax: UID, limits: PixelLimits) -> None:
+    """Compare the first frame's codestream header with the DICOM header and the limits before any decoder runs."""
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception as exc:
+        raise ImageDecodeError(f"encapsulated pixel data cannot be read ({transfer_syntax.name}): {exc}") from exc
+    geometry = codestream_geometry(frame, transfer_syntax)
+    if geometry is None:
+        return
+    rows, columns, components = geometry
+    _check_size(rows, columns, 1, components, int(ds.BitsAllocated), limits, f"{transfer_syntax.name} codestream")
+    if (rows, columns, components) != (ds.Rows, ds.Columns, ds.SamplesPerPixel):
+        raise ImageDecodeError(
+            f"{transfer_syntax.name} codestream claims {rows} x {columns} x {components} (rows x columns x "
+            f"components) - the DICOM header says Rows x Columns x SamplesPerPixel = {ds.Rows} x {ds.Columns} x "
+            f"{ds.SamplesPerPixel}"
+        )
+
+
+_INFLATE_CHUNK = 1 << 20
+_INFLATE_INPUT = 1 << 18
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+
+
+def _inflater(data: bytes | bytearray | memoryview) -> Callable[[int], tuple[bytes, bool]]:
+    """Raw-deflate reader: ``more(n)`` returns up to n further bytes and whether the stream has ended. Input is fed
+    in 256 KiB pieces (zlib copies the unconsumed input on every call)."""
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(data).cast("B")
+    position = 0
+    pending: bytes | memoryview = b""
+
+    def more(n: int) -> tuple[bytes, bool]:
+        nonlocal position, pending
+        parts, size = [], 0
+        while size < n and not z.eof:
+            if not pending:
+                pending = view[position : position + _INFLATE_INPUT]
+                position += len(pending)
+            try:
+                chunk = z.decompress(pending, min(_INFLATE_CHUNK, n - size))
+            except zlib.error as exc:
+                raise ImageDecodeError(f"deflated dataset is corrupt: {exc}") from exc
+            pending = z.unconsumed_tail
+            if not chunk and not pending and position >= len(view):
+                raise ImageDecodeError("deflated dataset is truncated: the deflate stream has no end")
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts), z.eof
+
+    return more
+
+
+def inflate(data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    """Inflate a raw deflate stream (no zlib header; PS3.5 A.5), never producing more than ``max_bytes``.
+
+    Output is produced in chunks of at most 1 MiB, so a bomb costs at most ``max_bytes`` of memory, never its
+    claimed size. Raises ImageTooLargeError beyond ``max_bytes``; ImageDecodeError for a corrupt or truncated stream.
+    """
+    body, ended = _inflater(data)(max_bytes + 1)
+    if len(body) > max_bytes or not ended:
+        raise ImageTooLargeError(
+            f"deflated dataset inflates to more than {max_bytes / 2**20:,.0f} MiB (max_decompressed_mb) from "
+            f"{len(data):,} bytes"
+        )
+    return body
+
+
+def read_deflated_dataset(
+    data: bytes | bytearray | memoryview, limits: PixelLimits = DEFAULT_LIMITS, *, head_bytes: int = 1 << 20
+) -> pydicom.Dataset:
+    """Parse a Deflated Explicit VR Little Endian dataset (the bytes after the file meta) within ``limits``.
+
+    The first ``head_bytes`` are inflated and parsed first: when they hold every element before PixelData, the
+    header is checked with :func:`check_pixel_limits` and PixelData's value length against ``max_bytes`` before
+    the rest is inflated; the whole stream is capped at ``limits.max_bytes`` either way (pydicom and pynetdicom
+    inflate without a cap).
+
+    Raises:
+        ImageTooLargeError: the header, the PixelData length or the inflated size exceeds ``limits``.
+        ImageDecodeError: a corrupt or truncated deflate stream; a header attribute that is not a valid count.
+    """
+    more = _inflater(data)
+    head, ended = more(min(head_bytes, limits.max_bytes + 1))
+    fp = io.BytesIO(head)
+    header = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag == _PIXEL_DATA)
+    at = fp.tell()
+    if head[at : at + 4] == _PIXEL_DATA_TAG:
+        check_pixel_limits(header, limits)
+        if len(head) >= at + 12:
+            (length,) = struct.unpack("<I", head[at + 8 : at + 12])
+            if length != 0xFFFFFFFF and at + 12 + length > limits.max_bytes:
+                raise ImageTooLargeError(
+                    f"deflated dataset too large: PixelData claims {length:,} bytes - the limit is "
+                    f"{limits.max_bytes / 2**20:,.0f} MiB (max_decompressed_mb)"
+                )
+    del header, fp
+    if ended:
+        body = head
+    else:
+        rest, ended = more(limits.max_bytes + 1 - len(head))
+        if not ended or len(head) + len(rest) > limits.max_bytes:
+            raise ImageTooLargeError(
+                f"deflated dataset inflates to more than {limits.max_bytes / 2**20:,.0f} MiB (max_decompressed_mb) "
+                f"from {len(data):,} bytes"
+            )
+        body = head + rest
+        del rest
+    return read_dataset(io.BytesIO(body), False, True)
+
+
+def read_dicom(path: str | os.PathLike[str], limits: PixelLimits = DEFAULT_LIMITS, *, force: bool = False
+               ) -> pydicom.FileDataset:
+    """``pydicom.dcmread`` for a Part 10 file, except that a deflated dataset is inflated with a cap
+    (:func:`read_deflated_dataset`). Raises what dcmread raises, plus ImageTooLargeError and ImageDecodeError."""
+    with open(path, "rb") as fp:
+        preamble = read_preamble(fp, force)
+        meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: BaseTag(tag).group != 2)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        data = fp.read() if deflated else b""
+    if not deflated:
+        return pydicom.dcmread(path, force=force)
+    ds = pydicom.FileDataset(
+        str(path),
+        read_deflated_dataset(data, limits),
+        preamble=preamble,
+        file_meta=pydicom.dataset.FileMetaDataset(meta),
+        is_implicit_VR=False,
+        is_little_endian=True,
+    )
+    ds.set_original_encoding(False, True, ds._character_set)
+    return ds
 
 
 def _has_voi_lut(ds: pydicom.Dataset) -> bool:
@@ -296,15 +601,17 @@ def decode_file(path: str | os.PathLike[str]) -> np.ndarray:
 
 def _decode_dicom_file(path: Path, *, has_preamble: bool) -> np.ndarray:
     try:
-        ds = pydicom.dcmread(path, force=not has_preamble)
+        ds = read_dicom(path, force=not has_preamble)
     except MemoryError:
         raise
+    except ImageDecodeError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
     except Exception as exc:
         raise ImageDecodeError(f"{path}: cannot read as DICOM ({exc})") from exc
     try:
         return decode_image(ds)
     except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{path}: {exc}") from exc
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def _png_significant_bits(path: Path) -> int | None:

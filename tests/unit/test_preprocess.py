@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -222,6 +222,13 @@ def _corrupt_jpeg_ls(ds: pydicom.Dataset) -> None:
     assert ds.PixelData != codestream
 
 
+def _cut_jpeg_ls_scan(ds: pydicom.Dataset) -> None:
+    """A valid JPEG-LS frame header (so the size check passes) whose scan ends right after its SOS marker."""
+    ds.compress(JPEGLSLossless, generate_instance_uid=False)
+    codestream = get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([codestream[: codestream.index(b"\xff\xda") + 2] + b"\xff\xd9"])
+
+
 def _frames(ds: pydicom.Dataset) -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
@@ -248,7 +255,8 @@ def _constant(ds: pydicom.Dataset) -> None:
         (_setting(WindowWidth=0), "cannot apply the VOI LUT: .*Window Width"),
         (_setting(RescaleSlope=0), "constant image after the Modality LUT: every value is 0"),
         (_setting(RescaleSlope="1e308"), r"non-finite values after the Modality LUT \(RescaleSlope='1e308'"),
-        (_corrupt_jpeg_ls, "cannot decode pixel data \\(JPEG-LS Lossless"),
+        (_corrupt_jpeg_ls, "JPEG codestream: frame header has 0 lines"),
+        (_cut_jpeg_ls_scan, "cannot decode pixel data \\(JPEG-LS Lossless"),
     ],
     ids=lambda value: getattr(value, "__qualname__", None) if callable(value) else None,
 )
