@@ -40,13 +40,25 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon.intake import UnusableDatasetError, inspect
+from daemon.edge import (
+    EdgeConfig,
+    EdgeEvent,
+    EdgeLimits,
+    EdgeServer,
+    Refusal,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+    start_edge_server,
+)
+from daemon.intake import UnusableDatasetError, inspect, pixel_limits
 from daemon.settings import Settings
 from daemon.spool import InvalidUIDError, validate_uid
 from daemon.store import InstanceStore, StoreOutcome, audit
+from model.errors import ImageTooLargeError
+from model.preprocess import PixelLimits, read_deflated_dataset
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +98,18 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-# A-ASSOCIATE-RJ parameters (PS3.8 9.3.4)
-_REJECTED_PERMANENT = 0x01
-_SOURCE_SERVICE_USER = 0x01
-_CALLING_AE_NOT_RECOGNISED = 0x03
-_CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+def edge_limits(settings: Settings) -> EdgeLimits:
+    """The edge guards' limits from the settings (README "Network edge")."""
+    return EdgeLimits(
+        request_timeout=settings.association_request_timeout,
+        max_request_bytes=settings.max_association_request_bytes,
+        max_associations=settings.max_associations,
+        max_per_address=min(settings.max_connections_per_address, settings.max_associations),
+        max_pending=max(32, 4 * settings.max_associations),
+        max_pdu_bytes=settings.max_pdu_size,
+    )
 
 
 def _parse_allow_list(
@@ -120,26 +139,31 @@ class StorageSCP:
         self.ae.network_timeout = settings.network_timeout
         # Senders fill PDUs up to this size; pynetdicom's per-PDU cost dominates receiving large images at 16 KiB.
         self.ae.maximum_pdu_size = settings.max_pdu_size
-        self.ae.require_called_aet = False  # checked in _on_requested so the rejection can be audited
+        self.ae.require_called_aet = False  # the edge checks AE titles (_admit) before pynetdicom sees them
         self.ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: EdgeServer | None = None
 
     def start(self) -> None:
+        """Listen behind the edge guards (daemon.edge); TLS when tls_cert/tls_key are set. Raises OSError when the
+        port is taken."""
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_REJECTED, self._on_rejected),
         ]
         from daemon.tls import scp_context  # DICOM TLS when tls_cert/tls_key are set (None: plain TCP)
 
-        self.server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=scp_context(self.settings),
+        self.server = start_edge_server(
+            self.ae,
+            EdgeConfig(
+                address=(self.settings.bind_address, self.settings.port),
+                limits=edge_limits(self.settings),
+                admit=self._admit,
+                audit=self._audit_edge_event,
+                evt_handlers=handlers,
+                ssl_context=scp_context(self.settings),
+            ),
         )
         log.info("storage SCP listening ae_title=%s port=%s", self.settings.ae_title, self.settings.port)
 
@@ -156,10 +180,16 @@ class StorageSCP:
 
     # --- association control -------------------------------------------------------------------------------------
 
-    def _admit(self, calling_ae: str, called_ae: str, address: str) -> tuple[int, str] | None:
-        """None to accept, else (diagnostic, reason) for an A-ASSOCIATE-RJ."""
+    def _admit(self, calling_ae: str, called_ae: str, address: str) -> Refusal | None:
+        """None to accept, else why to send an A-ASSOCIATE-RJ (rejected permanent, service user; PS3.8 9.3.4).
+        Called by the edge with the decoded A-ASSOCIATE-RQ, before the association counts against any limit."""
         if self.settings.require_called_ae and called_ae != self.settings.ae_title:
-            return _CALLED_AE_NOT_RECOGNISED, f"called AE {called_ae!r} is not {self.settings.ae_title!r}"
+            return Refusal(
+                result=RejectResult.REJECTED_PERMANENT,
+                source=RejectSource.SERVICE_USER,
+                reason=RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
+                detail=f"called AE {called_ae!r} is not {self.settings.ae_title!r}",
+            )
         if not self._allow:
             return None
         try:
@@ -169,47 +199,22 @@ class StorageSCP:
         for ae, network in self._allow:
             if ae == calling_ae and (network is None or (peer is not None and peer in network)):
                 return None
-        return (
-            _CALLING_AE_NOT_RECOGNISED,
-            f"calling AE {calling_ae!r} from {address} is not in the allow-list",
+        return Refusal(
+            result=RejectResult.REJECTED_PERMANENT,
+            source=RejectSource.SERVICE_USER,
+            reason=RejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED,
+            detail=f"calling AE {calling_ae!r} from {address} is not in the allow-list",
         )
 
-    def _on_requested(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        calling = (requestor.primitive.calling_ae_title or "").strip()
-        called = (requestor.primitive.called_ae_title or "").strip()
-        address = str(requestor.address)
-        refusal = self._admit(calling, called, address)
-        if refusal is None:
-            return
-        diagnostic, reason = refusal
-        log.warning("association rejected: %s", reason)
+    def _audit_edge_event(self, event: EdgeEvent) -> None:
+        """Write one (rate-limited) edge event to the audit table; runs on the edge's audit thread."""
         audit(
             self.store.sessions,
-            "association_rejected",
-            calling_ae=calling[:16],
-            called_ae=called[:16],
-            peer_address=address,
-            detail=reason,
-        )
-        event.assoc.acse.send_reject(_REJECTED_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
-
-    def _on_rejected(self, event: evt.Event) -> None:
-        # Only pynetdicom's own rejections arrive here (ours in _on_requested are audited there).
-        active = sum(1 for a in self.ae.active_associations if a.is_acceptor)
-        reason = (
-            f"association limit {self.ae.maximum_associations} reached"
-            if active > self.ae.maximum_associations
-            else "rejected during association negotiation"
-        )
-        requestor = event.assoc.requestor
-        log.warning("association rejected: %s", reason)
-        audit(
-            self.store.sessions,
-            "association_rejected",
-            calling_ae=(requestor.ae_title or "").strip()[:16],
-            peer_address=str(requestor.address),
-            detail=reason,
+            event.event,
+            calling_ae=(event.calling_ae or "")[:16] or None,
+            called_ae=(event.called_ae or "")[:16] or None,
+            peer_address=event.peer_address[:64],
+            detail=event.detail,
         )
 
     # --- services ------------------------------------------------------------------------------------------------
@@ -237,7 +242,16 @@ class StorageSCP:
         request = event.request
 
         def reject(status: Status, reason: str, uid: str | None = None) -> int:
-            path = self.store.spool.quarantine_bytes(data, f"0x{status:04X} {reason}")
+            try:
+                path = self.store.spool.quarantine_bytes(data, f"0x{status:04X} {reason}")
+            except OSError as exc:  # disk full or below the reserve: nothing was kept, the sender may resend
+                log.error(
+                    "C-STORE out of resources (disk): would refuse with 0x%04X (%s) but cannot quarantine: %s",
+                    status,
+                    reason,
+                    exc,
+                )
+                return Status.OUT_OF_RESOURCES
             log.warning("C-STORE refused status=0x%04X reason=%s quarantined=%s", status, reason, path.name)
             audit(
                 self.store.sessions,
@@ -254,8 +268,11 @@ class StorageSCP:
         except InvalidUIDError as exc:
             return reject(Status.CANNOT_UNDERSTAND, str(exc))
 
+        limits = pixel_limits(self.settings)
         try:
-            ds = _parse_fully(event)
+            ds = _parse_fully(event, limits)
+        except ImageTooLargeError as exc:
+            return reject(Status.CANNOT_UNDERSTAND, str(exc), requested_uid)
         except Exception as exc:
             return reject(Status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", requested_uid)
 
@@ -276,7 +293,7 @@ class StorageSCP:
             )
 
         try:
-            meta = inspect(ds, event.context.transfer_syntax)
+            meta = inspect(ds, event.context.transfer_syntax, limits)
         except (InvalidUIDError, UnusableDatasetError) as exc:
             return reject(Status.CANNOT_UNDERSTAND, str(exc), requested_uid)
 
@@ -293,9 +310,16 @@ class StorageSCP:
         return Status.SUCCESS
 
 
-def _parse_fully(event: evt.Event) -> Dataset:
-    """Decode the received dataset and touch every element so truncation or garbage fails here, not later."""
-    ds = event.dataset
+def _parse_fully(event: evt.Event, limits: PixelLimits) -> Dataset:
+    """Decode the received dataset and touch every element so truncation or garbage fails here, not later.
+
+    A deflated dataset is inflated under ``limits`` (its header checked before the pixel data is inflated;
+    pynetdicom would inflate it without a cap): raises ImageTooLargeError."""
+    if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        with event.request.DataSet.getbuffer() as raw:
+            ds = read_deflated_dataset(raw, limits)
+    else:
+        ds = event.dataset
     for elem in ds.iterall():
         _ = elem.value
     ds.file_meta = event.file_meta

@@ -52,8 +52,13 @@ class Settings:
     require_called_ae: bool = True
     allowed_calling_aes: tuple[str, ...] = ()
     max_associations: int = 25
+    max_connections_per_address: int = 10  # associations (and, separately, connections negotiating) per source IP
+    association_request_timeout: float = 10.0  # from TCP accept to a complete A-ASSOCIATE-RQ (TLS handshake included)
+    max_association_request_bytes: int = 65536  # longest A-ASSOCIATE-RQ PDU accepted; longer: A-ABORT and close
     max_pdu_size: int = 262144  # bytes we accept per P-DATA PDU; 0 = unlimited (PS3.8 D.1)
     disk_reserve_mb: int = 1024
+    max_image_pixels: int = 100_000_000  # Rows x Columns x NumberOfFrames x SamplesPerPixel, checked before decoding
+    max_decompressed_mb: int = 256  # decoded pixel data, and what a deflated dataset may inflate to
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -99,10 +104,27 @@ class Settings:
             raise SettingsError(f"Invalid port {self.port} - must be in 1..65535")
         if self.max_associations < 1:
             raise SettingsError(f"Invalid max_associations {self.max_associations} - must be >= 1")
+        if self.max_connections_per_address < 1:
+            raise SettingsError(
+                f"Invalid max_connections_per_address {self.max_connections_per_address} - must be >= 1"
+            )
+        if not math.isfinite(self.association_request_timeout) or not 0 < self.association_request_timeout <= 600:
+            raise SettingsError(
+                f"Invalid association_request_timeout {self.association_request_timeout} - must be in (0, 600] seconds"
+            )
+        if not 1024 <= self.max_association_request_bytes <= 16 * 2**20:
+            raise SettingsError(
+                f"Invalid max_association_request_bytes {self.max_association_request_bytes} - must be in "
+                "1024..16777216 bytes"
+            )
         if self.max_pdu_size != 0 and not 4096 <= self.max_pdu_size <= 2**32 - 1:
             raise SettingsError(f"Invalid max_pdu_size {self.max_pdu_size} - 0 (unlimited) or 4096..4294967295 bytes")
         if self.disk_reserve_mb < 0:
             raise SettingsError(f"Invalid disk_reserve_mb {self.disk_reserve_mb} - must be >= 0")
+        if self.max_image_pixels < 1:
+            raise SettingsError(f"Invalid max_image_pixels {self.max_image_pixels} - must be >= 1 pixel")
+        if not 1 <= self.max_decompressed_mb <= 65536:
+            raise SettingsError(f"Invalid max_decompressed_mb {self.max_decompressed_mb} - must be in 1..65536 MiB")
         if self.worker_threads < 0:
             raise SettingsError(f"Invalid worker_threads {self.worker_threads} - must be >= 0")
         if self.log_level.upper() not in logging.getLevelNamesMapping():
@@ -148,14 +170,6 @@ class Settings:
             except Exception as exc:
                 raise SettingsError(f"Invalid database_url: {exc}") from None
 
-    @property
-    def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'chexd.db'}"
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
-
     def _check_tls(self) -> None:
         """TLS settings: cert and key both or neither, readable PEM files, the key matches the certificate, a
         client-certificate mode that the other settings can honour."""
@@ -187,6 +201,14 @@ class Settings:
         if self.tls_client_cert != "auto":
             return self.tls_client_cert
         return "required" if self.tls_ca and self.tls_cert else "none"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'chexd.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -1,0 +1,300 @@
+"""The network edge's guard logic (daemon.edge): the request reader, the audit limiter, and an in-process EdgeServer
+with a Verification-only AE exercised by raw sockets and pynetdicom's requestor."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from daemon.edge import (
+    AbortReason,
+    AuditLimiter,
+    EdgeConfig,
+    EdgeEvent,
+    EdgeLimits,
+    EdgeServer,
+    Refusal,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+    RequestError,
+    RequestReader,
+    abort_pdu,
+    local_limit,
+    start_edge_server,
+)
+
+HUGE = 0x7FFFFFFF
+
+
+def _header(pdu_type: int, length: int) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, length)
+
+
+# --- RequestReader -------------------------------------------------------------------------------------------------
+
+
+def test_reader_asks_for_the_header_then_exactly_the_claimed_body() -> None:
+    reader = RequestReader(max_request_bytes=1024)
+    assert reader.wanted() == 6
+    reader.feed(_header(0x01, 100)[:4])
+    assert reader.wanted() == 2
+    reader.feed(_header(0x01, 100)[4:])
+    assert reader.wanted() == 100 and not reader.complete
+    reader.feed(b"x" * 100)
+    assert reader.complete and reader.wanted() == 0 and len(reader.data) == 106
+    with pytest.raises(ValueError, match="only 0 wanted"):
+        reader.feed(b"y")
+
+
+@pytest.mark.parametrize(
+    ("header", "abort", "message"),
+    [
+        (_header(0x04, 100), AbortReason.UNEXPECTED_PDU, "type 0x04"),
+        (_header(0x47, 100), AbortReason.UNRECOGNIZED_PDU, "type 0x47"),
+        (_header(0x01, HUGE), AbortReason.INVALID_PDU_PARAMETER_VALUE, "claims 2147483647 bytes - the limit is 1024"),
+        (_header(0x01, 1025), AbortReason.INVALID_PDU_PARAMETER_VALUE, "the limit is 1024"),
+        (_header(0x01, 10), AbortReason.INVALID_PDU_PARAMETER_VALUE, "shorter than its fixed fields"),
+    ],
+)
+def test_reader_refuses_a_bad_first_pdu_from_its_header(header: bytes, abort: AbortReason, message: str) -> None:
+    reader = RequestReader(max_request_bytes=1024)
+    with pytest.raises(RequestError, match=message) as info:
+        reader.feed(header)
+    assert info.value.abort is abort
+
+
+def test_reject_and_abort_pdus_follow_ps3_8() -> None:
+    refusal = local_limit("busy")
+    rj = A_ASSOCIATE_RJ()
+    rj.decode(refusal.pdu())
+    assert (rj.result, rj.source, rj.reason_diagnostic) == (0x02, 0x03, 0x02)
+    assert abort_pdu(AbortReason.UNEXPECTED_PDU) == bytes([7, 0, 0, 0, 0, 4, 0, 0, 2, 2])
+
+
+# --- AuditLimiter --------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _event(address: str = "10.0.0.1", kind: str = "deadline") -> EdgeEvent:
+    return EdgeEvent(event="connection_dropped", kind=kind, peer_address=address, detail=f"{kind} from {address}")
+
+
+def test_audit_limiter_writes_the_first_and_folds_the_rest_into_one_count() -> None:
+    clock = _Clock()
+    limiter = AuditLimiter(interval=60, clock=clock)
+    assert limiter.note(_event()) is not None
+    assert [limiter.note(_event()) for _ in range(500)] == [None] * 500
+    assert limiter.note(_event(kind="tls")) is not None, "another cause is its own row"
+    assert limiter.note(_event(address="10.0.0.2")) is not None, "another address is its own row"
+    assert limiter.due() == []
+    clock.now += 61
+    (summary,) = limiter.due()
+    assert summary.count == 500 and summary.peer_address == "10.0.0.1" and "500 more in 60 s" in summary.detail
+    assert limiter.due() == []
+    assert limiter.note(_event()) is not None, "a new window starts with a row"
+
+
+def test_audit_limiter_folds_addresses_beyond_its_key_budget() -> None:
+    limiter = AuditLimiter(interval=60, clock=_Clock(), max_keys=3)
+    written = [limiter.note(_event(address=f"10.0.1.{i}")) for i in range(100)]
+    assert sum(e is not None for e in written) == 4  # three addresses and one "*" row
+    assert {e.peer_address for e in written if e is not None} == {"10.0.1.0", "10.0.1.1", "10.0.1.2", "10.0.1.3"}
+
+
+def test_edge_limits_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="Invalid max_request_bytes 10"):
+        EdgeLimits(request_timeout=1, max_request_bytes=10, max_associations=1, max_per_address=1, max_pending=1)
+
+
+# --- an in-process server ------------------------------------------------------------------------------------------
+
+LIMITS = EdgeLimits(
+    request_timeout=0.6,
+    max_request_bytes=65536,
+    max_associations=3,
+    max_per_address=2,
+    max_pending=6,
+    max_pdu_bytes=65536,
+    audit_interval=60,
+)
+
+
+@pytest.fixture
+def edge() -> Iterator[tuple[EdgeServer, list[EdgeEvent]]]:
+    events: list[EdgeEvent] = []
+    ae = AE(ae_title="EDGE")
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = LIMITS.max_associations
+
+    def admit(calling: str, called: str, address: str) -> Refusal | None:
+        if called != "EDGE":
+            return Refusal(
+                result=RejectResult.REJECTED_PERMANENT,
+                source=RejectSource.SERVICE_USER,
+                reason=RejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED,
+                detail=f"called AE {called!r}",
+            )
+        return None
+
+    server = start_edge_server(
+        ae,
+        EdgeConfig(
+            address=("127.0.0.1", 0),
+            limits=LIMITS,
+            admit=admit,
+            audit=events.append,
+            evt_handlers=[(evt.EVT_C_ECHO, lambda _event: 0x0000)],
+        ),
+    )
+    yield server, events
+    server.shutdown()
+
+
+def _associate(port: int, source: str = "127.0.0.1", aec: str = "EDGE"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title="UNIT")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    return ae.associate("127.0.0.1", port, ae_title=aec, bind_address=(source, 0))
+
+
+def _echo_ok(port: int, source: str = "127.0.0.1") -> bool:
+    assoc = _associate(port, source)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status) == 0
+
+
+def _connect(port: int, source: str, payload: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing, or None if it is still open after ``seconds``."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _wait(predicate, timeout: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_huge_claimed_request_gets_an_abort_at_once(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    sock = _connect(server.server_address[1], "127.0.0.2", _header(0x01, HUGE))
+    assert _closed_within(sock, 2.0) == abort_pdu(AbortReason.INVALID_PDU_PARAMETER_VALUE)
+    assert _wait(lambda: any(e.kind == "bad_request" for e in events))
+
+
+def test_silent_connections_do_not_take_association_slots_and_meet_the_deadline(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    port = server.server_address[1]
+    silent = [_connect(port, f"127.0.0.{10 + i}") for i in range(LIMITS.max_pending)]
+    assert _wait(lambda: server.pending_count() == LIMITS.max_pending)
+    assert _echo_ok(port), "pending connections must not count against max_associations"
+    started = time.monotonic()
+    for sock in silent:
+        assert _closed_within(sock, 3.0) == b""
+    assert time.monotonic() - started < LIMITS.request_timeout + 1.0
+    assert _wait(lambda: server.pending_count() == 0)
+    assert any(e.kind == "deadline" and "within 0.6 s" in e.detail for e in events)
+
+
+def test_pending_connections_are_capped_per_address(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    port = server.server_address[1]
+    socks = [_connect(port, "127.0.0.3") for _ in range(LIMITS.max_per_address + 2)]
+    # the ones over the cap are closed at once, the others wait for the deadline
+    time.sleep(0.2)
+    results = [_closed_within(s, 0.01) for s in socks]
+    assert results.count(b"") == 2 and results.count(None) == LIMITS.max_per_address
+    assert _wait(lambda: any(e.kind == "address_pending" for e in events))
+
+
+def test_the_oldest_pending_connection_is_closed_when_the_table_is_full(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    port = server.server_address[1]
+    oldest = _connect(port, "127.0.0.20")
+    assert _wait(lambda: server.pending_count() == 1)
+    newer = [_connect(port, f"127.0.0.{21 + i}") for i in range(LIMITS.max_pending)]
+    assert _closed_within(oldest, 1.0) == b""
+    assert _wait(lambda: server.pending_count() == LIMITS.max_pending)
+    assert any(e.kind == "evicted" for e in events)
+    for sock in newer:
+        sock.close()
+
+
+def test_association_limits_answer_a_transient_reject_and_free_at_close(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    port = server.server_address[1]
+    held = [_associate(port, "127.0.0.4") for _ in range(LIMITS.max_per_address)]
+    assert all(a.is_established for a in held)
+    over = _associate(port, "127.0.0.4")
+    assert over.is_rejected
+    rj = over.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02), "transient, local limit exceeded"
+    held.append(_associate(port, "127.0.0.5"))
+    assert held[-1].is_established
+    full = _associate(port, "127.0.0.6")
+    assert full.is_rejected and full.acceptor.primitive.diagnostic == 0x02
+    assert _wait(lambda: any("association limit 3 reached" in e.detail for e in events))
+    # an abrupt close (no A-RELEASE) frees its slot at once, not after acse_timeout
+    held[0].dul.socket.socket.close()
+    held[0].kill()
+    assert _wait(lambda: server.association_counts("127.0.0.4")[0] == 2, timeout=1.0)
+    assert _echo_ok(port, "127.0.0.6")
+    for assoc in held[1:]:
+        assoc.release()
+
+
+def test_wrong_called_ae_is_a_permanent_reject_the_peer_reads(edge) -> None:  # type: ignore[no-untyped-def]
+    server, events = edge
+    assoc = _associate(server.server_address[1], aec="OTHER")
+    assert assoc.is_rejected and not assoc.is_aborted
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    assert _wait(lambda: any(e.event == "association_rejected" and e.called_ae == "OTHER" for e in events))
+
+
+def test_a_pdu_over_the_limit_after_association_closes_it_unread(edge) -> None:  # type: ignore[no-untyped-def]
+    server, _ = edge
+    port = server.server_address[1]
+    assoc = _associate(port, "127.0.0.7")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    sock.sendall(_header(0x04, 50 * 2**20) + b"\0" * 65536)
+    assert _wait(lambda: server.association_counts("127.0.0.7")[1] == 0, timeout=3.0)
+    assoc.kill()
+    assert _echo_ok(port)
