@@ -184,6 +184,8 @@ def status(as_json: JsonOption = False) -> None:
     table = Table("state", "jobs", title=f"{summary['instances']} instances in {summary['studies']} studies")
     for state, count in summary["jobs"].items():
         table.add_row(state, str(count))
+    held = summary["conflicts"]["held"]
+    table.add_row("[bold red]CONFLICT[/]" if held else "CONFLICT", str(held))
     out.print(table)
     reports = summary.get("reports", {})
     if any(reports.values()):
@@ -192,6 +194,14 @@ def status(as_json: JsonOption = False) -> None:
     warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
     out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
     forward_cli.print_summary(summary["forwards"], out)
+    if held:
+        conflicts = Table(
+            "SOP Instance UID", "Study Instance UID", "reason",
+            title=f"{held} image(s) held by an identity conflict, never merged (README: Patient identity conflicts)",
+        )
+        for c in summary["conflicts"]["last"]:
+            conflicts.add_row(c["sop_instance_uid"], c["study_instance_uid"], c["reason"])
+        out.print(conflicts)
     if summary["last_errors"]:
         errors = Table("SOP Instance UID", "state", "attempts", "error", title="last errors")
         for e in summary["last_errors"]:
@@ -233,6 +243,15 @@ def show_cmd(uid: str, as_json: JsonOption = False) -> None:
         emit_json(data)
         return
     out.print(f"{data['level']} {uid}: {len(data['instances'])} instance(s)", highlight=False)
+    if data.get("patient_identified_by"):
+        out.print(f"patient identified by: {data['patient_identified_by']} (kept as a keyed fingerprint)",
+                  highlight=False)
+    for c in data.get("conflicts", []):
+        table = Table(show_header=False, title=f"{c['sop_instance_uid']} - CONFLICT: held, not merged")
+        for key in ("state", "kind", "reason", "study_instance_uid", "series_instance_uid", "quarantine_file",
+                    "sha256", "size_bytes", "calling_ae", "received_at"):
+            table.add_row(key, str(c[key]) if c[key] is not None else "")
+        out.print(table)
     for inst in data["instances"]:
         job = inst["job"] or {}
         table = Table(show_header=False, title=inst["sop_instance_uid"])
@@ -291,10 +310,17 @@ def reprocess_cmd(uid: str, as_json: JsonOption = False) -> None:
         result = queries.reprocess(sessions(settings()), uid)
     except queries.NotFoundError as exc:
         fail(str(exc))
+    if result.get("conflicts") and not result["requeued"] and not result["skipped"]:
+        fail(
+            f"{uid}: {result['conflicts']} image(s) held by an identity conflict - not re-queued (they are never "
+            "merged); fix the patient or study at the sender and resend with new UIDs (see 'chexd show UID')"
+        )
     if as_json:
         emit_json(result)
         return
-    out.print(f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are")
+    held = f"; {result['conflicts']} image(s) held by an identity conflict, not re-queued" if result.get(
+        "conflicts") else ""
+    out.print(f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are{held}")
 
 
 @app.command("echo")

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.forward import forward_summary
 from daemon.store import audit
 from daemon.tables import (
+    IdentityConflict,
     Instance,
     Job,
     JobState,
@@ -50,6 +51,7 @@ def queue_summary(
         ).all()
         return {
             "jobs": counts,
+            "conflicts": _conflict_summary(session, last_errors),
             "instances": session.scalar(select(func.count()).select_from(Instance)),
             "studies": session.scalar(select(func.count()).select_from(Study)),
             "reports": _report_counts(session),
@@ -65,6 +67,45 @@ def queue_summary(
                 for uid, state, error, attempts, at in failures
             ],
         }
+
+
+def _conflict_dict(row: IdentityConflict) -> dict[str, Any]:
+    return {
+        "state": "CONFLICT",
+        "kind": row.kind.value if hasattr(row.kind, "value") else str(row.kind),
+        "sop_instance_uid": row.sop_instance_uid,
+        "study_instance_uid": row.study_instance_uid,
+        "series_instance_uid": row.series_instance_uid,
+        "reason": row.reason,
+        "quarantine_file": row.path,
+        "sha256": row.sha256,
+        "size_bytes": row.size_bytes,
+        "calling_ae": row.calling_ae,
+        "received_at": _iso(row.received_at),
+    }
+
+
+def _conflict_summary(session: Session, last: int) -> dict[str, Any]:
+    """Images held by an identity conflict (daemon.store): how many, and the most recent."""
+    rows = session.scalars(select(IdentityConflict).order_by(IdentityConflict.id.desc()).limit(last)).all()
+    return {
+        "held": session.scalar(select(func.count()).select_from(IdentityConflict)) or 0,
+        "last": [_conflict_dict(row) for row in rows],
+    }
+
+
+def _conflicts_for(session: Session, uid: str) -> list[IdentityConflict]:
+    return list(
+        session.scalars(
+            select(IdentityConflict)
+            .where(
+                (IdentityConflict.sop_instance_uid == uid)
+                | (IdentityConflict.series_instance_uid == uid)
+                | (IdentityConflict.study_instance_uid == uid)
+            )
+            .order_by(IdentityConflict.id)
+        )
+    )
 
 
 def _report_counts(session: Session) -> dict[str, int]:
@@ -207,22 +248,52 @@ def _instances_for(session: Session, uid: str) -> tuple[str, list[Instance]]:
     raise NotFoundError(f"no study, series or instance with UID {uid}")
 
 
+def _study_identity(session: Session, uid: str, instances: list[Instance]) -> str | None:
+    """How the study's patient is identified (the basis of its fingerprint; never the values), for ``show``."""
+    study_ids = {i.series.study_id for i in instances}
+    fingerprint = session.scalar(
+        select(Study.patient_fingerprint).where(
+            Study.id.in_(study_ids) if study_ids else Study.study_instance_uid == uid
+        )
+    )
+    if fingerprint is None:
+        return None
+    basis = fingerprint.partition(":")[0]
+    return {"id": "PatientID", "nm": "PatientName/PatientBirthDate"}.get(basis, "no patient identity")
+
+
 def show(sessions: sessionmaker[Session], uid: str) -> dict[str, Any]:
-    """Everything known about a study, series or instance UID. Raises NotFoundError."""
+    """Everything known about a study, series or instance UID, and the images held under it by an identity
+    conflict. Raises NotFoundError when there is neither."""
     with sessions() as session:
-        level, instances = _instances_for(session, uid)
+        conflicts = _conflicts_for(session, uid)
+        try:
+            level, instances = _instances_for(session, uid)
+        except NotFoundError:
+            if not conflicts:
+                raise
+            level, instances = "conflict", []
         return {
             "uid": uid,
             "level": level,
+            "patient_identified_by": _study_identity(session, uid, instances),
             "instances": [_instance_dict(i) | {"predictions": _predictions(session, i)} for i in instances],
+            "conflicts": [_conflict_dict(c) for c in conflicts],
             "reports": _reports(session, {i.series.study_id for i in instances}),
         }
 
 
 def reprocess(sessions: sessionmaker[Session], uid: str) -> dict[str, int]:
-    """Re-queue the jobs of a study, series or instance (attempts reset). Skipped instances stay skipped."""
+    """Re-queue the jobs of a study, series or instance (attempts reset). Skipped instances stay skipped; images held
+    by an identity conflict have no job and stay held (counted as ``conflicts``). Raises NotFoundError."""
     with sessions.begin() as session:
-        _, instances = _instances_for(session, uid)
+        conflicts = len(_conflicts_for(session, uid))
+        try:
+            _, instances = _instances_for(session, uid)
+        except NotFoundError:
+            if not conflicts:
+                raise
+            instances = []
         ids = [i.id for i in instances if not i.skip_reason]
         requeued = 0
         if ids:
@@ -244,6 +315,6 @@ def reprocess(sessions: sessionmaker[Session], uid: str) -> dict[str, int]:
         sessions,
         "reprocess_requested",
         sop_instance_uid=uid if len(uid) <= 64 else None,
-        detail=f"{requeued} job(s) re-queued",
+        detail=f"{requeued} job(s) re-queued; {conflicts} held by an identity conflict, not re-queued",
     )
-    return {"requeued": requeued, "skipped": len(instances) - len(ids)}
+    return {"requeued": requeued, "skipped": len(instances) - len(ids), "conflicts": conflicts}

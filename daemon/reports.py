@@ -5,17 +5,33 @@ and the model facts a report needs) and marks its study *pending*: a ``study_rep
 new image has arrived for ``report_quiet_seconds``. The :class:`ReportLoop` then writes the study's report from every
 image's newest prediction. An image arriving after a report was written makes a new revision, which supersedes the
 earlier one (SR PredecessorDocumentsSequence, PDF marked as a revision); the superseded files stay on disk.
+
+Disk: archives and documents are written only above the disk reserve (:class:`daemon.spool.DiskGuard`); below it,
+or when a write fails because the disk is full, the report goes back to PENDING and the loop waits (one log line per
+change) until space returns. Documents are composed in a staging folder and renamed into place by the daemon, so a
+half-written revision is never visible.
+
+Crash: the worker processes die with the daemon (PR_SET_PDEATHSIG on Linux, plus a lifeline pipe whose end-of-file
+they watch), so none writes after a ``kill -9``. A WRITING report records its writer (``host/pid``) in ``error``;
+:func:`resume_orphaned_reports` puts those of dead writers back at start-up.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
+import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,8 +41,11 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon import logsafety
+from daemon.identity import MixedPatientsError, check_one_patient
 from daemon.settings import Settings
-from daemon.spool import Spool
+from daemon.spool import DiskGuard, DiskPause, Spool, fsync_dir, is_disk_full
+from daemon.store import audit
 from daemon.tables import (
     EvidenceRow,
     FindingRow,
@@ -38,12 +57,14 @@ from daemon.tables import (
     StudyReportRow,
     utcnow,
 )
-from daemon.worker import ClaimedJob, JobResult, PermanentJobError, read_stored_image
+from daemon.worker import HOST, ClaimedJob, JobResult, PermanentJobError, pid_alive, read_stored_image
 from model.types import Prediction
 
 log = logging.getLogger(__name__)
 
 REPORT_LEASE = timedelta(minutes=5)
+WRITER_PREFIX = "being written by "  # + host/pid, in study_reports.error while WRITING
+DISK_WAIT_SECONDS = 1.0  # how often a paused loop looks at the free space again
 _KINDS = {"pdf-dicom": "epdf"}  # report_files.kind is at most 8 characters
 
 
@@ -89,22 +110,31 @@ def _model_facts(result: JobResult) -> dict[str, Any]:
     }
 
 
-def save_archive(path: Path, prediction: Prediction, model: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half archive."""
+def save_archive(path: Path, prediction: Prediction, model: dict[str, Any], *, guard: DiskGuard | None = None) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves a half archive.
+
+    With ``guard``, raises DiskReserveError before writing when the archive (at most its uncompressed size) would take
+    the disk below the reserve; any failure (e.g. ENOSPC) removes the temp file and leaves no archive."""
+    if guard is not None:
+        guard.check(path.parent, prediction.cams.size * 4 + prediction.probabilities.nbytes * 4 + 65536)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        labels=np.array(prediction.labels),
-        probabilities=prediction.probabilities,
-        logits=prediction.logits,
-        cams=prediction.cams.astype(np.float32),
-        top_channels=prediction.top_channels,
-        top_contributions=prediction.top_contributions,
-        bias=prediction.bias,
-        model=np.array(json.dumps(model)),
-    )
-    tmp.replace(path)
+    try:
+        np.savez_compressed(
+            tmp,
+            labels=np.array(prediction.labels),
+            probabilities=prediction.probabilities,
+            logits=prediction.logits,
+            cams=prediction.cams.astype(np.float32),
+            top_channels=prediction.top_channels,
+            top_contributions=prediction.top_contributions,
+            bias=prediction.bias,
+            model=np.array(json.dumps(model)),
+        )
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_archive(path: Path) -> ArchivedPrediction:
@@ -148,9 +178,10 @@ def mark_pending(session: Session, study_id: int, *, quiet_seconds: float, model
 class ReportScheduler:
     """The worker's result sink: archives each prediction and marks its study pending (same commit as the job)."""
 
-    def __init__(self, settings: Settings, *, on_prediction: Any = None) -> None:
+    def __init__(self, settings: Settings, *, on_prediction: Any = None, guard: DiskGuard | None = None) -> None:
         self.settings = settings
         self.on_prediction = on_prediction  # e.g. ReportLoop.prepare
+        self.guard = guard or DiskGuard(settings.disk_reserve_mb * 2**20)
 
     def save(self, job: ClaimedJob, result: JobResult) -> None:
         assert result.prediction is not None
@@ -160,6 +191,7 @@ class ReportScheduler:
             archive_path(self.settings.data_dir, job.sop_instance_uid, result.prediction.model_version),
             result.prediction,
             _model_facts(result),
+            guard=self.guard,
         )
 
     def record(self, session: Session, job: ClaimedJob, result: JobResult) -> None:
@@ -257,6 +289,57 @@ def store_findings(session: Session, prediction_id: int, findings: list[Any]) ->
         session.add(row)
 
 
+# --- report worker processes -----------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_ORPHAN_EXIT = 70  # exit status of a worker process that found its daemon gone
+_daemon_pid: int | None = None  # in a worker process: the daemon that started it
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Linux: ask the kernel to send ``signum`` to this process when its parent dies. False where unavailable.
+
+    Caveat (prctl(2)): the signal follows the parent *thread* that created the process, so :class:`ReportLoop`
+    starts its worker processes from one thread that outlives them (``chexd-report-pool``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_if_orphaned() -> None:
+    """In a worker process: exit at once (no clean-up, no further write) when the daemon that started it is gone."""
+    if _daemon_pid is not None and os.getppid() != _daemon_pid:
+        os._exit(_ORPHAN_EXIT)
+
+
+def _watch_lifeline(lifeline: Any) -> None:
+    """Block until the daemon's end of the lifeline pipe closes (the daemon exited or was killed), then exit."""
+    try:
+        while True:
+            lifeline.recv_bytes()  # the daemon never sends; this returns only with EOFError
+    except (EOFError, OSError):
+        pass
+    os._exit(_ORPHAN_EXIT)
+
+
+def worker_init(daemon_pid: int, lifeline: Any) -> None:
+    """Initializer of every report worker process: die with the daemon, never outlive it.
+
+    Three guards: PR_SET_PDEATHSIG(SIGKILL) (the kernel kills this process when the daemon dies, on Linux); a thread
+    that exits when the read end ``lifeline`` (a multiprocessing Connection whose only write end the daemon holds) sees
+    end-of-file; and :func:`_exit_if_orphaned` (``os.getppid()`` is no longer ``daemon_pid``) before and after each
+    report is composed, which also covers a daemon that died before the first two were in place."""
+    global _daemon_pid
+    _daemon_pid = daemon_pid
+    _set_parent_death_signal(signal.SIGKILL)
+    _exit_if_orphaned()
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), name="chexd-lifeline", daemon=True).start()
+
+
 def warm_up() -> int:
     """Import the document libraries (highdicom, reportlab, pydicom's SR dictionaries: seconds in a fresh process) so
     the first report a worker process writes is not slowed by them. Returns the process id."""
@@ -268,24 +351,104 @@ def warm_up() -> int:
 def compose_files(
     *, images: list[tuple[Path, Path]], revision: int, predecessors: list[str], folder: Path, settings: Any
 ) -> tuple[list[Any], list[Any]]:
-    """Read each (stored image file, prediction archive) pair and write the study's documents (runs in a report worker
-    process: decoding and the documents are CPU work). Returns the findings per image and the files written.
+    """Read each (stored image file, prediction archive) pair and write the study's documents into ``folder`` (a
+    staging folder; runs in a report worker process: decoding and the documents are CPU work). Returns the findings
+    per image and the files written.
 
-    Raises PermanentJobError when a stored image cannot be read or decoded."""
+    Raises PermanentJobError when a stored image cannot be read or decoded, OSError(ENOSPC) when the disk filled up
+    (``folder`` is then removed). A worker process whose daemon is gone exits without writing."""
     from reporting.compose import compose_study
 
-    inputs = []
-    for image_path, archive_file in images:
-        ds, pixels = read_stored_image(image_path)
-        archived = load_archive(archive_file)
-        inputs.append((ds, pixels, archived.prediction, archived.model))
-    composed = compose_study(
-        images=inputs, revision=revision, predecessors=predecessors, folder=folder, settings=settings
-    )
+    # a spawned worker inherits no logging: without this, library warnings (highdicom copies person names into
+    # them) reach the daemon's log unfiltered through stderr (daemon/logsafety.py; idempotent, cheap)
+    logsafety.install(getattr(settings, "log_level", "INFO"))
+    _exit_if_orphaned()
+    try:
+        inputs = []
+        for image_path, archive_file in images:
+            ds, pixels = read_stored_image(image_path)
+            archived = load_archive(archive_file)
+            inputs.append((ds, pixels, archived.prediction, archived.model))
+        # last line of defence (the store never merges two patients): one report, one patient, one study
+        check_one_patient([(str(ds.get("SOPInstanceUID", "")), ds) for ds, *_ in inputs])
+        composed = compose_study(
+            images=inputs, revision=revision, predecessors=predecessors, folder=folder, settings=settings
+        )
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if is_disk_full(exc):  # say so in a form that survives the trip back to the daemon
+            raise OSError(errno.ENOSPC, f"disk full while writing the report: {type(exc).__name__}: {exc}") from None
+        raise
+    _exit_if_orphaned()
     return composed.findings, composed.files
 
 
+def staging_folder(folder: Path) -> Path:
+    """Where a revision's documents are composed before :func:`publish` renames them to ``folder``."""
+    return folder.parent / f".{folder.name}.{os.getpid()}.part"
+
+
+def publish(staging: Path, folder: Path, files: list[Any]) -> list[Any]:
+    """Rename the composed ``staging`` folder to ``folder`` (replacing what an interrupted earlier attempt left there)
+    and fsync; return ``files`` with their paths in ``folder``."""
+    from dataclasses import replace
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(staging, folder)
+    fsync_dir(folder.parent)
+    return [replace(f, path=folder / Path(f.path).relative_to(staging)) for f in files]
+
+
+def remove_stale_staging(data_dir: Path) -> int:
+    """Delete staging folders of report writers that are gone (a crash mid-report); return how many."""
+    count = 0
+    for path in (data_dir / "reports").glob("study-*/.r*.part"):
+        pid = path.name.removesuffix(".part").rpartition(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        count += 1
+    for path in (data_dir / "results").glob("*/*.tmp.npz"):
+        path.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def resume_orphaned_reports(sessions: sessionmaker[Session]) -> int:
+    """At start-up: put reports left WRITING by a dead process back to PENDING, due now (instead of waiting out
+    :data:`REPORT_LEASE`). A writer is dead when it was a process of this host that no longer runs (or had this
+    process's pid: a reused pid), or, on SQLite (one node), when it recorded no writer. Returns how many."""
+    now = utcnow()
+    with sessions.begin() as session:
+        single_node = session.get_bind().dialect.name == "sqlite"
+        rows = session.execute(
+            select(StudyReportRow.id, StudyReportRow.error).where(StudyReportRow.state == ReportState.WRITING)
+        ).all()
+        orphaned = []
+        for report_id, note in rows:
+            writer = (note or "").removeprefix(WRITER_PREFIX) if (note or "").startswith(WRITER_PREFIX) else None
+            if writer is None:
+                if single_node:
+                    orphaned.append(report_id)
+                continue
+            host, _, pid = writer.partition("/")
+            if host == HOST and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+                orphaned.append(report_id)
+        if orphaned:
+            session.execute(
+                update(StudyReportRow)
+                .where(StudyReportRow.id.in_(orphaned), StudyReportRow.state == ReportState.WRITING)
+                .values(state=ReportState.PENDING, due_at=now, error=None)
+            )
+    if orphaned:
+        log.warning("resumed %d report(s) left WRITING by a process that is gone", len(orphaned))
+    return len(orphaned)
+
+
 def _log_failure(future: Any) -> None:
+    if future.cancelled():
+        return
     error = future.exception()
     if error is not None:
         log.error("report worker process failed to start: %s", error)
@@ -296,7 +459,9 @@ class ReportLoop:
 
     With ``report_workers`` > 0 there are that many threads, each claiming one report at a time; the documents are
     built in a pool of as many worker processes (building a PDF and an SR is pure-Python CPU work, which threads
-    cannot spread over cores). Database reads and writes stay in the threads."""
+    cannot spread over cores). Database reads and writes stay in the threads. The worker processes are started by
+    one thread (``chexd-report-pool``) that lives until they are shut down, and die with the daemon (see
+    :func:`worker_init`). Below the disk reserve the loop waits (reports stay PENDING)."""
 
     def __init__(
         self,
@@ -310,23 +475,79 @@ class ReportLoop:
         self.spool = spool
         self.settings = settings
         self.on_written = on_written
+        self.guard = spool.guard
+        self.disk = DiskPause(self.guard, settings.data_dir, "reports")
+        self.writer = f"{HOST}/{os.getpid()}"
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._pool_thread: threading.Thread | None = None
+        self._pool_ready = threading.Event()  # set while self._pool may take work
+        self._pool_event = threading.Event()  # wakes the pool thread: stop, or a broken pool to replace
+        self._lifeline: Any = None  # the daemon's (write) end of the current pool's lifeline pipe
+
+    # --- the worker processes ---------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Start the worker processes and load their libraries (seconds of CPU each), once: called when the first
         prediction of this run is archived, so a study's report is not delayed by it and an idle daemon never pays."""
-        workers = self.settings.report_workers
         with self._pool_lock:
-            if workers <= 0 or self._pool is not None or self._stop.is_set():
+            if self.settings.report_workers <= 0 or self._pool_thread is not None or self._stop.is_set():
                 return
+            self._pool_thread = threading.Thread(target=self._run_pool, name="chexd-report-pool", daemon=True)
+            self._pool_thread.start()
+        self._pool_ready.wait(10.0)  # the processes are started (milliseconds); their imports continue in them
+
+    def _run_pool(self) -> None:
+        """Own the worker processes: start a pool, keep it until stop (or until it breaks: then start another)."""
+        workers = self.settings.report_workers
+        while not self._stop.is_set():
+            reader, writer = multiprocessing.Pipe(duplex=False)
             # spawn: forking a process that holds torch, CUDA and open database connections is unsafe
-            self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            for future in [self._pool.submit(warm_up) for _ in range(workers)]:
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=worker_init,
+                initargs=(os.getpid(), reader),
+            )
+            # Each submit starts one process from this thread (none is idle yet), so PR_SET_PDEATHSIG follows this
+            # thread, which ends only after the pool is shut down.
+            for future in [pool.submit(warm_up) for _ in range(workers)]:
                 future.add_done_callback(_log_failure)
+            with self._pool_lock:
+                self._pool, self._lifeline = pool, writer
+                self._pool_ready.set()
+            self._pool_event.wait()
+            self._pool_event.clear()
+            pool.shutdown(wait=True, cancel_futures=True)  # at stop, stop() cuts the lifeline if this takes too long
+            with self._pool_lock:
+                self._pool_ready.clear()
+                self._pool, self._lifeline = None, None
+            writer.close()
+            reader.close()
+
+    def _take_pool(self) -> ProcessPoolExecutor | None:
+        """The pool to compose in (waiting for it to start), or None when documents are built in this thread."""
+        if self.settings.report_workers <= 0:
+            return None
+        self.prepare()
+        while not self._pool_ready.wait(0.5):
+            if self._stop.is_set():
+                raise CancelledError("stopping")
+        with self._pool_lock:
+            if self._pool is None:
+                raise CancelledError("stopping")
+            return self._pool
+
+    def _renew_pool(self, broken: ProcessPoolExecutor) -> None:
+        with self._pool_lock:
+            if self._pool is broken and self._pool_ready.is_set():
+                self._pool_ready.clear()
+                self._pool_event.set()
+
+    # --- the loop -----------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         workers = self.settings.report_workers
@@ -336,31 +557,48 @@ class ReportLoop:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop within about ``timeout`` seconds: a report being written may finish in the first half; after that the
+        worker processes are ended (their lifeline cut) and an unfinished report goes back to PENDING."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic() - timeout / 2))
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool_event.set()
+            lifeline = self._lifeline if any(t.is_alive() for t in self._threads) else None
+        if lifeline is not None:
+            log.warning("report still being written at shutdown: ending the report worker processes")
+            lifeline.close()  # every worker process sees end-of-file and exits
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        if self._pool_thread is not None:
+            self._pool_thread.join(max(0.1, deadline - time.monotonic()))
 
     def wake(self) -> None:
         self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.disk.blocked():
+                self._stop.wait(DISK_WAIT_SECONDS)
+                continue
             try:
                 if self.run_one():
                     continue
-            except Exception:
-                log.exception("report loop error; retrying shortly")
+            except Exception as exc:
+                if is_disk_full(exc):
+                    self.disk.hit(exc)
+                else:
+                    log.exception("report loop error; retrying shortly")
             wait = min(1.0, max(0.1, self.settings.report_quiet_seconds / 4))
             self._wake.wait(wait)
             self._wake.clear()
 
     def claim(self) -> int | None:
         """Take the next due report: PENDING past its quiet time, or WRITING past its lease (its writer died). It
-        becomes WRITING with a lease. A study with a revision being written waits, so revisions finish in order."""
+        becomes WRITING with a lease and this process as its writer (in ``error``). A study with a revision being
+        written waits, so revisions finish in order."""
         now = utcnow()
         with self.sessions.begin() as session:
             busy = select(StudyReportRow.study_id).where(
@@ -385,9 +623,18 @@ class ReportLoop:
                     StudyReportRow.due_at == row.due_at,
                     StudyReportRow.state == row.state,
                 )
-                .values(state=ReportState.WRITING, due_at=now + REPORT_LEASE)
+                .values(state=ReportState.WRITING, due_at=now + REPORT_LEASE, error=WRITER_PREFIX + self.writer)
             ).rowcount
         return row.id if taken else None
+
+    def release(self, report_id: int, note: str | None = None) -> None:
+        """Put a report this process was writing back to PENDING, due now (nothing of it was published)."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(StudyReportRow)
+                .where(StudyReportRow.id == report_id, StudyReportRow.state == ReportState.WRITING)
+                .values(state=ReportState.PENDING, due_at=utcnow(), error=note)
+            )
 
     def run_one(self) -> bool:
         report_id = self.claim()
@@ -396,7 +643,21 @@ class ReportLoop:
         try:
             self.write(report_id)
         except Exception as exc:
-            log.exception("report %d failed", report_id)
+            if is_disk_full(exc):
+                self.release(report_id, "waiting for disk space")
+                self.disk.hit(exc)
+                return True
+            if self._stop.is_set():  # the pool was shut down or its processes ended under this report
+                self.release(report_id)
+                log.warning("report %d interrupted by shutdown; it is written at the next start", report_id)
+                return True
+            if isinstance(exc, MixedPatientsError):
+                log.error("report %d failed: %s", report_id, exc)
+                audit(self.sessions, "report_failed_identity", detail=f"report {report_id}: {exc}")
+            elif isinstance(exc, BrokenProcessPool):
+                log.error("report %d failed: a report worker process died (%s); starting new ones", report_id, exc)
+            else:
+                log.exception("report %d failed", report_id)
             with self.sessions.begin() as session:
                 session.execute(
                     update(StudyReportRow)
@@ -422,18 +683,31 @@ class ReportLoop:
         if not images:
             raise PermanentJobError("no image of the study has a usable prediction")
         folder = self.settings.data_dir / "reports" / f"study-{study_id}" / f"r{revision}"
+        # The documents (PDF, SR, heatmap SCs) take about as much as the images they show: a rough upper bound.
+        estimate = 2**20 + sum(image.path.stat().st_size for image in images if image.path.exists())
+        self.guard.check(folder.parent, estimate)
+        staging = staging_folder(folder)
         work = {
             "images": [(image.path, image.archive_path) for image in images],
             "revision": revision,
             "predecessors": predecessors,
-            "folder": folder,
+            "folder": staging,
             "settings": self.settings,
         }
-        self.prepare()
-        if self._pool is None:
-            findings_per_image, files = compose_files(**work)
-        else:
-            findings_per_image, files = self._pool.submit(compose_files, **work).result()
+        try:
+            pool = self._take_pool()
+            if pool is None:
+                findings_per_image, files = compose_files(**work)
+            else:
+                try:
+                    findings_per_image, files = pool.submit(compose_files, **work).result()
+                except BrokenProcessPool:
+                    self._renew_pool(pool)
+                    raise
+            files = publish(staging, folder, files)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         with self.sessions.begin() as session:
             for image, findings in zip(images, findings_per_image, strict=True):
                 store_findings(session, image.prediction_id, findings)

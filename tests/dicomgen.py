@@ -90,6 +90,8 @@ def make_dataset(
     sop_uid: str | None = None,
     instance_number: int = 1,
     patient_id: str = "CHEXD-TEST-0001",
+    patient_name: str = "Test^Chest",
+    patient_birth_date: str = "19700101",
     seed: int = 0,
     pixel: np.ndarray | None = None,
 ) -> Dataset:
@@ -147,9 +149,9 @@ def make_dataset(
     ds.StudyDescription = f"{modality} {body_part}"
     ds.SeriesDescription = f"{body_part} {view_position}"
     ds.ManufacturerModelName = "dicomgen"
-    ds.PatientName = "Test^Chest"
+    ds.PatientName = patient_name
     ds.PatientID = patient_id
-    ds.PatientBirthDate = "19700101"
+    ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = "F"
     ds.PatientAge = "054Y"
     ds.BodyPartExamined = body_part
