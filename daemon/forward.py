@@ -33,6 +33,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import Settings
+from daemon.spool import DiskGuard, DiskPause, is_disk_full
 from daemon.tables import Forward, ForwardState, ReportFile, utcnow
 from daemon.tls import TLSFileError, client_handshake_error, forward_context
 
@@ -385,10 +386,20 @@ class ForwardLoop:
     settings stay QUEUED (shown as not configured) rather than sending patient data somewhere no longer wanted.
     ``wake()`` after enqueueing skips the poll wait."""
 
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        data_dir: Path | None = None,
+        *,
+        guard: DiskGuard | None = None,
+    ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.data_dir = Path(data_dir) if data_dir is not None else settings.data_dir
+        # Forwarding writes only database rows, but waits below the reserve like every writer (the database may
+        # share the disk, and what it would record is worthless if the report that follows cannot be written).
+        self.disk = DiskPause(guard or DiskGuard(settings.disk_reserve_mb * 2**20), self.data_dir, "forwards")
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -410,11 +421,17 @@ class ForwardLoop:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.settings.forward_destinations and self.disk.blocked():
+                self._stop.wait(1.0)
+                continue
             try:
                 if self.run_once():
                     continue
-            except Exception:
-                log.exception("forward loop error; retrying shortly")
+            except Exception as exc:
+                if is_disk_full(exc):
+                    self.disk.hit(exc)
+                else:
+                    log.exception("forward loop error; retrying shortly")
                 self._stop.wait(2.0)
             self._wake.wait(self.settings.worker_poll_seconds)
             self._wake.clear()

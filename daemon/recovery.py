@@ -1,7 +1,9 @@
 """Start-up recovery: make spool and database agree again after a crash or power loss.
 
-1. partial writes in the spool's temp folder are deleted (their senders never got 0x0000);
-2. jobs whose lease expired, or whose holder on this host is gone, are re-queued;
+1. partial writes are deleted: the spool's temp folder (their senders never got 0x0000), unfinished quarantine files,
+   report staging folders and prediction archive temp files;
+2. jobs whose lease expired, or whose holder on this host is gone, are re-queued; reports left WRITING by a process
+   that is gone are due again at once (not after their lease);
 3. files on disk with no instance row (a crash between rename and commit) are adopted: rows and a job are created.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
@@ -16,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.intake import inspect
+from daemon.reports import remove_stale_staging, resume_orphaned_reports
 from daemon.spool import Spool, SpooledFile
 from daemon.store import StoreOutcome, adopt, audit
 from daemon.tables import Instance
@@ -30,6 +34,7 @@ class RecoveryReport:
     jobs_requeued: int
     files_reindexed: int
     files_quarantined: int
+    reports_resumed: int = 0
 
 
 def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
@@ -46,7 +51,11 @@ def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
             ds = pydicom.dcmread(path)
             meta = inspect(ds, str(ds.file_meta.TransferSyntaxUID))
         except Exception as exc:
-            spool.quarantine_bytes(path.read_bytes(), f"re-index: stored file cannot be parsed: {exc}")
+            try:
+                spool.quarantine_bytes(path.read_bytes(), f"re-index: stored file cannot be parsed: {exc}")
+            except OSError as error:  # e.g. below the disk reserve: keep it where it is, try at the next start
+                log.warning("re-index: %s cannot be parsed nor quarantined now (%s); left in place", rel, error)
+                continue
             spool.remove(rel)
             quarantined += 1
             continue
@@ -66,17 +75,22 @@ def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
     return adopted, quarantined
 
 
-def recover(spool: Spool, sessions: sessionmaker[Session]) -> RecoveryReport:
+def recover(spool: Spool, sessions: sessionmaker[Session], data_dir: Path | None = None) -> RecoveryReport:
+    """Run the start-up recovery steps (module docstring); ``data_dir`` holds reports and archives (default: the
+    spool's parent folder)."""
     removed = spool.remove_stale_temp_files()
+    removed += remove_stale_staging(data_dir if data_dir is not None else spool.root.parent)
     requeued = requeue_expired(sessions, at_startup=True)
+    resumed = resume_orphaned_reports(sessions)
     adopted, quarantined = reindex(spool, sessions)
     report = RecoveryReport(
         temp_files_removed=removed,
         jobs_requeued=requeued,
         files_reindexed=adopted,
         files_quarantined=quarantined,
+        reports_resumed=resumed,
     )
-    if any((removed, requeued, adopted, quarantined)):
+    if any((removed, requeued, adopted, quarantined, resumed)):
         audit(sessions, "startup_recovery", detail=str(report))
     log.info("start-up recovery %s", report)
     return report

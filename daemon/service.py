@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from daemon import logsafety
@@ -15,11 +16,13 @@ from daemon.recovery import RecoveryReport, recover
 from daemon.reports import ReportLoop, ReportScheduler
 from daemon.scp import StorageSCP
 from daemon.settings import Settings
-from daemon.spool import Spool
+from daemon.spool import DiskGuard, Spool
 from daemon.store import InstanceStore
 from daemon.worker import Processor, WorkerPool, decode_statistics
 
 log = logging.getLogger(__name__)
+
+STOP_SECONDS = 8.0  # SIGTERM to exit: the whole shutdown fits in this (a service manager's kill usually waits 10 s)
 
 
 def configure_logging(level: str) -> None:
@@ -36,12 +39,14 @@ class Daemon:
         self.engine = create_db_engine(settings.effective_database_url)
         self.sessions = session_factory(self.engine)
         processor = processor or self._default_processor()
-        self.spool = Spool(settings.spool_dir, settings.quarantine_dir, settings.disk_reserve_mb * 2**20)
+        # One disk reserve for every writer: spool, quarantine, archives, reports, forwarding.
+        self.guard = DiskGuard(settings.disk_reserve_mb * 2**20)
+        self.spool = Spool(settings.spool_dir, settings.quarantine_dir, guard=self.guard)
         self.store = InstanceStore(self.spool, self.sessions)
         self.processor = processor
-        self.forwards = ForwardLoop(self.sessions, settings)
+        self.forwards = ForwardLoop(self.sessions, settings, guard=self.guard)
         self.reports = ReportLoop(self.sessions, self.spool, settings, on_written=self.forwards.wake)
-        scheduler = ReportScheduler(settings, on_prediction=self.reports.prepare)
+        scheduler = ReportScheduler(settings, on_prediction=self.reports.prepare, guard=self.guard)
         self.workers = WorkerPool(self.sessions, self.spool, settings, processor, sink=scheduler)
         self.scp = StorageSCP(settings, self.store, on_stored=self.workers.wake)
         self.recovery: RecoveryReport | None = None
@@ -57,7 +62,7 @@ class Daemon:
     def start(self) -> None:
         revision = upgrade_to_head(self.engine)
         log.info("database at revision %s", revision)
-        self.recovery = recover(self.spool, self.sessions)
+        self.recovery = recover(self.spool, self.sessions, self.settings.data_dir)
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.load()
         self.workers.start()
@@ -65,18 +70,28 @@ class Daemon:
         self.forwards.start()
         self.scp.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Close the port, let running work finish for a few seconds, then stop; returns within about ``timeout``
+        seconds. Work cut short is not lost: a job's lease, or a report put back to PENDING, resumes at the next
+        start. Ends with the log line "chexd stopped"."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        started = time.monotonic()
+        deadline = started + timeout
+
+        def left(share: float) -> float:
+            return max(0.1, (deadline - time.monotonic()) * share)
+
         log.info("stopping: closing the DICOM port, then draining workers")
         self.scp.stop()
-        self.workers.stop()
-        self.reports.stop()
-        self.forwards.stop()
-        if isinstance(self.processor, ActiveModelProcessor):
+        workers_ended = self.workers.stop(timeout=left(0.4))
+        self.reports.stop(timeout=left(0.8))
+        self.forwards.stop(timeout=left(1.0))
+        if isinstance(self.processor, ActiveModelProcessor) and workers_ended:
             self.processor.close()
         self.engine.dispose()
+        log.info("chexd stopped (%.1f s)", time.monotonic() - started)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT."""

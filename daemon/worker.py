@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,10 +25,10 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.settings import Settings
-from daemon.spool import Spool
+from daemon.spool import DiskPause, Spool, is_disk_full
 from daemon.tables import Instance, Job, JobState, PredictionRow, utcnow
 from model.errors import ImageDecodeError
-from model.preprocess import decode_image, stats_of
+from model.preprocess import DEFAULT_LIMITS, PixelLimits, decode_image, read_dicom, stats_of
 from model.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,24 @@ class PermanentJobError(Exception):
     """Retrying cannot help (the input itself is unusable); the job fails at once with this message."""
 
 
-def read_stored_image(path: Path) -> tuple[pydicom.Dataset, np.ndarray]:
-    """Read a spooled file and decode its pixels to float [rows, columns] in [0, 1] (bright = dense).
+def read_stored_image(path: Path, limits: PixelLimits = DEFAULT_LIMITS) -> tuple[pydicom.Dataset, np.ndarray]:
+    """Read a spooled file and decode its pixels to float [rows, columns] in [0, 1] (bright = dense), refusing
+    images over ``limits`` (header and codestream are checked before decoding; deflate is inflated with a cap).
 
-    Raises PermanentJobError when the file is missing or unreadable or its pixel data cannot be decoded."""
+    Raises PermanentJobError when the file is missing, cannot be parsed, or its pixel data is over a limit or
+    cannot be decoded (retrying cannot help); OSError and MemoryError pass through (transient: the job retries)."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_dicom(path, limits)
     except FileNotFoundError:
         raise PermanentJobError(f"stored file is missing from the spool: {path.name}") from None
-    except Exception as exc:
+    except (OSError, MemoryError):
+        raise
+    except ImageDecodeError as exc:
         raise PermanentJobError(f"stored file cannot be read: {exc}") from exc
+    except Exception as exc:  # pydicom's parse errors (ValueError, KeyError, RecursionError ...) are the input's
+        raise PermanentJobError(f"stored file cannot be read: {type(exc).__name__}: {exc}") from exc
     try:
-        return ds, decode_image(ds)
+        return ds, decode_image(ds, limits=limits)
     except ImageDecodeError as exc:
         raise PermanentJobError(f"pixel data cannot be decoded: {exc}") from exc
 
@@ -122,7 +129,8 @@ def worker_identity(index: int) -> str:
     return f"{HOST}/{os.getpid()}/{index}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (signal 0; a process of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,6 +138,18 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_pid_alive = pid_alive
+
+
+def holder_gone(holder: str | None) -> bool:
+    """At start-up: whether a lease holder ``host/pid[/…]`` was a process of this host that is gone. A holder with
+    this process's own pid is gone too: nothing was claimed yet, so it was an earlier process whose pid is reused
+    (common in containers, where the daemon always gets the same small pid)."""
+    host, _, rest = (holder or "").partition("/")
+    pid = rest.partition("/")[0]
+    return host == HOST and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))
 
 
 def requeue_expired(sessions: sessionmaker[Session], *, at_startup: bool = False) -> int:
@@ -141,10 +161,7 @@ def requeue_expired(sessions: sessionmaker[Session], *, at_startup: bool = False
         ).all()
         stale = []
         for job_id, leased_by, expires in rows:
-            host, _, rest = (leased_by or "").partition("/")
-            pid = rest.partition("/")[0]
-            dead_here = at_startup and host == HOST and pid.isdigit() and not _pid_alive(int(pid))
-            if expires is None or expires < now or dead_here:
+            if expires is None or expires < now or (at_startup and holder_gone(leased_by)):
                 stale.append(job_id)
         if stale:
             session.execute(
@@ -190,6 +207,7 @@ class Worker:
         identity: str,
         processor: Processor = decode_statistics,
         sink: ResultSink | None = None,
+        disk: DiskPause | None = None,
     ) -> None:
         self.sessions = sessions
         self.spool = spool
@@ -197,6 +215,7 @@ class Worker:
         self.identity = identity
         self.processor = processor
         self.sink = sink
+        self.disk = disk or DiskPause(spool.guard, settings.data_dir, "jobs")
 
     def claim(self) -> ClaimedJob | None:
         now = utcnow()
@@ -239,14 +258,18 @@ class Worker:
         )
 
     def run_one(self) -> bool:
-        """Claim and run one job; False when the queue had nothing ready."""
+        """Claim and run one job; False when the queue had nothing ready, or the disk is below the reserve (jobs
+        wait: a job whose result cannot be written for want of space goes back to the queue, its attempt not
+        counted)."""
+        if self.disk.blocked():
+            return False
         job = self.claim()
         if job is None:
             fail_exhausted(self.sessions, self.settings.job_max_attempts)
             return False
         try:
             result = self.processor(self.spool.path_of(job.path))
-        except PermanentJobError as exc:
+        except (PermanentJobError, ImageDecodeError) as exc:  # the input's fault: fail once, one WARNING, no retry
             self._finish(job, JobState.FAILED, error=str(exc))
         except Exception as exc:
             log.exception("job failed job_id=%s sop_instance_uid=%s", job.job_id, job.sop_instance_uid)
@@ -255,8 +278,35 @@ class Worker:
             else:
                 self._retry(job, f"{type(exc).__name__}: {exc}")
         else:
-            self._finish(job, JobState.DONE, result=result)
+            try:
+                self._finish(job, JobState.DONE, result=result)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._release(job)
+                self.disk.hit(exc)
         return True
+
+    def _release(self, job: ClaimedJob) -> None:
+        """Give a claimed job back untouched (its attempt not counted): it waits for disk space, not for a retry."""
+        now = utcnow()
+        try:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(Job)
+                    .where(self._owned(job))
+                    .values(
+                        state=JobState.QUEUED,
+                        attempts=Job.attempts - 1,
+                        leased_by=None,
+                        lease_expires_at=None,
+                        available_at=now,
+                        updated_at=now,
+                    )
+                )
+        except Exception as exc:  # the database is on the full disk: the lease runs out, or start-up re-queues it
+            if not is_disk_full(exc):
+                raise
 
     def _owned(self, job: ClaimedJob) -> Any:
         return and_(Job.id == job.job_id, Job.state == JobState.RUNNING, Job.leased_by == self.identity)
@@ -323,8 +373,11 @@ class WorkerPool:
         self.settings = settings
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.disk = DiskPause(spool.guard, settings.data_dir, "jobs")
         self.workers = [
-            Worker(sessions, spool, settings, identity=worker_identity(i), processor=processor, sink=sink)
+            Worker(
+                sessions, spool, settings, identity=worker_identity(i), processor=processor, sink=sink, disk=self.disk
+            )
             for i in range(settings.worker_threads)
         ]
         self._threads: list[threading.Thread] = []
@@ -338,11 +391,15 @@ class WorkerPool:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Ask the threads to stop and wait up to ``timeout`` seconds in all; True when every thread has ended (a job
+        still running keeps its lease and is re-queued at the next start)."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _loop(self, worker: Worker) -> None:
         last_recovery = 0.0
@@ -355,8 +412,11 @@ class WorkerPool:
                     last_recovery = now
                 if worker.run_one():
                     continue
-            except Exception:
-                log.exception("worker loop error; retrying shortly")
+            except Exception as exc:
+                if is_disk_full(exc):
+                    self.disk.hit(exc)
+                else:
+                    log.exception("worker loop error; retrying shortly")
                 clock.wait(2.0)
             self._wake.wait(self.settings.worker_poll_seconds)
             self._wake.clear()
