@@ -203,8 +203,20 @@ class RequestReader:
         self._length = length
 
 
+def _check_ae_field(name: str, raw: bytes) -> None:
+    """An AE title field (PS3.8 9.3.2, VR AE in PS3.5 6.2): 16 bytes of the default repertoire without control
+    characters or backslash, not all spaces. Checked here so pynetdicom never logs a decoding traceback for it."""
+    if not raw.strip(b" ") or any(byte < 0x20 or byte > 0x7E or byte == 0x5C for byte in raw):
+        shown = raw.hex(" ") if any(byte < 0x20 or byte > 0x7E for byte in raw) else repr(raw.decode("ascii"))
+        raise RequestError(
+            f"A-ASSOCIATE-RQ {name} is not an AE title: {shown}", AbortReason.INVALID_PDU_PARAMETER_VALUE
+        )
+
+
 def decode_request(data: bytes) -> A_ASSOCIATE_RQ:
     """Decode a complete A-ASSOCIATE-RQ PDU; raises :class:`RequestError` when pynetdicom cannot."""
+    _check_ae_field("called AE title", data[10:26])
+    _check_ae_field("calling AE title", data[26:42])
     pdu = A_ASSOCIATE_RQ()
     try:
         pdu.decode(data)

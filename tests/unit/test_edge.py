@@ -27,6 +27,7 @@ from daemon.edge import (
     RequestError,
     RequestReader,
     abort_pdu,
+    decode_request,
     local_limit,
     start_edge_server,
 )
@@ -298,3 +299,20 @@ def test_a_pdu_over_the_limit_after_association_closes_it_unread(edge) -> None: 
     assert _wait(lambda: server.association_counts("127.0.0.7")[1] == 0, timeout=3.0)
     assoc.kill()
     assert _echo_ok(port)
+
+
+@pytest.mark.parametrize(
+    ("called", "calling", "message"),
+    [
+        (b"\xff" * 16, b"SCU".ljust(16), "called AE title is not an AE title: ff ff"),
+        (b"CHEXD".ljust(16), b"\x00" * 16, "calling AE title is not an AE title: 00 00"),
+        (b" " * 16, b"SCU".ljust(16), "called AE title is not an AE title: '  "),
+        (b"CHEXD".ljust(16), b"A\\B".ljust(16), "calling AE title is not an AE title: 'A\\\\B"),
+    ],
+)
+def test_request_ae_fields_are_checked_before_pynetdicom_decodes_them(
+    called: bytes, calling: bytes, message: str
+) -> None:
+    body = b"\x00\x01\x00\x00" + called + calling + bytes(32) + bytes(40)
+    with pytest.raises(RequestError, match=message.replace("\\", "\\\\")):
+        decode_request(_header(0x01, len(body)) + body)
