@@ -56,7 +56,11 @@ class Env:
         rel = f"{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
         with self.sessions.begin() as session:
             instance = record_instance(
-                session, meta, SpooledFile(relative_path=rel, absolute_path=Path("/") / rel, size_bytes=64), "CR1"
+                session,
+                meta,
+                SpooledFile(relative_path=rel, absolute_path=Path("/") / rel, size_bytes=64),
+                "CR1",
+                fingerprint="none",
             )
             session.flush()
             if received_at is not None:
@@ -189,7 +193,7 @@ def test_reprocess_unknown_uid_raises_not_found(env: Env) -> None:
 
 
 def test_reprocess_requeues_a_failed_job_with_attempts_reset(env: Env, populated: dict[str, str]) -> None:
-    assert reprocess(env.sessions, populated["failed"]) == {"requeued": 1, "skipped": 0}
+    assert reprocess(env.sessions, populated["failed"]) == {"requeued": 1, "skipped": 0, "conflicts": 0}
     job = env.job_of(populated["failed"])
     assert (job.state, job.attempts, job.error, job.finished_at) == (JobState.QUEUED, 0, None, None)
     assert job.available_at <= utcnow()
@@ -200,7 +204,7 @@ def test_reprocess_requeues_a_failed_job_with_attempts_reset(env: Env, populated
 
 def test_reprocess_of_a_study_leaves_skipped_instances_skipped(env: Env, populated: dict[str, str]) -> None:
     result = reprocess(env.sessions, STUDY_A)
-    assert result == {"requeued": 3, "skipped": 1}
+    assert result == {"requeued": 3, "skipped": 1, "conflicts": 0}
     assert env.job_of(populated["skipped"]).state is JobState.SKIPPED
     assert env.job_of(populated["skipped"]).error == LATERAL
     for key in ("done", "failed", "retrying"):
@@ -211,5 +215,5 @@ def test_reprocess_of_a_study_leaves_skipped_instances_skipped(env: Env, populat
 
 def test_reprocess_leaves_a_running_job_alone(env: Env) -> None:
     uid = env.add(STUDY_A, 1, 1, state=JobState.RUNNING, attempts=1)
-    assert reprocess(env.sessions, uid) == {"requeued": 0, "skipped": 0}
+    assert reprocess(env.sessions, uid) == {"requeued": 0, "skipped": 0, "conflicts": 0}
     assert env.job_of(uid).state is JobState.RUNNING
