@@ -323,6 +323,19 @@ def reprocess_cmd(uid: str, as_json: JsonOption = False) -> None:
     out.print(f"re-queued {result['requeued']} job(s); {result['skipped']} skipped instance(s) left as they are{held}")
 
 
+TLS_HELP = "DICOM TLS: verify the peer with tls_ca, present tls_cert/tls_key (the settings forwarding uses)."
+
+
+def tls_client_context() -> Any:
+    """The client TLS context from the settings (daemon.tls.forward_context); fails with the reason."""
+    from daemon.tls import forward_context
+
+    try:
+        return forward_context(settings())
+    except (OSError, ValueError) as exc:
+        fail(f"cannot set up TLS: {exc}")
+
+
 @app.command("echo")
 def echo_cmd(
     host: str,
@@ -330,10 +343,12 @@ def echo_cmd(
     called_ae: Annotated[str, typer.Option("--aec", help="Called AE title.")] = "ANY-SCP",
     calling_ae: Annotated[str, typer.Option("--aet", help="Calling AE title.")] = "CHEXD-SCU",
     timeout: Annotated[float, typer.Option(help="Seconds.")] = 10,
+    tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """C-ECHO a DICOM node (verification)."""
     try:
-        status_code = scu.echo(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout)
+        context = tls_client_context() if tls else None
+        status_code = scu.echo(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout, tls=context)
     except (scu.AssociationError, OSError, ValueError) as exc:
         fail(str(exc))
     if status_code != 0:
@@ -351,9 +366,11 @@ def send_cmd(
     ] = None,
     calling_ae: Annotated[str, typer.Option("--aet", help="Calling AE title.")] = "CHEXD-SCU",
     as_json: JsonOption = False,
+    tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """C-STORE DICOM files or folders (default: to this chexd), with a progress bar; exit 1 if any file failed."""
     cfg = settings()
+    context = tls_client_context() if tls else None
     port = cfg.port if port is None else port
     called_ae = called_ae or cfg.ae_title
     try:
@@ -380,6 +397,7 @@ def send_cmd(
                 called_ae=called_ae,
                 calling_ae=calling_ae,
                 on_result=lambda _r: progress.advance(task),
+                tls=context,
             )
         except (scu.AssociationError, OSError, ValueError) as exc:
             fail(str(exc))

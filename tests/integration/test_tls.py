@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from daemon.settings import Settings
@@ -313,3 +314,33 @@ def test_forwarding_verifies_the_destination(
         assert f"no association with {destination}: TLS handshake failed: certificate verify failed: {note}" in (
             outcome.note or ""
         ), outcome
+
+
+def test_chexd_echo_and_send_speak_tls(chexd: DaemonProcess, pki: PKI, tmp_path: Path) -> None:
+    """``chexd echo/send --tls`` use the forwarding context: tls_ca verifies the peer, tls_cert is presented."""
+    from daemon.cli import app
+
+    env = {
+        "CHEXD_DATA_DIR": str(tmp_path / "client"),
+        "CHEXD_TLS_CERT": str(pki.client.cert),
+        "CHEXD_TLS_KEY": str(pki.client.key),
+        "CHEXD_TLS_CA": str(pki.ca.cert),
+        "CHEXD_TLS_CLIENT_CERT": "none",  # this client's own settings: it runs no TLS server
+    }
+    runner = CliRunner()
+    port = str(chexd.port)
+    echoed = runner.invoke(app, ["echo", "127.0.0.1", port, "--aec", "CHEXD", "--tls"], env=env)
+    assert echoed.exit_code == 0 and "success (0x0000)" in echoed.stdout, echoed.output
+    path, uid = image(tmp_path, seed=5)
+    sent = runner.invoke(app, ["send", str(path), "--port", port, "--aec", "CHEXD", "--tls", "--json"], env=env)
+    assert sent.exit_code == 0, sent.output
+    assert stored(chexd, uid)
+    plain = runner.invoke(app, ["echo", "127.0.0.1", port, "--aec", "CHEXD"], env=env)
+    assert plain.exit_code == 1
+    distrust = runner.invoke(
+        app, ["echo", "127.0.0.1", port, "--aec", "CHEXD", "--tls"], env={**env, "CHEXD_TLS_CA": str(pki.other_ca.cert)}
+    )
+    assert distrust.exit_code == 1
+    assert "TLS handshake failed: certificate verify failed: self-signed certificate in certificate chain" in (
+        distrust.output  # chexd sends its chain up to its CA, which this client does not trust
+    )
