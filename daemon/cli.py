@@ -34,9 +34,43 @@ from daemon.db import (
     upgrade_to_head,
 )
 from daemon.model_cli import model_app
-from daemon.settings import Settings, SettingsError, load_settings
+from daemon.settings import Settings, SettingsError, ensure_data_dir, load_settings
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The ``chexd`` app: an error a person can act on, raised by any command, ends as one ``error:`` line on stderr
+    and a non-zero exit status (2: a setting or the data folder; 1: the database, the model, a file) - never a
+    traceback. Anything else is a bug and keeps its traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
+        from model.errors import ModelError
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except SettingsError as exc:
+            _exit(str(exc), 2)
+        except (DatabaseError, OperationalError, InterfaceError, ArgumentError) as exc:
+            cfg = _State.settings
+            where = f" {cfg.masked()['database_url']}" if cfg else ""
+            reason = str(exc.args[0] if exc.args else exc).strip().splitlines()[0]
+            _exit(f"cannot use the database{where}: {type(exc).__name__}: {reason} - check database_url and that "
+                  "the server is running", 1)
+        except ModelError as exc:
+            _exit(str(exc), 1)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _exit(f"{exc.strerror or exc}: {exc.filename}", 1)
+
+
+def _exit(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+app = _App(
     help="chexd - DICOM chest radiograph reporting daemon. The bundled demo model is synthetic: NOT FOR DIAGNOSIS.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -90,14 +124,19 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 
 class _State:
     config: Path | None = None
+    settings: Settings | None = None  # the last settings loaded: names the database in a top-level error
 
 
 def settings() -> Settings:
+    """The effective settings, with a usable data folder (created if missing). A bad setting or an unusable data
+    folder ends the command with exit status 2 and a message naming the setting, the value and the rule."""
     try:
-        return load_settings(_State.config)
+        cfg = load_settings(_State.config)
+        ensure_data_dir(cfg.data_dir)
     except SettingsError as exc:
         fail(str(exc), 2)
-        raise  # unreachable
+    _State.settings = cfg
+    return cfg
 
 
 def sessions(cfg: Settings, *, migrate: bool = False):  # type: ignore[no-untyped-def]

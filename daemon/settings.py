@@ -9,10 +9,12 @@ The TOML file is, in order of precedence: the ``--config`` option, ``$CHEXD_CONF
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,95 @@ _TLS_CLIENT_CERT = ("auto", "none", "optional", "required")
 
 class SettingsError(ValueError):
     """A setting has a value chexd cannot use; the message names the setting, the value and the rule."""
+
+
+class DataDirError(SettingsError):
+    """The data folder cannot be created or written; the message names the path, the reason and what to do."""
+
+
+# RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+                       r"[A-Za-z0-9])?)*\.?$")
+
+
+def _check_allowed_calling_ae(entry: str) -> None:
+    """``AE`` or ``AE@IP`` or ``AE@IP/prefix`` (an IPv4 or IPv6 network); checked here so that ``chexd serve`` never
+    meets an entry it cannot parse."""
+    ae, at, address = entry.partition("@")
+    rule = "expected 'AE', 'AE@IP' or 'AE@IP/prefix', e.g. 'CR01@10.0.0.5' or 'PACS@10.0.0.0/24'"
+    if not _AE_TITLE.match(ae) or not ae.strip():
+        raise SettingsError(f"Invalid allowed_calling_aes entry {entry!r} - AE title {ae!r}: {rule}")
+    if at:
+        try:
+            ipaddress.ip_network(address.strip(), strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"Invalid allowed_calling_aes entry {entry!r} - {address!r} is not an IP address or network: {rule}"
+            ) from None
+
+
+def _check_bind_address(value: str) -> None:
+    """An IP address, a host name, or empty (every interface)."""
+    if not value:
+        return
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    all_numeric = all(part.isdigit() for part in value.rstrip(".").split("."))
+    if all_numeric or not _HOSTNAME.match(value):
+        raise SettingsError(
+            f"Invalid bind_address {value!r} - must be an IP address (e.g. 0.0.0.0, 127.0.0.1, ::) or a host name"
+        )
+
+
+def _check_database_url(value: str) -> None:
+    """A URL SQLAlchemy parses, for a backend chexd supports (SQLite, PostgreSQL); the password never in the error."""
+    try:
+        url = make_url(value)
+    except Exception as exc:
+        raise SettingsError(
+            f"Invalid database_url: {exc} - expected sqlite:////path/chexd.db or postgresql://user:password@host/db"
+        ) from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise SettingsError(
+            f"Invalid database_url {url.render_as_string(hide_password=True)!r} - backend "
+            f"{url.get_backend_name()!r} is not supported: expected sqlite:///... or postgresql://..."
+        )
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """Create the data folder if missing and prove it writable (a probe file, created and removed at once).
+
+    Raises DataDirError naming the path, why it is unusable (not a folder, cannot be created, read-only, no
+    permission) and what to do. Every ``chexd`` command that reads settings calls it first."""
+    fix = (f"set CHEXD_DATA_DIR (or data_dir in the configuration file) to a folder that user {_user()} can "
+           "write, or fix that folder's permissions")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataDirError(f"Unusable data_dir {path}: it exists but is not a folder - {fix}") from None
+    except OSError as exc:
+        raise DataDirError(f"Unusable data_dir {path}: cannot create it ({exc.strerror or exc}) - {fix}") from None
+    if not path.is_dir():
+        raise DataDirError(f"Unusable data_dir {path}: it exists but is not a folder - {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".chexd-write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DataDirError(f"Unusable data_dir {path}: cannot write in it ({exc.strerror or exc}) - {fix}") from None
+    return path
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+    except (ImportError, KeyError, AttributeError):
+        return "this"
 
 
 def _default_data_dir(environ: dict[str, str] | None = None) -> Path:
@@ -161,14 +252,10 @@ class Settings:
                 )
         self._check_tls()
         for entry in self.allowed_calling_aes:
-            ae = entry.split("@", 1)[0]
-            if not _AE_TITLE.match(ae):
-                raise SettingsError(f"Invalid allowed_calling_aes entry {entry!r} - expected 'AE' or 'AE@IP'")
+            _check_allowed_calling_ae(entry)
+        _check_bind_address(self.bind_address)
         if self.database_url:
-            try:
-                make_url(self.database_url)
-            except Exception as exc:
-                raise SettingsError(f"Invalid database_url: {exc}") from None
+            _check_database_url(self.database_url)
 
     def _check_tls(self) -> None:
         """TLS settings: cert and key both or neither, readable PEM files, the key matches the certificate, a
