@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -110,16 +111,18 @@ class DiskGuard:
         return self.free_bytes(path) - incoming_bytes < self.reserve_bytes
 
 
-DISK_FULL_RESUME_MARGIN = 16 * 2**20  # after a disk-full error, wait for this much above the reserve (bytes)
+DISK_FULL_RESUME_MARGIN = 16 * 2**20  # after a disk-full error, wait until this much more is free (bytes)
+DISK_FULL_RETRY_SECONDS = 60.0  # ... or until this long has passed, then try once more
 
 
 class DiskPause:
     """One background activity's view of the disk (``what``: "jobs", "reports", "forwards"), shared by its threads.
 
-    :meth:`blocked` is True while free space under ``path`` is below the reserve, or after :meth:`hit` (a write failed
-    because the disk is full) until free space is :data:`DISK_FULL_RESUME_MARGIN` above the reserve. Each change of
-    state is logged once ("disk below reserve: reports paused (...)", "disk space back: reports resumed (...)"); the
-    loop waits instead of failing or retrying its work."""
+    :meth:`blocked` is True while free space under ``path`` is below the reserve, and after :meth:`hit` (a write failed
+    because the disk is full) until :data:`DISK_FULL_RESUME_MARGIN` more than then is free (and at least the
+    reserve), or :data:`DISK_FULL_RETRY_SECONDS` have passed. Each change of state is logged once ("disk below
+    reserve: reports paused (...)", "disk space back: reports resumed (...)"); the loop waits instead of failing or
+    retrying its work, so a full disk never makes a log line per try."""
 
     def __init__(self, guard: DiskGuard, path: Path, what: str) -> None:
         self.guard = guard
@@ -128,21 +131,22 @@ class DiskPause:
         self._lock = threading.Lock()
         self._paused = False
         self._after_error = False
+        self._free_at_error = 0
+        self._error_at = 0.0
 
     @property
     def paused(self) -> bool:
         return self._paused
 
     def blocked(self) -> bool:
-        """Check free space now; log and return whether the activity must wait."""
+        """Check free space now; log a change of state and return whether the activity must wait."""
         try:
             free = self.guard.free_bytes(self.path)
         except OSError:
             return self._paused
         reserve = self.guard.reserve_bytes
         with self._lock:
-            need = reserve + (DISK_FULL_RESUME_MARGIN if self._after_error else 0)
-            if free < need:
+            if free < reserve:
                 if not self._paused:
                     self._paused = True
                     log.warning(
@@ -152,15 +156,30 @@ class DiskPause:
                         reserve // 2**20,
                     )
                 return True
+            if self._after_error:
+                need = max(reserve, self._free_at_error) + DISK_FULL_RESUME_MARGIN
+                if free < need and time.monotonic() - self._error_at < DISK_FULL_RETRY_SECONDS:
+                    return True
+                self._after_error = False
+                if free < need:
+                    self._paused = False
+                    log.warning("disk still full? %s try again (free %d MiB)", self.what, free // 2**20)
+                    return False
             if self._paused:
+                self._paused = False
                 log.warning("disk space back: %s resumed (free %d MiB)", self.what, free // 2**20)
-            self._paused = self._after_error = False
             return False
 
     def hit(self, exc: BaseException) -> None:
         """A write failed because the disk is full: pause until space returns (one log line per pause)."""
+        try:
+            free = self.guard.free_bytes(self.path)
+        except OSError:
+            free = 0
         with self._lock:
             self._after_error = True
+            self._free_at_error = free
+            self._error_at = time.monotonic()
             if not self._paused:
                 self._paused = True
                 log.warning("disk full: %s paused until space returns (%s)", self.what, _short(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from daemon.settings import Settings
 from daemon.spool import Spool, SpooledFile
 from daemon.store import record_instance
 from daemon.tables import Instance, Job, JobState, utcnow
-from daemon.worker import PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
+from daemon.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
 from tests.unit.test_store import (
     ROOT,
     make_meta,
@@ -73,7 +74,7 @@ def add_job(env: Env, n: int, *, skip_reason: str | None = None) -> int:
     rel = rel_of(meta)
     spooled = SpooledFile(relative_path=rel, absolute_path=env.spool.root / rel, size_bytes=128)
     with env.sessions.begin() as session:
-        instance = record_instance(session, meta, spooled, calling_ae="MODALITY")
+        instance = record_instance(session, meta, spooled, calling_ae="MODALITY", fingerprint="none")
         session.flush()
         return session.scalar(select(Job.id).where(Job.instance_id == instance.id))
 
@@ -271,9 +272,18 @@ def test_requeue_at_startup_leaves_a_live_lease_of_another_host(env: Env) -> Non
 
 def test_requeue_at_startup_leaves_a_lease_of_a_live_process_on_this_host(env: Env) -> None:
     job_id = add_job(env, 1)
-    set_lease(env, job_id, worker_identity(0), timedelta(seconds=300))
+    # a live process other than this one (a lease under this process's own pid is a reused pid's at start-up)
+    set_lease(env, job_id, f"{HOST}/{os.getppid()}/0", timedelta(seconds=300))
     assert requeue_expired(env.sessions, at_startup=True) == 0
     assert env.job(job_id).state is JobState.RUNNING
+
+
+def test_requeue_at_startup_takes_back_a_lease_under_this_process_pid(env: Env) -> None:
+    """At start-up nothing is claimed yet: a lease under this pid is an earlier process's (a reused pid)."""
+    job_id = add_job(env, 1)
+    set_lease(env, job_id, worker_identity(0), timedelta(seconds=300))
+    assert requeue_expired(env.sessions, at_startup=True) == 1
+    assert env.job(job_id).state is JobState.QUEUED
 
 
 def test_requeue_leaves_finished_jobs_alone(env: Env) -> None:
