@@ -16,10 +16,11 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.intake import pixel_limits
 from daemon.settings import Settings
 from daemon.worker import JobResult, PermanentJobError, read_stored_image
 from model.errors import ModelError
-from model.preprocess import stats_of
+from model.preprocess import DEFAULT_LIMITS, PixelLimits, stats_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,15 @@ class ModelProcessor:
     """Callable worker step: path of a stored DICOM file -> JobResult with the prediction. Thread-safe; concurrent
     calls from several worker threads are batched together (DynamicBatcher)."""
 
-    def __init__(self, artifact_path: Path, *, device: str = "auto", batch_size: int = 16, threads: int = 0) -> None:
+    def __init__(
+        self,
+        artifact_path: Path,
+        *,
+        device: str = "auto",
+        batch_size: int = 16,
+        threads: int = 0,
+        limits: PixelLimits = DEFAULT_LIMITS,
+    ) -> None:
         import torch
 
         from model.artifact import load_artifact
@@ -63,6 +72,7 @@ class ModelProcessor:
 
         network, manifest = load_artifact(artifact_path)
         self.manifest = manifest
+        self.limits = limits
         self.engine = Engine(
             network,
             recipe=manifest.preprocessing,
@@ -81,7 +91,7 @@ class ModelProcessor:
         )
 
     def __call__(self, path: Path) -> JobResult:
-        ds, image = read_stored_image(path)
+        ds, image = read_stored_image(path, self.limits)
         try:
             prediction = self.batcher.submit(image).result()
         except ModelError as exc:
@@ -137,6 +147,7 @@ class ActiveModelProcessor:
             device=self.settings.model_device,
             batch_size=self.settings.model_batch_size,
             threads=self.settings.effective_model_threads,
+            limits=pixel_limits(self.settings),
         )
 
     def _swap(self, processor: ModelProcessor) -> None:

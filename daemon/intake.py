@@ -7,10 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
 from daemon.identity import PatientIdentity
+from daemon.settings import Settings
 from daemon.spool import validate_uid
+from model.errors import ImageDecodeError
+from model.preprocess import PixelLimits, check_pixel_limits
 
 CHEST_MODALITIES = frozenset({"CR", "DX"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE"})
@@ -61,15 +65,39 @@ def gate_reason(modality: str | None, body_part: str | None, view_position: str 
     return None
 
 
-def check_pixel_module(ds: Dataset) -> None:
-    """Reject images no decoder could use: missing PixelData, zero Rows/Columns, or native pixel data shorter than
-    Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames (PS3.3 C.7.6.3). Raises UnusableDatasetError."""
+def check_element_lengths(ds: Dataset) -> None:
+    """Reject a dataset whose top-level element declares more bytes than the dataset holds (e.g. PixelData with
+    length 0xFFFFFFF0 at the end): pydicom keeps the short value silently. Call before the values are converted.
+    Raises UnusableDatasetError."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value is not None:
+            if len(raw.value) < raw.length:
+                raise UnusableDatasetError(
+                    f"dataset truncated: element {tag} declares {raw.length:,} bytes, {len(raw.value):,} present"
+                )
+
+
+def pixel_limits(settings: Settings) -> PixelLimits:
+    """The image size limits of ``settings`` (max_image_pixels, max_decompressed_mb)."""
+    return PixelLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_decompressed_mb * 2**20)
+
+
+def check_pixel_module(ds: Dataset, limits: PixelLimits | None = None) -> None:
+    """Reject images no decoder could use: missing PixelData, zero Rows/Columns, NumberOfFrames below 1, a header
+    over ``limits`` (rows x columns x frames x samples, decoded bytes; model.preprocess.check_pixel_limits), or
+    native pixel data shorter than Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames (PS3.3 C.7.6.3).
+    Raises UnusableDatasetError."""
     if "PixelData" not in ds:
         raise UnusableDatasetError("PixelData is missing")
     for keyword in ("Rows", "Columns", "BitsAllocated"):
         value = ds.get(keyword)
         if not value:
             raise UnusableDatasetError(f"{keyword} is {value!r} - an image needs a positive value")
+    try:
+        check_pixel_limits(ds, limits or PixelLimits())
+    except ImageDecodeError as exc:
+        raise UnusableDatasetError(str(exc)) from exc
     if ds.PixelData is None or len(ds.PixelData) == 0:
         raise UnusableDatasetError("PixelData is empty")
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -82,8 +110,9 @@ def check_pixel_module(ds: Dataset) -> None:
             raise UnusableDatasetError(f"pixel data truncated: expected {expected} bytes, got {got}")
 
 
-def inspect(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
-    """Validate and extract what storage needs. Raises InvalidUIDError or UnusableDatasetError (both 0xC000)."""
+def inspect(ds: Dataset, transfer_syntax_uid: str, limits: PixelLimits | None = None) -> InstanceMeta:
+    """Validate and extract what storage needs; ``limits`` bound the image size (default: PixelLimits()).
+    Raises InvalidUIDError or UnusableDatasetError (both 0xC000)."""
     modality = _text(ds, "Modality")
     body_part = _text(ds, "BodyPartExamined")
     view_position = _text(ds, "ViewPosition")
@@ -100,5 +129,5 @@ def inspect(ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
         skip_reason=gate_reason(modality, body_part, view_position),
         identity=PatientIdentity.from_dataset(ds),
     )
-    check_pixel_module(ds)
+    check_pixel_module(ds, limits)
     return meta

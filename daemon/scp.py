@@ -53,7 +53,7 @@ from daemon.edge import (
     RejectSource,
     start_edge_server,
 )
-from daemon.intake import UnusableDatasetError, inspect, pixel_limits
+from daemon.intake import UnusableDatasetError, check_element_lengths, inspect, pixel_limits
 from daemon.settings import Settings
 from daemon.spool import InvalidUIDError, validate_uid
 from daemon.store import InstanceStore, StoreOutcome, audit
@@ -271,7 +271,7 @@ class StorageSCP:
         limits = pixel_limits(self.settings)
         try:
             ds = _parse_fully(event, limits)
-        except ImageTooLargeError as exc:
+        except (ImageTooLargeError, UnusableDatasetError) as exc:
             return reject(Status.CANNOT_UNDERSTAND, str(exc), requested_uid)
         except Exception as exc:
             return reject(Status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}", requested_uid)
@@ -320,6 +320,7 @@ def _parse_fully(event: evt.Event, limits: PixelLimits) -> Dataset:
             ds = read_deflated_dataset(raw, limits)
     else:
         ds = event.dataset
+    check_element_lengths(ds)
     for elem in ds.iterall():
         _ = elem.value
     ds.file_meta = event.file_meta
