@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from daemon.settings import Settings
-from daemon.tables import Instance
+from daemon.tables import AuditEvent, Instance
 from daemon.tls import forward_context
 from tests.conftest import DaemonProcess, free_port
 from tests.dicomgen import make_dataset, write_dataset
@@ -90,6 +90,27 @@ def stored(daemon: DaemonProcess, sop_instance_uid: str) -> bool:
     try:
         with engine.connect() as conn:
             return conn.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
+    finally:
+        engine.dispose()
+
+
+def audited_drops(daemon: DaemonProcess, address: str, timeout: float = 5) -> list[str]:
+    """Details of the connection_dropped audit rows from ``address`` (the edge writes them on a background thread)."""
+    deadline = time.monotonic() + timeout
+    engine = daemon.engine()
+    try:
+        while True:
+            with engine.connect() as conn:
+                details = list(
+                    conn.scalars(
+                        select(AuditEvent.detail).where(
+                            AuditEvent.event == "connection_dropped", AuditEvent.peer_address == address
+                        )
+                    )
+                )
+            if details or time.monotonic() > deadline:
+                return [d or "" for d in details]
+            time.sleep(0.1)
     finally:
         engine.dispose()
 
@@ -194,6 +215,7 @@ def test_hostile_tls_peer_is_refused_logged_once_and_chexd_keeps_serving(
     assert len(lines) <= 1, lines  # once, never a traceback (dcmtk's 127.0.0.1 is rate-limited after its first)
     if peer != "dcmtk":
         assert len(lines) == 1, chexd.log()[offset:]
+        assert any(reason in detail for detail in audited_drops(chexd, source)), "no audit row"
     for line in lines:
         assert f"peer={source}" in line and reason in line, line
         assert "cr01" not in line and "rogue" not in line  # certificate subjects never reach the log
