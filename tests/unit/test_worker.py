@@ -21,6 +21,7 @@ from daemon.spool import Spool, SpooledFile
 from daemon.store import record_instance
 from daemon.tables import Instance, Job, JobState, utcnow
 from daemon.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
+from model.errors import ImageTooLargeError
 from tests.unit.test_store import (
     ROOT,
     make_meta,
@@ -180,6 +181,24 @@ def test_permanent_error_fails_at_once_with_its_message(env: Env) -> None:
     assert job.error == "pixel data cannot be decoded: truncated JPEG stream"
     assert job.finished_at is not None
     assert env.instance_of(job_id).image_stats is None
+
+
+def test_image_decode_error_fails_once_with_one_warning_and_no_traceback(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = add_job(env, 1)
+
+    def processor(path: Path) -> dict[str, Any]:
+        raise ImageTooLargeError("image too large: 60000 x 60000 - the limit is 100,000,000 (max_image_pixels)")
+
+    with caplog.at_level("INFO", logger="daemon.worker"):
+        env.worker(processor).run_one()
+    job = env.job(job_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)
+    assert job.error is not None and job.error.startswith("image too large")
+    records = [r for r in caplog.records if r.name == "daemon.worker"]
+    assert [r.levelname for r in records] == ["WARNING"]
+    assert f"sop_instance_uid={ROOT}.1.1.1" in records[0].getMessage() and records[0].exc_info is None
 
 
 def test_transient_error_retries_later_then_fails_after_max_attempts(env: Env) -> None:
