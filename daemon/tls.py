@@ -19,6 +19,7 @@ port stops every association). A failed handshake is logged once with the peer a
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 import ssl
@@ -190,7 +191,25 @@ def client_context(
         context.load_cert_chain(str(cert), str(key), password=_refuse_password)
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
+    _quiet_pynetdicom_handshake_tracebacks()
     return context
+
+
+class _NoHandshakeTracebacks(logging.Filter):
+    """pynetdicom logs a failed client handshake with ``LOGGER.exception``: keep its lines, drop the traceback
+    (chexd's own message names the reason; a retried forward must not print a traceback per try)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ssl.SSLError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_pynetdicom_handshake_tracebacks() -> None:
+    logger = logging.getLogger("pynetdicom.transport")
+    if not any(isinstance(f, _NoHandshakeTracebacks) for f in logger.filters):
+        logger.addFilter(_NoHandshakeTracebacks())
 
 
 def scp_context(settings: Settings) -> ssl.SSLContext | None:

@@ -3,6 +3,7 @@ real handshakes on loopback with Python's ssl as the peer."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import subprocess
@@ -95,6 +96,20 @@ def test_client_context_is_bcp195_and_always_verifies_the_server(pki: PKI, check
     assert_bcp195(context)
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname is check_hostname
+
+
+def test_a_failed_client_handshake_is_logged_by_pynetdicom_without_a_traceback(
+    pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_context(ca=pki.ca.cert)  # installs the filter on pynetdicom's transport logger
+    caplog.set_level(logging.ERROR, logger="pynetdicom.transport")
+    try:
+        raise ssl.SSLCertVerificationError("certificate verify failed")
+    except ssl.SSLError as exc:
+        logging.getLogger("pynetdicom.transport").exception(exc)  # what pynetdicom 3.0.4 does (transport.py)
+    [record] = [r for r in caplog.records if r.name == "pynetdicom.transport"]
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert "certificate verify failed" in record.getMessage()
 
 
 def test_contexts_follow_the_settings(pki: PKI, tmp_path: Path) -> None:
