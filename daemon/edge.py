@@ -44,6 +44,8 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from daemon.tls import describe_tls_error
+
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
     from pynetdicom.association import Association
@@ -498,6 +500,11 @@ class EdgeServer(ThreadedAssociationServer):
         self._gate.join(timeout=5)
         self._writer.stop()
 
+    def service_actions(self) -> None:
+        """Nothing. pynetdicom's runs a full ``gc.collect()`` every 60 accepted connections; with torch loaded that
+        holds the GIL ~350 ms (2-core VM), so a connect flood stalled every association. Python's own collector
+        still runs."""
+
     # --- counts --------------------------------------------------------------------------------------------------
 
     def association_counts(self, address: str) -> tuple[int, int]:
@@ -612,7 +619,7 @@ class EdgeServer(ThreadedAssociationServer):
                 self._watch(pending, selectors.EVENT_WRITE)
                 return
             except (ssl.SSLError, OSError) as exc:
-                self._drop(pending, "tls", f"TLS handshake failed: {exc}")
+                self._drop(pending, "tls", f"TLS handshake failed: {describe_tls_error(exc)}")
                 return
             pending.handshaken = True
             self._watch(pending, selectors.EVENT_READ)
