@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import struct
 from dataclasses import dataclass, field
@@ -97,19 +98,37 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return 2 <= n <= size - 8 and head[8:9] == b"{"
 
 
+# Why a refused pickle stays refused, and what to do instead (torch's own message suggests weights_only=False).
+UNPICKLE_POLICY = (
+    "chexd never unpickles arbitrary objects from a checkpoint, because a pickle can run any code on this machine; "
+    "convert the checkpoint on a trusted machine to a plain state dict - torch.save(model.state_dict(), "
+    "'model.pth') - or to safetensors - safetensors.torch.save_file(model.state_dict(), 'model.safetensors') - and "
+    "import that file"
+)
+_TORCH_HINT = re.compile(r"weights_only|re-running|trusted source|check the documentation|add_safe_globals", re.I)
+
+
 def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. Raises CheckpointError; a file whose
+    pickle needs anything else is refused with :data:`UNPICKLE_POLICY`, never retried another way."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
         text = str(exc)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.I)
         if refused:
             raise CheckpointError(
-                f"{path}: refused to unpickle - it holds {refused.group(1)}, not only tensors and plain containers "
-                f"(torch.load weights_only=True); expected {_EXPECTED} saved as a state dict"
+                f"{path}: refused to unpickle - it holds {refused.group(1)}, not only tensors and plain containers; "
+                f"{UNPICKLE_POLICY}"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0][:200]
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not _TORCH_HINT.search(line)]
+        reason = detail.group(1).strip() if detail else (lines or [type(exc).__name__])[0][:200]
+        if isinstance(exc, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"{path}: refused to unpickle ({reason}) - only tensors and plain containers are read; "
+                f"{UNPICKLE_POLICY}"
+            ) from None
         raise CheckpointError(
             f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {reason}); expected {_EXPECTED}"
         ) from None

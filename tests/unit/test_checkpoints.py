@@ -206,6 +206,42 @@ def test_a_pickle_with_code_is_refused_by_weights_only(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+class CallsSystem:
+    """Unpickling this would run a shell command (os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["torch_zip", "raw_pickle", "protocol5"])
+def test_a_refused_pickle_says_why_chexd_never_unpickles_and_never_suggests_weights_only_false(
+    tmp_path: Path, kind: str
+) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+    src = tmp_path / f"{kind}.pth"
+    if kind == "torch_zip":
+        torch.save({"state_dict": torchvision_tiny().state_dict(), "hook": CallsSystem(marker)}, src)
+    elif kind == "raw_pickle":
+        src.write_bytes(pickle.dumps(CallsSystem(marker), protocol=2))
+    else:  # an opcode torch's weights-only unpickler does not take (a refusal without a named global)
+        src.write_bytes(pickle.dumps({"a": bytearray(b"x")}, protocol=5))
+    with pytest.raises(CheckpointError) as info:
+        import_checkpoint(src, tmp_path / "out")
+    message = str(info.value)
+    assert "refused to unpickle" in message and "a pickle can run any code" in message
+    assert "torch.save(model.state_dict()" in message and "safetensors" in message
+    assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert "Re-running" not in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def resnet_state(tmp_path: Path) -> Path:
     src = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), src)
