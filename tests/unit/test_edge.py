@@ -316,3 +316,33 @@ def test_request_ae_fields_are_checked_before_pynetdicom_decodes_them(
     body = b"\x00\x01\x00\x00" + called + calling + bytes(32) + bytes(40)
     with pytest.raises(RequestError, match=message.replace("\\", "\\\\")):
         decode_request(_header(0x01, len(body)) + body)
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("max_connections_per_address", 0, "must be >= 1"),
+        ("association_request_timeout", 0.0, r"must be in \(0, 600\] seconds"),
+        ("association_request_timeout", float("nan"), r"must be in \(0, 600\] seconds"),
+        ("max_association_request_bytes", 100, "must be in 1024..16777216 bytes"),
+    ],
+)
+def test_edge_settings_name_the_value_and_rule(name: str, value: object, rule: str) -> None:
+    from daemon.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=f"Invalid {name} .* - {rule}"):
+        Settings(**{name: value})  # type: ignore[arg-type]
+
+
+def test_edge_limits_follow_the_settings() -> None:
+    from daemon.scp import edge_limits
+    from daemon.settings import Settings
+
+    limits = edge_limits(Settings())
+    assert (limits.request_timeout, limits.max_request_bytes) == (10.0, 65536)
+    assert (limits.max_associations, limits.max_per_address, limits.max_pending) == (25, 10, 100)
+    small = edge_limits(Settings(max_associations=2, max_connections_per_address=10))
+    assert (small.max_per_address, small.max_pending) == (2, 32), "one address never gets more than the total"
