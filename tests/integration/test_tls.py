@@ -20,10 +20,11 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from daemon import scu
 from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from daemon.settings import Settings
 from daemon.tables import AuditEvent, Instance
-from daemon.tls import forward_context
+from daemon.tls import client_context, forward_context
 from tests.conftest import DaemonProcess, free_port
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.test_forward import make_study
@@ -366,3 +367,23 @@ def test_chexd_echo_and_send_speak_tls(chexd: DaemonProcess, pki: PKI, tmp_path:
     assert "TLS handshake failed: certificate verify failed: self-signed certificate in certificate chain" in (
         distrust.output  # chexd sends its chain up to its CA, which this client does not trust
     )
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_1_2_and_1_3_both_serve(chexd: DaemonProcess, pki: PKI, version: ssl.TLSVersion) -> None:
+    context = client_context(ca=pki.ca.cert, cert=pki.client.cert, key=pki.client.key)
+    context.minimum_version = context.maximum_version = version
+    assert scu.echo("127.0.0.1", chexd.port, called_ae=chexd.ae_title, tls=context) == 0
+
+
+def test_an_ae_title_refusal_reaches_a_tls_peer_as_a_reject(chexd: DaemonProcess, pki: PKI) -> None:
+    """The edge's A-ASSOCIATE-RJ travels inside the TLS session, so the modality reads the reason."""
+    result = subprocess.run(
+        ["echoscu", "-v", "-to", "10", "-aec", "NOT-CHEXD", *tls_options(pki.client, pki), "127.0.0.1",
+         str(chexd.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr, result
