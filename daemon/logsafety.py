@@ -15,8 +15,9 @@ but an exception passed as an argument and every traceback's exception text are 
 every other logger (pydicom, highdicom, pynetdicom, reportlab, ``py.warnings`` …) are redacted in full.
 
 Warnings are not silenced (DESIGN rule 11): :func:`install` routes them into logging (``py.warnings``), where the
-filter applies. pynetdicom stays at WARNING even when chexd logs at DEBUG (its DEBUG output dumps A-ASSOCIATE PDUs
-and, for query/retrieve, identifiers); ``LOG_REQUEST_IDENTIFIERS``/``LOG_RESPONSE_IDENTIFIERS`` are switched off too.
+filter applies. pynetdicom, highdicom and PIL stay at WARNING even when chexd logs at DEBUG (pynetdicom's DEBUG
+output dumps A-ASSOCIATE PDUs and, for query/retrieve, identifiers); pynetdicom's ``LOG_REQUEST_IDENTIFIERS`` and
+``LOG_RESPONSE_IDENTIFIERS`` are switched off too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = ["REDACTED", "RedactingFilter", "install", "redact", "redact_exception
 REDACTED = "<redacted>"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN_LOGGERS = ("daemon", "model", "reporting", "migrations", "__main__")
+QUIET_LIBRARIES = ("pynetdicom", "highdicom", "PIL")
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
@@ -140,8 +142,10 @@ def install(level: str | int = "INFO", *, fmt: str = LOG_FORMAT) -> None:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
     logging.captureWarnings(True)
-    # pynetdicom logs every PDU at INFO and dumps PDUs/identifiers at DEBUG; keep its warnings and errors only.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # pynetdicom logs every PDU at INFO and dumps PDUs/identifiers at DEBUG, highdicom each module it copies (20 lines
+    # a document), PIL each PNG chunk: keep their warnings and errors only.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     from pynetdicom import _config
 
     _config.LOG_REQUEST_IDENTIFIERS = False

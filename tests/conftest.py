@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_CXR = SHARED_DATA / "real-cxr"
 CHEXD = [sys.executable, "-m", "daemon"]
+
+
+# Patient names and IDs that the suite's datasets carry - tests/dicomgen.py's defaults, the phantom's (model/phantom.py:
+# PHANTOM^PH<seed>-<8 digits>) and those tests set, the hostile ones included. None may appear in a daemon's log
+# (DESIGN: logs carry UIDs, never patient names or IDs); DaemonProcess.stop checks every daemon's log.
+PHI_IN_TEST_DATA = (
+    "CHEXD-TEST-0001", "Test^Chest", "19700101",  # dicomgen defaults (ID, name, birth date)
+    "CHEXD-FWD-0001",  # test_forward
+    "IDT-7731-A", "IDT-7731-B", "IDT-7731-C", "ROE^RICHARD", "DOE^JANE",  # test_identity
+    "PID-SECRET-4711", "Doe^Janet",  # test_access_control
+    "Yamada^Tarou", "山田", "太郎",  # test_hostile_datasets (ISO 2022 IR 87)
+    # test_phi_logs (hostile names, daemon/logsafety.py)
+    "MUSTERMANN", "Dr Who", "PHI-ID-123", "Иванов", "Παπαδόπουλος", "鈴木", "一郎", "LANGERNAME",
+)
+PHI_PATTERNS = re.compile(r"PHANTOM\^|\bPH\d+-\d{8}\b")
+
+
+def phi_in_log(text: str) -> list[str]:
+    """The test patients' names and IDs found in ``text`` (a daemon's log)."""
+    return [value for value in PHI_IN_TEST_DATA if value in text] + PHI_PATTERNS.findall(text)
 
 
 def free_port() -> int:
@@ -147,6 +168,7 @@ class DaemonProcess:
         return result.returncode == 0
 
     def stop(self) -> None:
+        """SIGTERM (SIGKILL after 30 s); then fail if the log names a test patient (:func:`phi_in_log`)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -154,6 +176,9 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        found = phi_in_log(self.log())
+        if found:
+            raise AssertionError(f"patient data in the daemon log {self.log_path}: {sorted(set(found))}")
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -199,8 +224,14 @@ def make_daemon(tmp_path: Path, db_url: str) -> Iterator:
         return daemon.start() if start else daemon
 
     yield factory
+    errors = []
     for daemon in started:
-        daemon.stop()
+        try:
+            daemon.stop()
+        except AssertionError as exc:  # stop them all first
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("\n".join(errors))
 
 
 @pytest.fixture
