@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.settings import Settings, SettingsError, load_settings
+from daemon.settings import DataDirError, Settings, SettingsError, ensure_data_dir, load_settings
 
 
 def write_toml(path: Path, text: str) -> Path:
@@ -187,3 +187,88 @@ def test_model_threads_default_to_the_cores_the_report_workers_leave(monkeypatch
     assert Settings(report_workers=2, model_threads=3).effective_model_threads == 3
     with pytest.raises(SettingsError, match="model_threads"):
         Settings(model_threads=-1)
+
+
+# --- settings that used to pass 'chexd config' and fail later (issue 12) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "rule"),
+    [
+        ("CR01@999.1.1.1", "'999.1.1.1' is not an IP address or network"),  # crashed 'chexd serve' with a traceback
+        ("CR01@", "'' is not an IP address or network"),
+        ("CR01@10.0.0.0/33", "not an IP address or network"),
+        ("CR01@host.example", "not an IP address or network"),
+        ("@10.0.0.5", "AE title ''"),
+    ],
+)
+def test_an_allowed_calling_ae_whose_address_is_no_ip_network_fails_at_load(
+    tmp_path: Path, entry: str, rule: str
+) -> None:
+    with pytest.raises(SettingsError, match="allowed_calling_aes") as info:
+        load_settings(environ={"CHEXD_ALLOWED_CALLING_AES": f"OK1,{entry}", "CHEXD_DATA_DIR": str(tmp_path)})
+    assert repr(entry) in str(info.value) and rule in str(info.value) and "AE@IP/prefix" in str(info.value)
+
+
+def test_allowed_calling_aes_take_ipv4_ipv6_addresses_and_networks() -> None:
+    entries = ("CR1@10.0.0.5", "PACS@10.0.0.0/24", "V6@::1", "NET6@fd00::/8", "ANY")
+    assert Settings(allowed_calling_aes=entries).allowed_calling_aes == entries
+
+
+@pytest.mark.parametrize("value", ["999.1.1.1", "10.0.0", "no such host!", "-lead.example", "a" * 64 + ".example"])
+def test_a_bind_address_that_is_neither_ip_nor_host_name_fails_at_load(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"Invalid bind_address .* must be an IP address .* or a host name"):
+        Settings(bind_address=value)
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0", "127.0.0.1", "::", "::1", "localhost", "pacs-01.example.org", ""])
+def test_bind_address_takes_ips_host_names_and_empty(value: str) -> None:
+    assert Settings(bind_address=value).bind_address == value
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("foo://u:pw@h/x", "backend 'foo' is not supported"),
+        ("mysql://u:s3cret@h/x", "backend 'mysql' is not supported"),
+        ("nonsense", "Could not parse"),
+    ],
+)
+def test_a_database_url_for_no_supported_backend_fails_at_load_without_its_password(url: str, rule: str) -> None:
+    with pytest.raises(SettingsError, match="database_url") as info:
+        Settings(database_url=url)
+    assert rule in str(info.value) and "s3cret" not in str(info.value) and "pw@" not in str(info.value)
+
+
+def test_supported_database_urls_load() -> None:
+    for url in ("sqlite:////var/lib/chexd/chexd.db", "postgresql://u:p@h/db", "postgresql+psycopg://u@h:5433/db"):
+        assert Settings(database_url=url).database_url == url
+
+
+def test_ensure_data_dir_creates_a_missing_folder_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "chexd"
+    assert ensure_data_dir(target) == target and target.is_dir()
+    assert list(target.iterdir()) == [], "the write check's probe file is removed"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: Path("/proc/nope"), "cannot create it"),  # the probe's traceback
+        (lambda tmp: _file(tmp / "file"), "it exists but is not a folder"),
+        (lambda tmp: _file(tmp / "file") / "below", "cannot create it (Not a directory)"),
+        (lambda tmp: Path("/proc/self"), "cannot write in it"),  # exists, not writable even by root
+    ],
+)
+def test_an_unusable_data_dir_names_the_path_the_reason_and_the_fix(tmp_path: Path, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+    path = make(tmp_path)
+    with pytest.raises(DataDirError) as info:
+        ensure_data_dir(path)
+    message = str(info.value)
+    assert f"Unusable data_dir {path}: {reason}" in message and "set CHEXD_DATA_DIR" in message
+    assert isinstance(info.value, SettingsError), "the CLI exits 2 for it, as for any bad setting"
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a folder")
+    return path
