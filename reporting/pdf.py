@@ -113,8 +113,9 @@ def shown(value: str, limit: int = MAX_FIELD_CHARS) -> tuple[str, bool]:
     characters and characters the font lacks become '?', runs of white space one space, and text longer than
     ``limit`` characters is clipped with an ellipsis (so no value can make a cell taller than a page)."""
     glyphs = _glyphs()
-    text = " ".join(_UNPRINTABLE.sub("?", value).split())
-    replaced = text != " ".join(value.split())
+    collapsed = " ".join(value.split())
+    text = _UNPRINTABLE.sub("?", collapsed)
+    replaced = text != collapsed
     if any(ord(c) not in glyphs for c in text):
         text = "".join(c if ord(c) in glyphs else "?" for c in text)
         replaced = True

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.preprocess import decode_image
 from model.types import LABELS
-from reporting.pdf import AI_BANNER, SYNTHETIC_BANNER, write_pdf
+from reporting.pdf import AI_BANNER, SYNTHETIC_BANNER, shown, write_pdf
 from reporting.render import overlay
 from reporting.report import SourceImage, study_report
 from tests.reporting_helpers import demo_model, image_result, make_prediction, phantom_case, phantom_report
@@ -131,3 +131,64 @@ def test_real_monochrome1_file_is_shown_inverted_relative_to_its_monochrome2_twi
     both = mask_a & mask_b
     # MONOCHROME1 is displayed inverted: grey(mono1) = 255 - grey(mono2) wherever no heat is drawn
     assert np.abs((a + b)[both] - 255).max() <= 2
+
+
+# --- hostile header values (issue 12): the report is always written, values are clipped or marked, never dropped ----
+
+HOSTILE = {
+    "long_name": {"PatientName": "LANGERNAME" * 1000},  # reportlab LayoutError: the study's report failed for good
+    "long_everything": {"PatientID": "9" * 10000, "AccessionNumber": "X" * 5000, "StudyDescription": "desc " * 3000,
+                        "InstitutionName": "I" * 3000, "ReferringPhysicianName": "Y" * 300 + "^Z"},
+    "control": {"PatientName": "Evil\x1b[31m^Name\r\nINFO forged", "PatientID": "ID\x00\x07"},
+    "rtl_emoji": {"SpecificCharacterSet": "ISO_IR 192", "PatientName": "כהן^דוד\u202eevil",
+                  "StudyDescription": "emoji 🫁"},
+    "cjk": {"SpecificCharacterSet": "ISO_IR 192", "PatientName": "山田^太郎=やまだ^たろう",
+            "InstitutionName": "東京病院"},
+    "empty": {"PatientName": "", "PatientID": ""},
+    "spaces": {"PatientName": "     ", "PatientID": "   "},
+    "markup": {"PatientName": "<b>x</b>&amp;<font size=900>^y", "PatientID": "<para>"},
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_header_values_are_clipped_or_marked_and_the_report_is_written(tmp_path: Path, case: str) -> None:
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9})
+    for keyword, value in HOSTILE[case].items():
+        setattr(ds, keyword, value)
+    report = study_report([image_result(ds, image, prediction)], demo_model())
+    path = tmp_path / "r.pdf"
+    write_pdf(report, path)  # raised LayoutError for the long values
+    raw = subprocess.run(["pdftotext", str(path), "-"], check=True, capture_output=True, text=True).stdout
+    text, packed = " ".join(raw.split()), "".join(raw.split())
+    assert "Effusion" in text and AI_BANNER in text
+    if case == "long_name":
+        assert "LANGERNAME" * 6 + "LAN…" in packed and "LANGERNAME" * 7 not in packed
+    if case == "long_everything":
+        assert "9" * 63 + "…" in packed and "9" * 64 not in packed and "X" * 63 + "…" in packed
+    if case == "control":
+        assert "\x1b" not in raw and "\x00" not in raw and "Evil?[31m" in text and "ID??" in text
+    if case in ("rtl_emoji", "cjk", "control"):
+        assert "cannot show are printed as '?'" in text, "the reader is told characters were replaced"
+    else:
+        assert "cannot show" not in text
+    if case in ("empty", "spaces"):
+        assert "Patient —" in text and "Patient ID —" in text
+    if case == "markup":
+        assert "<b>x</b>&amp;<font size=900>, y" in text and "<para>" in text, "markup is text, never markup"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "replaced"),
+    [
+        ("Doe^John", "Doe^John", False),
+        ("  two   spaces\tand tab ", "two spaces and tab", False),
+        ("A" * 100, "A" * 63 + "…", False),
+        ("bell\x07", "bell?", True),
+        ("Иван", "????", True),
+        ("x\u202ey", "x?y", True),
+        ("", "", False),
+    ],
+)
+def test_shown_clips_collapses_and_replaces(value: str, expected: str, replaced: bool) -> None:
+    assert shown(value) == (expected, replaced)
+    assert len(shown("B" * 10_000, 16)[0]) == 16
