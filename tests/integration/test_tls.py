@@ -236,26 +236,28 @@ def test_a_silent_connection_does_not_hold_the_tls_listener(chexd: DaemonProcess
 
 
 def start_storescp(pki: PKI, cert: Issued, folder: Path) -> tuple[subprocess.Popen[str], int]:
-    """dcmtk storescp over TLS presenting ``cert``; it requires and verifies a client certificate from our CA."""
+    """dcmtk storescp over TLS presenting ``cert``; it requires and verifies a client certificate from our CA.
+    Another port is tried when the chosen one was taken meanwhile (storescp exits at once then)."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-v", "-aet", "PACS", "+tls", str(cert.key), str(cert.cert), "+cf", str(pki.ca.cert),
-         "-od", str(folder), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        if proc.poll() is not None:
-            raise RuntimeError(f"storescp exited: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("storescp did not listen within 10 s")
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen(
+            ["storescp", "-v", "-aet", "PACS", "+tls", str(cert.key), str(cert.cert), "+cf", str(pki.ca.cert),
+             "-od", str(folder), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    time.sleep(0.1)
+                    if proc.poll() is None:  # ours answered, not another process that took the port
+                        return proc, port
+            time.sleep(0.05)
+        stop(proc)
+    raise RuntimeError("storescp did not start listening (3 tries)")
 
 
 def stop(proc: subprocess.Popen[str]) -> str:
@@ -294,7 +296,7 @@ def test_results_are_forwarded_to_a_tls_storescp(pki: PKI, tmp_path: Path) -> No
     received = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "received").iterdir()
     }
-    assert received == set(study.results)  # storescp +tls speaks only TLS: these came over it
+    assert received == set(study.results), out  # storescp +tls speaks only TLS: these came over it
     assert SecondaryCaptureImageStorage in study.results.values()
 
 
