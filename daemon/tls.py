@@ -40,6 +40,7 @@ __all__ = [
     "client_handshake_error",
     "describe_tls_error",
     "forward_context",
+    "peer_closed_silently",
     "scp_context",
     "server_context",
 ]
@@ -238,6 +239,7 @@ _EXPLAIN = {
     "WRONG_VERSION_NUMBER": "not TLS - plain DICOM sent to the TLS port?",
     "HTTP_REQUEST": "not TLS - an HTTP request",
     "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust this node's certificate (its CA is not in the peer's list)",
+    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection during the handshake",
 }
 
 
@@ -254,6 +256,13 @@ def describe_tls_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLEOFError | ConnectionError):
         return "connection closed by the peer"
     return type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
+
+
+def peer_closed_silently(exc: BaseException) -> bool:
+    """True when a handshake failed only because the peer closed or reset the connection without a TLS alert: a
+    TCP health check, a port scan, ``chexd forward``'s is-the-daemon-up probe, a client that died. The edge treats
+    it like a plain connection closed before its A-ASSOCIATE-RQ (not audited), not like a refused TLS peer."""
+    return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError)
 
 
 def client_handshake_error(context: ssl.SSLContext, host: str, port: int, *, timeout: float) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from daemon.tls import (
     client_handshake_error,
     describe_tls_error,
     forward_context,
+    peer_closed_silently,
     scp_context,
     server_context,
 )
@@ -326,3 +328,45 @@ def test_client_handshake_error_names_the_cause(pki: PKI, listener: socket.socke
     by_ip = client_context(ca=pki.other_ca.cert, check_hostname=False)  # tls_verify_hostname = false
     assert client_handshake_error(by_ip, host, port, timeout=5) is None
     thread.join(5)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_peer_that_connects_and_goes_is_told_apart_from_a_refused_one(
+    pki: PKI, listener: socket.socket, reset: bool
+) -> None:
+    """A TCP probe (health check, port scan) is not a TLS failure worth an audit row; a refused client is."""
+    context = server_context(
+        cert=pki.server.cert, key=pki.server.key, ca=pki.ca.cert, client_cert=ClientCertMode.REQUIRED
+    )
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            context.wrap_socket(conn, server_side=True)
+        except OSError as exc:
+            errors.append(exc)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    probe = socket.create_connection(listener.getsockname())
+    if reset:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with an RST
+    probe.close()
+    thread.join(5)
+    [error] = errors
+    assert peer_closed_silently(error)
+    assert describe_tls_error(error) in (
+        "UNEXPECTED_EOF_WHILE_READING (the peer closed the connection during the handshake)",
+        "connection closed by the peer",
+    )
+    thread, result = handshake_in_thread(context, listener)  # a client without a certificate: refused, not "gone"
+    with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with peer_context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.recv(2)
+    thread.join(5)
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in str(result["error"])
+    assert not peer_closed_silently(ssl.SSLError(1, "[SSL: PEER_DID_NOT_RETURN_A_CERTIFICATE]"))
