@@ -14,8 +14,10 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+import daemon.store
 from daemon import queries
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.identity import (
@@ -283,6 +285,28 @@ def test_without_patient_id_name_and_birth_date_identify(env: Env) -> None:
     assert {reason for _, reason in env.conflicts()} == {
         "StudyInstanceUID already belongs to another patient (no PatientID; PatientName/PatientBirthDate differ)"
     }
+
+
+def test_a_conflict_the_database_cannot_record_leaves_nothing_and_raises(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0xA700 at the edge means nothing kept: the held bytes and their reason file are removed again, the sender
+    resends, and the conflict is recorded then."""
+    study = generate_uid()
+    first, first_bytes = env.image(study_uid=study, patient_id="P1")
+    second, second_bytes = env.image(study_uid=study, patient_id="P2")
+    env.store.save(first, first_bytes, None)
+
+    def broken(**kwargs: object) -> None:
+        raise OperationalError("INSERT INTO identity_conflicts", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(daemon.store, "IdentityConflict", broken)
+    with pytest.raises(SQLAlchemyError):
+        env.store.save(second, second_bytes, None)
+    assert list(env.spool.quarantine.iterdir()) == [] and list(env.spool.tmp.iterdir()) == []
+    monkeypatch.undo()
+    assert env.store.save(second, second_bytes, None) is StoreOutcome.CONFLICT
+    assert len(env.quarantined()) == 1 and env.count(IdentityConflict) == 1
 
 
 def test_a_study_from_before_fingerprints_is_claimed_by_its_next_image(env: Env) -> None:
