@@ -116,7 +116,7 @@ def check_files(paths: TLSPaths) -> None:
         _readable("tls_ca", paths.ca)
         try:
             probe.load_verify_locations(cafile=str(paths.ca))
-        except (ssl.SSLError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise TLSFileError(
                 f"Invalid tls_ca {str(paths.ca)!r} - no PEM certificate could be read from it ({_file_reason(exc)})"
             ) from None
@@ -126,7 +126,7 @@ def check_files(paths: TLSPaths) -> None:
     _readable("tls_key", paths.key)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(paths.cert))
-    except (ssl.SSLError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise TLSFileError(
             f"Invalid tls_cert {str(paths.cert)!r} - no PEM certificate could be read from it ({_file_reason(exc)})"
         ) from None
@@ -137,8 +137,8 @@ def check_files(paths: TLSPaths) -> None:
             f"Invalid tls_key {str(paths.key)!r} - the key is encrypted; chexd needs an unencrypted PEM key "
             "(protect it with file permissions, e.g. chmod 600)"
         ) from None
-    except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc) or exc.reason == "KEY_VALUES_MISMATCH":
+    except OSError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
             raise TLSFileError(
                 f"Invalid tls_key {str(paths.key)!r} - it is not the private key of tls_cert {str(paths.cert)!r}"
             ) from None
