@@ -60,6 +60,7 @@ def chexd(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[Daemon
         daemon.stop()
     log = daemon.log()
     assert "Traceback" not in log, log[-3000:]
+    assert "CHEXD-TEST-0001" not in log and "Test^Chest" not in log  # the images' patient ID and name
 
 
 def tls_options(cert: Issued | None, pki: PKI) -> list[str]:
