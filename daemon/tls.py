@@ -266,13 +266,18 @@ def peer_closed_silently(exc: BaseException) -> bool:
 
 
 def client_handshake_error(context: ssl.SSLContext, host: str, port: int, *, timeout: float) -> str | None:
-    """Try one TLS handshake with ``host:port``; None when it succeeds, else why not (OpenSSL's reason, e.g.
-    ``certificate verify failed: self-signed certificate``, or the connection error). pynetdicom reports only that
-    an association failed; this names the cause for an error message. Sends no DICOM data."""
+    """Try one TLS handshake with ``host:port``; the reason it fails (OpenSSL's, e.g. ``certificate verify failed:
+    self-signed certificate``), or None when it succeeds or no TCP connection can be made (then the problem is not
+    TLS: the caller says the peer is unreachable). pynetdicom reports only that an association failed; this names
+    the cause for an error message. Sends no DICOM data."""
     host = host.strip("[]")
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    with raw:
+        try:
             with context.wrap_socket(raw, server_hostname=host):
                 return None
-    except (OSError, ValueError) as exc:
-        return describe_tls_error(exc)
+        except (OSError, ValueError) as exc:
+            return describe_tls_error(exc)
