@@ -159,14 +159,6 @@ def record_instance(
     return instance
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dataset_sha256(path: Path) -> str:
     """SHA-256 of a Part 10 file's dataset, without preamble and file meta (which name the sending AE and the
     receiving implementation): a resend of the same dataset from another AE has the same digest. A file without a
@@ -245,7 +237,7 @@ def adopt(spool: Spool, sessions: sessionmaker[Session], meta: InstanceMeta, spo
     store, or, when it conflicts with what was stored since, move it to the quarantine and record the conflict.
     Raises IntegrityError when its SOP Instance UID is already recorded (under another path)."""
     fingerprint = IdentityKey.for_data_dir(spool.root.parent).fingerprint(meta.identity)
-    sha256 = file_sha256(spooled.absolute_path)
+    sha256 = hashlib.sha256(spooled.absolute_path.read_bytes()).hexdigest()
     try:
         with sessions.begin() as session:
             record_instance(session, meta, spooled, None, fingerprint=fingerprint, sha256=sha256)
@@ -333,7 +325,8 @@ class InstanceStore:
                     else:
                         conflict = find_conflict(session, meta, fingerprint)
                 if conflict is not None:
-                    self._hold(tmp, meta, conflict, fingerprint, sha256, calling_ae)
+                    hold(self.spool, self.sessions, tmp, meta, conflict, fingerprint=fingerprint, sha256=sha256,
+                         calling_ae=calling_ae)
                     return StoreOutcome.CONFLICT
             except BaseException:
                 self.spool.discard(tmp)
@@ -344,7 +337,8 @@ class InstanceStore:
                     record_instance(session, meta, spooled, calling_ae, fingerprint=fingerprint, sha256=sha256)
             except IdentityConflictError as conflict:  # another sender won the study or series since the check
                 try:
-                    self._hold(spooled.absolute_path, meta, conflict, fingerprint, sha256, calling_ae)
+                    hold(self.spool, self.sessions, spooled.absolute_path, meta, conflict, fingerprint=fingerprint,
+                         sha256=sha256, calling_ae=calling_ae)
                 except BaseException:
                     self.spool.remove(rel)
                     raise
@@ -356,18 +350,6 @@ class InstanceStore:
         if after_commit is not None:
             after_commit()
         return StoreOutcome.STORED
-
-    def _hold(
-        self,
-        source: Path,
-        meta: InstanceMeta,
-        conflict: IdentityConflictError,
-        fingerprint: str,
-        sha256: str,
-        calling_ae: str | None,
-    ) -> None:
-        hold(self.spool, self.sessions, source, meta, conflict, fingerprint=fingerprint, sha256=sha256,
-             calling_ae=calling_ae)
 
 
 def audit(
