@@ -27,6 +27,7 @@ import threading
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from pydicom import Dataset
 
@@ -155,8 +156,8 @@ def check_one_patient(images: Sequence[tuple[str, Dataset]]) -> None:
 class IdentityKey:
     """The per-installation HMAC key in ``path`` (created 0600 with 32 random bytes on first use)."""
 
-    _cache: dict[Path, IdentityKey] = {}
-    _cache_lock = threading.Lock()
+    _cache: ClassVar[dict[Path, IdentityKey]] = {}
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 32:
