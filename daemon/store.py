@@ -42,9 +42,12 @@ class IdentityConflictError(ValueError):
     """Storing the instance would mix patients, studies or contents; ``reason`` names attributes, never values."""
 
     def __init__(self, kind: ConflictKind, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(kind, reason)
         self.kind = kind
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def study_conflict(stored_fingerprint: str | None, fingerprint: str) -> IdentityConflictError | None:
