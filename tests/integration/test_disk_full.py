@@ -217,7 +217,7 @@ def test_reports_wait_below_the_reserve_with_one_log_line_and_are_written_when_s
         time.sleep(0.1)
     assert report_state() == "PENDING"
     disk.fill_to((RESERVE_MB - 3) * MiB)
-    time.sleep(6)  # well past the 2 s quiet time: the report would have been written by now
+    time.sleep(4)  # past the 2 s quiet time: the report would have been written by now
     assert report_state() == "PENDING"
     paused = daemon.log()[offset:]
     assert paused.count("disk below reserve: reports paused") == 1, paused[-3000:]
