@@ -78,7 +78,8 @@ def test_send_folder_then_status_studies_show_reprocess(daemon, tmp_path: Path) 
     assert shown["instances"][0]["image_stats"]["rows"] == 64
 
     study_uid = studies[0]["study_instance_uid"]
-    assert json.loads(daemon.cli("reprocess", study_uid, "--json").stdout) == {"requeued": 3, "skipped": 0, "conflicts": 0}
+    requeued = json.loads(daemon.cli("reprocess", study_uid, "--json").stdout)
+    assert requeued == {"requeued": 3, "skipped": 0, "conflicts": 0}
     states = wait_until_processed(engine, 3)
     assert sorted(states.values()) == ["DONE"] * 3
     assert counts(engine) == {"instances": 3, "jobs": 3}, "reprocessing re-runs jobs, it does not duplicate them"
