@@ -170,9 +170,9 @@ def main(config: ConfigOption = None) -> None:
 @app.command()
 def serve() -> None:
     """Run the daemon: upgrade the database, recover, then accept DICOM associations until SIGTERM/SIGINT."""
+    cfg = settings()  # before importing the daemon (torch: seconds), so a bad setting fails at once
     from daemon.service import Daemon, configure_logging
 
-    cfg = settings()
     configure_logging(cfg.log_level)
     try:
         daemon = Daemon(cfg)
