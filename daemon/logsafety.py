@@ -10,8 +10,9 @@ handler writes it:
 - known library templates whose value is not (reliably) quoted are cut at the value;
 - control characters are escaped, so a value can never forge a log line.
 
-Records of chexd's own loggers (``daemon``, ``model``, ``reporting``) keep their message (they log UIDs, never names),
-but an exception passed as an argument and every traceback's exception text are redacted the same way. Records of
+Records of chexd's own loggers (``daemon``, ``model``, ``reporting``) keep their message template (they log UIDs,
+never names), but their string and exception arguments (a reason built from a library's exception: ``"C-STORE refused
+reason=%s"``) and every traceback's exception text are redacted the same way. Records of
 every other logger (pydicom, highdicom, pynetdicom, reportlab, ``py.warnings`` …) are redacted in full.
 
 Warnings are not silenced (DESIGN rule 11): :func:`install` routes them into logging (``py.warnings``), where the
@@ -120,8 +121,8 @@ class RedactingFilter(logging.Filter):
             return True
         own = record.name.split(".", 1)[0] in OWN_LOGGERS
         if own:
-            if isinstance(record.args, tuple) and any(isinstance(a, BaseException) for a in record.args):
-                record.args = tuple(redact(str(a)) if isinstance(a, BaseException) else a for a in record.args)
+            if isinstance(record.args, tuple) and any(isinstance(a, str | BaseException) for a in record.args):
+                record.args = tuple(redact(str(a)) if isinstance(a, str | BaseException) else a for a in record.args)
         else:
             record.msg, record.args = redact(record.getMessage()), None
         if record.exc_info and record.exc_info[0] is not None:

@@ -143,3 +143,15 @@ def test_a_fresh_process_configured_by_install_filters_library_warnings() -> Non
     assert result.returncode == 0, result.stderr
     assert "MUSTERMANN" not in result.stderr and f'"{REDACTED}" is unlikely' in result.stderr
     assert "PDU dump" not in result.stderr and result.stdout.strip() == str(logging.WARNING)
+
+
+def test_own_records_keep_their_template_and_uids_but_redact_quoted_values_in_arguments(
+    captured: io.StringIO,
+) -> None:
+    reason = f"dataset cannot be parsed: Invalid value for VR PN: '{DOCTOR}'"
+    logging.getLogger("daemon.scp").warning("C-STORE refused status=0x%04X reason=%s uid=%s", 0xC000, reason,
+                                            "1.2.3.4")
+    text = captured.getvalue()
+    assert DOCTOR not in text
+    assert f"C-STORE refused status=0xC000 reason=dataset cannot be parsed: Invalid value for VR PN: {REDACTED}" in text
+    assert "uid=1.2.3.4" in text
