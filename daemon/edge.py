@@ -518,47 +518,52 @@ class EdgeServer(ThreadedAssociationServer):
     # --- the edge loop -------------------------------------------------------------------------------------------
 
     def _gate_loop(self) -> None:
+        """The edge's one thread: until server_close(), run ticks; an unexpected error is logged and the loop goes
+        on (a dead loop would stop every association)."""
         next_flush = time.monotonic() + 1.0
         while not self._stop.is_set():
-            timeout = 0.5
-            if self._pending:
-                oldest = next(iter(self._pending.values())).deadline  # deadlines follow insertion order
-                timeout = max(0.0, min(timeout, oldest - time.monotonic()))
             try:
-                ready = self._selector.select(timeout)
-            except OSError:
-                log.exception("edge selector failed")
+                self._tick()
+                if time.monotonic() >= next_flush:
+                    next_flush = time.monotonic() + 1.0
+                    for event in self._limiter.due():
+                        self._emit(event)
+            except Exception:
+                log.exception("network edge loop error (continuing)")
                 time.sleep(0.1)
-                continue
-            for key, _mask in ready:
-                if key.fileobj is self._wake_r:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                    continue
-                pending = self._pending.get(key.fileobj)  # type: ignore[arg-type]
-                if pending is not None:
-                    self._advance(pending)
-            self._take_new()
-            now = time.monotonic()
-            for pending in [p for p in self._pending.values() if p.deadline <= now]:
-                what = "TLS handshake" if not pending.handshaken else "A-ASSOCIATE-RQ"
-                self._drop(
-                    pending,
-                    "deadline",
-                    f"no complete {what} within {self.limits.request_timeout:g} s of connecting",
-                )
-            if now >= next_flush:
-                next_flush = now + 1.0
-                for event in self._limiter.due():
-                    self._emit(event)
         for pending in list(self._pending.values()):
             self._close(pending)
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _tick(self) -> None:
+        """Wait for readiness (at most until the oldest deadline or 0.5 s), advance ready connections, take new
+        ones, close expired ones."""
+        timeout = 0.5
+        if self._pending:
+            oldest = next(iter(self._pending.values())).deadline  # deadlines follow insertion order
+            timeout = max(0.0, min(timeout, oldest - time.monotonic()))
+        for key, _mask in self._selector.select(timeout):
+            if key.fileobj is self._wake_r:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
+            pending = self._pending.get(key.fileobj)  # type: ignore[arg-type]
+            if pending is not None:
+                self._advance(pending)
+        self._take_new()
+        now = time.monotonic()
+        while self._pending and (oldest_pending := next(iter(self._pending.values()))).deadline <= now:
+            what = "TLS handshake" if not oldest_pending.handshaken else "A-ASSOCIATE-RQ"
+            self._drop(
+                oldest_pending,
+                "deadline",
+                f"no complete {what} within {self.limits.request_timeout:g} s of connecting",
+            )
 
     def _take_new(self) -> None:
         while True:
@@ -597,9 +602,14 @@ class EdgeServer(ThreadedAssociationServer):
                 reader=RequestReader(self.limits.max_request_bytes),
                 handshaken=handshaken,
             )
+            try:
+                self._selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError) as exc:
+                self._note("connection_dropped", "socket", address, f"cannot watch the connection: {exc}")
+                _hard_close(sock)
+                continue
             self._pending[sock] = pending
             self._pending_by_address[address] = self._pending_by_address.get(address, 0) + 1
-            self._selector.register(sock, selectors.EVENT_READ)
             self._advance(pending)  # a TLS handshake or data may be ready already
 
     def _watch(self, pending: _Pending, events: int) -> None:
@@ -655,7 +665,16 @@ class EdgeServer(ThreadedAssociationServer):
             return
         calling = (request.calling_ae_title or "").strip()
         called = (request.called_ae_title or "").strip()
-        refusal = self.admit(calling, called, pending.address) if self.admit else None
+        try:
+            refusal = self.admit(calling, called, pending.address) if self.admit else None
+        except Exception:
+            log.exception("admission check failed for %s", pending.address)
+            refusal = Refusal(
+                result=RejectResult.REJECTED_TRANSIENT,
+                source=RejectSource.SERVICE_USER,
+                reason=RejectReason.NO_REASON_GIVEN,
+                detail="the admission check failed (see the log)",
+            )
         kind = f"ae_title {calling!r}->{called!r}"  # each refused pair of AE titles gets its own first row
         if refusal is None:
             total, from_address = self.association_counts(pending.address)

@@ -346,3 +346,36 @@ def test_edge_limits_follow_the_settings() -> None:
     assert (limits.max_associations, limits.max_per_address, limits.max_pending) == (25, 10, 100)
     small = edge_limits(Settings(max_associations=2, max_connections_per_address=10))
     assert (small.max_per_address, small.max_pending) == (2, 32), "one address never gets more than the total"
+
+
+def test_a_failing_admission_check_refuses_and_the_edge_keeps_serving() -> None:
+    calls: list[str] = []
+
+    def admit(calling: str, called: str, address: str) -> Refusal | None:
+        calls.append(calling)
+        if calling == "BOOM":
+            raise RuntimeError("bug")
+        return None
+
+    ae = AE(ae_title="EDGE")
+    ae.add_supported_context(Verification)
+    server = start_edge_server(
+        ae,
+        EdgeConfig(
+            address=("127.0.0.1", 0),
+            limits=LIMITS,
+            admit=admit,
+            evt_handlers=[(evt.EVT_C_ECHO, lambda _event: 0x0000)],
+        ),
+    )
+    try:
+        port = server.server_address[1]
+        requestor = AE(ae_title="BOOM")
+        requestor.add_requested_context(Verification)
+        assoc = requestor.associate("127.0.0.1", port, ae_title="EDGE")
+        rj = assoc.acceptor.primitive
+        assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x01, 0x01)
+        assert _echo_ok(port)
+        assert calls == ["BOOM", "UNIT"]
+    finally:
+        server.shutdown()
