@@ -1,8 +1,8 @@
 """Hostile DICOM inputs, built in memory: deflate bombs, codestreams whose headers lie, raw element surgery.
 
-Used by tests/integration/test_hostile_datasets.py and bench/bomb.py. Every builder returns the dataset bytes exactly
-as a peer would send them in a C-STORE (what follows the file meta), so a sender can ship them unchanged; nothing here
-is patient data (images from tests.dicomgen).
+Used by tests/integration/test_hostile_datasets.py, tests/unit/test_limits.py and bench/bomb.py. Every builder
+returns the dataset bytes exactly as a peer would send them in a C-STORE (what follows the file meta), so a sender can
+ship them unchanged; nothing here is patient data (images from tests.dicomgen).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ __all__ = [
     "deflate_bomb",
     "encode",
     "encode_compressed",
+    "noise_image",
     "patch_j2k_size",
     "patch_jpeg_size",
     "with_pixel_element",
+    "write_part10",
 ]
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate, get_frame
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -22,7 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from daemon.intake import UnusableDatasetError, check_pixel_module, pixel_limits
+from daemon.intake import UnusableDatasetError, check_element_lengths, check_pixel_module, pixel_limits
 from daemon.settings import Settings, SettingsError, load_settings
 from daemon.worker import PermanentJobError, read_stored_image
 from model.errors import ImageDecodeError, ImageTooLargeError
@@ -99,6 +100,15 @@ def test_the_edge_check_refuses_an_oversized_header_before_looking_at_pixel_data
     ds.Rows = ds.Columns = 60000  # 8 KiB of pixel data under a header claiming 3.6 gigapixels
     with pytest.raises(UnusableDatasetError, match="image too large: .*60000 x 60000"):
         check_pixel_module(ds, SMALL)
+
+
+def test_an_element_longer_than_the_dataset_is_refused_before_its_value_is_used() -> None:
+    raw = encode(make_dataset())
+    at = raw.index(b"\xe0\x7f\x10\x00")
+    cut = raw[: at + 8] + (0xFFFFFFF0).to_bytes(4, "little") + raw[at + 12 :]  # PixelData claims ~4 GiB, holds 8 KiB
+    with pytest.raises(UnusableDatasetError, match="element \\(7FE0,0010\\) declares 4,294,967,280 bytes, 8,192"):
+        check_element_lengths(read_dataset(io.BytesIO(cut), False, True))
+    check_element_lengths(read_dataset(io.BytesIO(raw), False, True))  # the intact dataset passes
 
 
 def test_settings_limits_default_validate_and_come_from_the_environment(tmp_path: Path) -> None:
