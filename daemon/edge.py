@@ -44,7 +44,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from daemon.tls import describe_tls_error
+from daemon.tls import describe_tls_error, peer_closed_silently
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
@@ -629,7 +629,10 @@ class EdgeServer(ThreadedAssociationServer):
                 self._watch(pending, selectors.EVENT_WRITE)
                 return
             except (ssl.SSLError, OSError) as exc:
-                self._drop(pending, "tls", f"TLS handshake failed: {describe_tls_error(exc)}")
+                if peer_closed_silently(exc):  # a TCP probe or health check: like a plain early close
+                    self._drop(pending, "closed", "connection closed during the TLS handshake")
+                else:
+                    self._drop(pending, "tls", f"TLS handshake failed: {describe_tls_error(exc)}")
                 return
             pending.handshaken = True
             self._watch(pending, selectors.EVENT_READ)
