@@ -18,7 +18,6 @@ they watch), so none writes after a ``kill -9``. A WRITING report records its wr
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
@@ -26,8 +25,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -43,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon import logsafety
 from daemon.identity import MixedPatientsError, check_one_patient
+from daemon.lifeline import exit_if_orphaned, worker_init
 from daemon.settings import Settings
 from daemon.spool import DiskGuard, DiskPause, Spool, fsync_dir, is_disk_full
 from daemon.store import audit
@@ -291,55 +289,6 @@ def store_findings(session: Session, prediction_id: int, findings: list[Any]) ->
 
 # --- report worker processes -----------------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_ORPHAN_EXIT = 70  # exit status of a worker process that found its daemon gone
-_daemon_pid: int | None = None  # in a worker process: the daemon that started it
-
-
-def _set_parent_death_signal(signum: int) -> bool:
-    """Linux: ask the kernel to send ``signum`` to this process when its parent dies. False where unavailable.
-
-    Caveat (prctl(2)): the signal follows the parent *thread* that created the process, so :class:`ReportLoop`
-    starts its worker processes from one thread that outlives them (``chexd-report-pool``)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _exit_if_orphaned() -> None:
-    """In a worker process: exit at once (no clean-up, no further write) when the daemon that started it is gone."""
-    if _daemon_pid is not None and os.getppid() != _daemon_pid:
-        os._exit(_ORPHAN_EXIT)
-
-
-def _watch_lifeline(lifeline: Any) -> None:
-    """Block until the daemon's end of the lifeline pipe closes (the daemon exited or was killed), then exit."""
-    try:
-        while True:
-            lifeline.recv_bytes()  # the daemon never sends; this returns only with EOFError
-    except (EOFError, OSError):
-        pass
-    os._exit(_ORPHAN_EXIT)
-
-
-def worker_init(daemon_pid: int, lifeline: Any) -> None:
-    """Initializer of every report worker process: die with the daemon, never outlive it.
-
-    Three guards: PR_SET_PDEATHSIG(SIGKILL) (the kernel kills this process when the daemon dies, on Linux); a thread
-    that exits when the read end ``lifeline`` (a multiprocessing Connection whose only write end the daemon holds) sees
-    end-of-file; and :func:`_exit_if_orphaned` (``os.getppid()`` is no longer ``daemon_pid``) before and after each
-    report is composed, which also covers a daemon that died before the first two were in place."""
-    global _daemon_pid
-    _daemon_pid = daemon_pid
-    _set_parent_death_signal(signal.SIGKILL)
-    _exit_if_orphaned()
-    threading.Thread(target=_watch_lifeline, args=(lifeline,), name="chexd-lifeline", daemon=True).start()
-
-
 def warm_up() -> int:
     """Import the document libraries (highdicom, reportlab, pydicom's SR dictionaries: seconds in a fresh process) so
     the first report a worker process writes is not slowed by them. Returns the process id."""
@@ -362,7 +311,7 @@ def compose_files(
     # a spawned worker inherits no logging: without this, library warnings (highdicom copies person names into
     # them) reach the daemon's log unfiltered through stderr (daemon/logsafety.py; idempotent, cheap)
     logsafety.install(getattr(settings, "log_level", "INFO"))
-    _exit_if_orphaned()
+    exit_if_orphaned()
     try:
         inputs = []
         for image_path, archive_file in images:
@@ -379,7 +328,7 @@ def compose_files(
         if is_disk_full(exc):  # say so in a form that survives the trip back to the daemon
             raise OSError(errno.ENOSPC, f"disk full while writing the report: {type(exc).__name__}: {exc}") from None
         raise
-    _exit_if_orphaned()
+    exit_if_orphaned()
     return composed.findings, composed.files
 
 
@@ -461,7 +410,7 @@ class ReportLoop:
     built in a pool of as many worker processes (building a PDF and an SR is pure-Python CPU work, which threads
     cannot spread over cores). Database reads and writes stay in the threads. The worker processes are started by
     one thread (``chexd-report-pool``) that lives until they are shut down, and die with the daemon (see
-    :func:`worker_init`). Below the disk reserve the loop waits (reports stay PENDING)."""
+    :func:`daemon.lifeline.worker_init`). Below the disk reserve the loop waits (reports stay PENDING)."""
 
     def __init__(
         self,
