@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
 import struct
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ UNPICKLE_POLICY = (
     "'model.pth') - or to safetensors - safetensors.torch.save_file(model.state_dict(), 'model.safetensors') - and "
     "import that file"
 )
+_PICKLE_OPCODES = frozenset(ord(op.code) for op in pickletools.opcodes)
 _TORCH_HINT = re.compile(r"weights_only|re-running|trusted source|check the documentation|add_safe_globals", re.I)
 
 
@@ -124,7 +126,9 @@ def _torch_load(path: Path) -> Any:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         lines = [line.strip() for line in text.splitlines() if line.strip() and not _TORCH_HINT.search(line)]
         reason = detail.group(1).strip() if detail else (lines or [type(exc).__name__])[0][:200]
-        if isinstance(exc, pickle.UnpicklingError):
+        operand = re.search(r"Unsupported operand (\d+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and operand and int(operand.group(1)) in _PICKLE_OPCODES:
+            # a real pickle instruction the weights-only reader does not take (a damaged file names no opcode)
             raise CheckpointError(
                 f"{path}: refused to unpickle ({reason}) - only tensors and plain containers are read; "
                 f"{UNPICKLE_POLICY}"
