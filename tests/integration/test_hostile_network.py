@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from sqlalchemy import select
 from daemon.tables import AuditEvent
 from tests.conftest import DaemonProcess, free_port
 from tests.dicomgen import make_dataset, write_dataset
+from tests.rawpeer import connect, pdu_header, read_until_closed, wait_for
 
 TIMEOUT = 1.5  # association_request_timeout of the daemon under test
 MAX_ASSOCIATIONS = 6
@@ -80,31 +80,6 @@ def assert_healthy(daemon: DaemonProcess, tmp_path: Path) -> None:
     assert store.returncode == 0 and "Success" in store.stderr + store.stdout, store.stderr
 
 
-def connect(daemon: DaemonProcess, source: str, payload: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5, source_address=(source, 0))
-    if payload:
-        sock.sendall(payload)
-    return sock
-
-
-def read_until_closed(sock: socket.socket, seconds: float) -> bytes | None:
-    """What the daemon sent before it closed the connection; None when still open after ``seconds``."""
-    sock.settimeout(seconds)
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass
-    return data
-
-
-def header(pdu_type: int, length: int) -> bytes:
-    return struct.pack(">BBL", pdu_type, 0, length)
-
-
 def abort(reason: int) -> bytes:
     """A-ABORT from the service provider (source 2) with ``reason`` (PS3.8 9.3.8)."""
     return bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, reason])
@@ -116,13 +91,6 @@ def audit_rows(daemon: DaemonProcess, event: str, address: str | None = None) ->
         query = query.where(AuditEvent.peer_address == address)
     with daemon.engine().connect() as conn:
         return list(conn.execute(query))
-
-
-def wait_for(predicate, timeout: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def associate(daemon: DaemonProcess, source: str, aet: str = "HOSTILE", aec: str | None = None):  # type: ignore[no-untyped-def]
@@ -140,8 +108,8 @@ def close_all(socks: list[socket.socket]) -> None:
 # --- floods -------------------------------------------------------------------------------------------------------
 
 
-def test_half_open_requests_claiming_2_gib_are_aborted_at_the_header(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    socks = [connect(chexd, "127.0.0.2", header(0x01, HUGE)) for _ in range(30)]
+def test_half_open_requests_claiming_2_gib_are_aborted_at_the_pdu_header(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    socks = [connect(chexd.port, "127.0.0.2", pdu_header(0x01, HUGE)) for _ in range(30)]
     try:
         assert_healthy(chexd, tmp_path)  # while they are held
         answers = [read_until_closed(s, 2.0) for s in socks]
@@ -152,7 +120,7 @@ def test_half_open_requests_claiming_2_gib_are_aborted_at_the_header(chexd, tmp_
 
 
 def test_requests_with_half_a_body_are_closed_at_the_deadline(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    socks = [connect(chexd, "127.0.0.9", header(0x01, 300) + b"\x00" * 150) for _ in range(PER_ADDRESS)]
+    socks = [connect(chexd.port, "127.0.0.9", pdu_header(0x01, 300) + b"\x00" * 150) for _ in range(PER_ADDRESS)]
     started = time.monotonic()
     try:
         assert_healthy(chexd, tmp_path)
@@ -166,7 +134,7 @@ def test_requests_with_half_a_body_are_closed_at_the_deadline(chexd, tmp_path) -
 
 
 def test_silent_connections_never_block_real_peers_and_are_closed(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    socks = [connect(chexd, "127.0.0.3") for _ in range(30)]
+    socks = [connect(chexd.port, "127.0.0.3") for _ in range(30)]
     try:
         assert_healthy(chexd, tmp_path)
         answers = [read_until_closed(s, TIMEOUT + 2) for s in socks]
@@ -179,14 +147,14 @@ def test_silent_connections_never_block_real_peers_and_are_closed(chexd, tmp_pat
 
 def test_a_quick_open_close_burst_leaves_no_slot_taken(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     for _ in range(200):
-        connect(chexd, "127.0.0.4").close()
+        connect(chexd.port, "127.0.0.4").close()
     started = time.monotonic()
     assert_healthy(chexd, tmp_path)
     assert time.monotonic() - started < 5
 
 
 def test_pending_connections_are_capped_per_address(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    socks = [connect(chexd, "127.0.0.5") for _ in range(PER_ADDRESS + 4)]
+    socks = [connect(chexd.port, "127.0.0.5") for _ in range(PER_ADDRESS + 4)]
     try:
         time.sleep(0.3)
         answers = [read_until_closed(s, 0.01) for s in socks]
@@ -200,9 +168,9 @@ def test_pending_connections_are_capped_per_address(chexd, tmp_path) -> None:  #
 
 
 def test_a_full_pending_table_closes_its_oldest_connection(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    oldest = connect(chexd, "127.0.1.1")
+    oldest = connect(chexd.port, "127.0.1.1")
     time.sleep(0.2)
-    others = [connect(chexd, f"127.0.2.{i // PER_ADDRESS + 1}") for i in range(MAX_PENDING)]
+    others = [connect(chexd.port, f"127.0.2.{i // PER_ADDRESS + 1}") for i in range(MAX_PENDING)]
     try:
         assert read_until_closed(oldest, 1.0) == b""
         assert_healthy(chexd, tmp_path)
@@ -230,9 +198,9 @@ def _stream(sock: socket.socket, first: bytes, total: int) -> int:
 
 def test_a_300_mib_request_is_never_buffered(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     before = rss_mib(chexd)
-    sock = connect(chexd, "127.0.0.10")
+    sock = connect(chexd.port, "127.0.0.10")
     try:
-        sent = _stream(sock, header(0x01, 300 * 2**20), 300 * 2**20)
+        sent = _stream(sock, pdu_header(0x01, 300 * 2**20), 300 * 2**20)
     finally:
         sock.close()
     assert sent < 64 * 2**20, f"the daemon side took {sent / 2**20:.0f} MiB"
@@ -242,9 +210,9 @@ def test_a_300_mib_request_is_never_buffered(chexd, tmp_path) -> None:  # type: 
 
 def test_a_request_at_the_limit_followed_by_a_stream_is_read_to_its_length_only(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     before = rss_mib(chexd)
-    sock = connect(chexd, "127.0.0.11")
+    sock = connect(chexd.port, "127.0.0.11")
     try:
-        sent = _stream(sock, header(0x01, 65536) + b"\x00\x01" + b"\xff" * 65534, 200 * 2**20)
+        sent = _stream(sock, pdu_header(0x01, 65536) + b"\x00\x01" + b"\xff" * 65534, 200 * 2**20)
     finally:
         sock.close()
     assert sent < 64 * 2**20
@@ -257,7 +225,7 @@ def test_a_pdu_over_max_pdu_size_after_association_ends_it_unread(chexd, tmp_pat
     assoc = associate(chexd, "127.0.0.12")
     assert assoc.is_established
     try:
-        sent = _stream(assoc.dul.socket.socket, header(0x04, 100 * 2**20), 100 * 2**20)
+        sent = _stream(assoc.dul.socket.socket, pdu_header(0x04, 100 * 2**20), 100 * 2**20)
     finally:
         assoc.kill()
     assert sent < 64 * 2**20
@@ -271,7 +239,7 @@ def test_a_pdu_over_max_pdu_size_after_association_ends_it_unread(chexd, tmp_pat
 
 @pytest.mark.parametrize("pdu_type", [0x02, 0x03, 0x04, 0x05, 0x06, 0x07])
 def test_a_first_pdu_that_is_not_a_request_gets_an_abort(chexd, tmp_path, pdu_type: int) -> None:  # type: ignore[no-untyped-def]
-    sock = connect(chexd, "127.0.0.13", header(pdu_type, 4) + b"\0\0\0\0")
+    sock = connect(chexd.port, "127.0.0.13", pdu_header(pdu_type, 4) + b"\0\0\0\0")
     try:
         assert read_until_closed(sock, 2.0) == abort(0x02), "A-ABORT: unexpected PDU"
     finally:
@@ -285,13 +253,17 @@ def test_a_first_pdu_that_is_not_a_request_gets_an_abort(chexd, tmp_path, pdu_ty
         ("http", b"GET / HTTP/1.1\r\nHost: chexd\r\n\r\n", 0x01),
         ("tls_client_hello", bytes.fromhex("16030100f5010000f10303") + os.urandom(64), 0x01),
         ("random", bytes([0xFF]) + random.Random(12).randbytes(500), 0x01),
-        ("request_shorter_than_its_fixed_fields", header(0x01, 10) + b"\0" * 10, 0x06),
-        ("request_with_a_garbage_body", header(0x01, 200) + random.Random(7).randbytes(200), 0x06),
-        ("request_with_zeroed_items", header(0x01, 200) + b"\x00\x01\x00\x00" + b"CHEXD".ljust(16) + bytes(180), 0x06),
+        ("request_shorter_than_its_fixed_fields", pdu_header(0x01, 10) + b"\0" * 10, 0x06),
+        ("request_with_a_garbage_body", pdu_header(0x01, 200) + random.Random(7).randbytes(200), 0x06),
+        (
+            "request_with_zeroed_items",
+            pdu_header(0x01, 200) + b"\x00\x01\x00\x00" + b"CHEXD".ljust(16) + bytes(180),
+            0x06,
+        ),
     ],
 )
 def test_garbage_gets_an_abort_and_a_close(chexd, tmp_path, name: str, payload: bytes, reason: int) -> None:  # type: ignore[no-untyped-def]
-    sock = connect(chexd, "127.0.0.14", payload)
+    sock = connect(chexd.port, "127.0.0.14", payload)
     try:
         assert read_until_closed(sock, 2.0) == abort(reason), name
     finally:
@@ -376,7 +348,7 @@ def test_the_association_limit_is_a_transient_reject_and_frees_at_close(chexd, t
 
 def test_floods_are_audited_without_flooding_the_audit_table(chexd) -> None:  # type: ignore[no-untyped-def]
     for _ in range(50):
-        connect(chexd, "127.0.0.16", header(0x01, HUGE)).close()
+        connect(chexd.port, "127.0.0.16", pdu_header(0x01, HUGE)).close()
     assert wait_for(lambda: len(audit_rows(chexd, "connection_dropped", "127.0.0.16")) >= 1)
     time.sleep(0.5)
     rows = audit_rows(chexd, "connection_dropped", "127.0.0.16")

@@ -3,8 +3,6 @@ with a Verification-only AE exercised by raw sockets and pynetdicom's requestor.
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 from collections.abc import Iterator
 
@@ -31,12 +29,9 @@ from daemon.edge import (
     local_limit,
     start_edge_server,
 )
+from tests.rawpeer import connect, pdu_header, read_until_closed, wait_for
 
 HUGE = 0x7FFFFFFF
-
-
-def _header(pdu_type: int, length: int) -> bytes:
-    return struct.pack(">BBL", pdu_type, 0, length)
 
 
 # --- RequestReader -------------------------------------------------------------------------------------------------
@@ -45,9 +40,9 @@ def _header(pdu_type: int, length: int) -> bytes:
 def test_reader_asks_for_the_header_then_exactly_the_claimed_body() -> None:
     reader = RequestReader(max_request_bytes=1024)
     assert reader.wanted() == 6
-    reader.feed(_header(0x01, 100)[:4])
+    reader.feed(pdu_header(0x01, 100)[:4])
     assert reader.wanted() == 2
-    reader.feed(_header(0x01, 100)[4:])
+    reader.feed(pdu_header(0x01, 100)[4:])
     assert reader.wanted() == 100 and not reader.complete
     reader.feed(b"x" * 100)
     assert reader.complete and reader.wanted() == 0 and len(reader.data) == 106
@@ -58,14 +53,18 @@ def test_reader_asks_for_the_header_then_exactly_the_claimed_body() -> None:
 @pytest.mark.parametrize(
     ("header", "abort", "message"),
     [
-        (_header(0x04, 100), AbortReason.UNEXPECTED_PDU, "type 0x04"),
-        (_header(0x47, 100), AbortReason.UNRECOGNIZED_PDU, "type 0x47"),
-        (_header(0x01, HUGE), AbortReason.INVALID_PDU_PARAMETER_VALUE, "claims 2147483647 bytes - the limit is 1024"),
-        (_header(0x01, 1025), AbortReason.INVALID_PDU_PARAMETER_VALUE, "the limit is 1024"),
-        (_header(0x01, 10), AbortReason.INVALID_PDU_PARAMETER_VALUE, "shorter than its fixed fields"),
+        (pdu_header(0x04, 100), AbortReason.UNEXPECTED_PDU, "type 0x04"),
+        (pdu_header(0x47, 100), AbortReason.UNRECOGNIZED_PDU, "type 0x47"),
+        (
+            pdu_header(0x01, HUGE),
+            AbortReason.INVALID_PDU_PARAMETER_VALUE,
+            "claims 2147483647 bytes - the limit is 1024",
+        ),
+        (pdu_header(0x01, 1025), AbortReason.INVALID_PDU_PARAMETER_VALUE, "the limit is 1024"),
+        (pdu_header(0x01, 10), AbortReason.INVALID_PDU_PARAMETER_VALUE, "shorter than its fixed fields"),
     ],
 )
-def test_reader_refuses_a_bad_first_pdu_from_its_header(header: bytes, abort: AbortReason, message: str) -> None:
+def test_reader_refuses_a_bad_first_pdu_from_itspdu_header(header: bytes, abort: AbortReason, message: str) -> None:
     reader = RequestReader(max_request_bytes=1024)
     with pytest.raises(RequestError, match=message) as info:
         reader.feed(header)
@@ -135,12 +134,26 @@ LIMITS = EdgeLimits(
 )
 
 
-@pytest.fixture
-def edge() -> Iterator[tuple[EdgeServer, list[EdgeEvent]]]:
-    events: list[EdgeEvent] = []
+def _start(admit, events: list[EdgeEvent] | None = None) -> EdgeServer:  # type: ignore[no-untyped-def]
+    """A Verification-only AE titled EDGE behind the edge on a free loopback port."""
     ae = AE(ae_title="EDGE")
     ae.add_supported_context(Verification)
     ae.maximum_associations = LIMITS.max_associations
+    return start_edge_server(
+        ae,
+        EdgeConfig(
+            address=("127.0.0.1", 0),
+            limits=LIMITS,
+            admit=admit,
+            audit=events.append if events is not None else None,
+            evt_handlers=[(evt.EVT_C_ECHO, lambda _event: 0x0000)],
+        ),
+    )
+
+
+@pytest.fixture
+def edge() -> Iterator[tuple[EdgeServer, list[EdgeEvent]]]:
+    events: list[EdgeEvent] = []
 
     def admit(calling: str, called: str, address: str) -> Refusal | None:
         if called != "EDGE":
@@ -152,16 +165,7 @@ def edge() -> Iterator[tuple[EdgeServer, list[EdgeEvent]]]:
             )
         return None
 
-    server = start_edge_server(
-        ae,
-        EdgeConfig(
-            address=("127.0.0.1", 0),
-            limits=LIMITS,
-            admit=admit,
-            audit=events.append,
-            evt_handlers=[(evt.EVT_C_ECHO, lambda _event: 0x0000)],
-        ),
-    )
+    server = _start(admit, events)
     yield server, events
     server.shutdown()
 
@@ -182,76 +186,46 @@ def _echo_ok(port: int, source: str = "127.0.0.1") -> bool:
     return int(status.Status) == 0
 
 
-def _connect(port: int, source: str, payload: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    if payload:
-        sock.sendall(payload)
-    return sock
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
-    """What the server sent before closing, or None if it is still open after ``seconds``."""
-    sock.settimeout(seconds)
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        pass
-    return data
-
-
-def _wait(predicate, timeout: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def test_huge_claimed_request_gets_an_abort_at_once(edge) -> None:  # type: ignore[no-untyped-def]
     server, events = edge
-    sock = _connect(server.server_address[1], "127.0.0.2", _header(0x01, HUGE))
-    assert _closed_within(sock, 2.0) == abort_pdu(AbortReason.INVALID_PDU_PARAMETER_VALUE)
-    assert _wait(lambda: any(e.kind == "bad_request" for e in events))
+    sock = connect(server.server_address[1], "127.0.0.2", pdu_header(0x01, HUGE))
+    assert read_until_closed(sock, 2.0) == abort_pdu(AbortReason.INVALID_PDU_PARAMETER_VALUE)
+    assert wait_for(lambda: any(e.kind == "bad_request" for e in events))
 
 
 def test_silent_connections_do_not_take_association_slots_and_meet_the_deadline(edge) -> None:  # type: ignore[no-untyped-def]
     server, events = edge
     port = server.server_address[1]
-    silent = [_connect(port, f"127.0.0.{10 + i}") for i in range(LIMITS.max_pending)]
-    assert _wait(lambda: server.pending_count() == LIMITS.max_pending)
+    silent = [connect(port, f"127.0.0.{10 + i}") for i in range(LIMITS.max_pending)]
+    assert wait_for(lambda: server.pending_count() == LIMITS.max_pending)
     assert _echo_ok(port), "pending connections must not count against max_associations"
     started = time.monotonic()
     for sock in silent:
-        assert _closed_within(sock, 3.0) == b""
+        assert read_until_closed(sock, 3.0) == b""
     assert time.monotonic() - started < LIMITS.request_timeout + 1.0
-    assert _wait(lambda: server.pending_count() == 0)
+    assert wait_for(lambda: server.pending_count() == 0)
     assert any(e.kind == "deadline" and "within 0.6 s" in e.detail for e in events)
 
 
 def test_pending_connections_are_capped_per_address(edge) -> None:  # type: ignore[no-untyped-def]
     server, events = edge
     port = server.server_address[1]
-    socks = [_connect(port, "127.0.0.3") for _ in range(LIMITS.max_per_address + 2)]
+    socks = [connect(port, "127.0.0.3") for _ in range(LIMITS.max_per_address + 2)]
     # the ones over the cap are closed at once, the others wait for the deadline
     time.sleep(0.2)
-    results = [_closed_within(s, 0.01) for s in socks]
+    results = [read_until_closed(s, 0.01) for s in socks]
     assert results.count(b"") == 2 and results.count(None) == LIMITS.max_per_address
-    assert _wait(lambda: any(e.kind == "address_pending" for e in events))
+    assert wait_for(lambda: any(e.kind == "address_pending" for e in events))
 
 
 def test_the_oldest_pending_connection_is_closed_when_the_table_is_full(edge) -> None:  # type: ignore[no-untyped-def]
     server, events = edge
     port = server.server_address[1]
-    oldest = _connect(port, "127.0.0.20")
-    assert _wait(lambda: server.pending_count() == 1)
-    newer = [_connect(port, f"127.0.0.{21 + i}") for i in range(LIMITS.max_pending)]
-    assert _closed_within(oldest, 1.0) == b""
-    assert _wait(lambda: server.pending_count() == LIMITS.max_pending)
+    oldest = connect(port, "127.0.0.20")
+    assert wait_for(lambda: server.pending_count() == 1)
+    newer = [connect(port, f"127.0.0.{21 + i}") for i in range(LIMITS.max_pending)]
+    assert read_until_closed(oldest, 1.0) == b""
+    assert wait_for(lambda: server.pending_count() == LIMITS.max_pending)
     assert any(e.kind == "evicted" for e in events)
     for sock in newer:
         sock.close()
@@ -270,11 +244,11 @@ def test_association_limits_answer_a_transient_reject_and_free_at_close(edge) ->
     assert held[-1].is_established
     full = _associate(port, "127.0.0.6")
     assert full.is_rejected and full.acceptor.primitive.diagnostic == 0x02
-    assert _wait(lambda: any("association limit 3 reached" in e.detail for e in events))
+    assert wait_for(lambda: any("association limit 3 reached" in e.detail for e in events))
     # an abrupt close (no A-RELEASE) frees its slot at once, not after acse_timeout
     held[0].dul.socket.socket.close()
     held[0].kill()
-    assert _wait(lambda: server.association_counts("127.0.0.4")[0] == 2, timeout=1.0)
+    assert wait_for(lambda: server.association_counts("127.0.0.4")[0] == 2, timeout=1.0)
     assert _echo_ok(port, "127.0.0.6")
     for assoc in held[1:]:
         assoc.release()
@@ -286,7 +260,7 @@ def test_wrong_called_ae_is_a_permanent_reject_the_peer_reads(edge) -> None:  # 
     assert assoc.is_rejected and not assoc.is_aborted
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
-    assert _wait(lambda: any(e.event == "association_rejected" and e.called_ae == "OTHER" for e in events))
+    assert wait_for(lambda: any(e.event == "association_rejected" and e.called_ae == "OTHER" for e in events))
 
 
 def test_a_pdu_over_the_limit_after_association_closes_it_unread(edge) -> None:  # type: ignore[no-untyped-def]
@@ -295,8 +269,8 @@ def test_a_pdu_over_the_limit_after_association_closes_it_unread(edge) -> None: 
     assoc = _associate(port, "127.0.0.7")
     assert assoc.is_established
     sock = assoc.dul.socket.socket
-    sock.sendall(_header(0x04, 50 * 2**20) + b"\0" * 65536)
-    assert _wait(lambda: server.association_counts("127.0.0.7")[1] == 0, timeout=3.0)
+    sock.sendall(pdu_header(0x04, 50 * 2**20) + b"\0" * 65536)
+    assert wait_for(lambda: server.association_counts("127.0.0.7")[1] == 0, timeout=3.0)
     assoc.kill()
     assert _echo_ok(port)
 
@@ -315,7 +289,7 @@ def test_request_ae_fields_are_checked_before_pynetdicom_decodes_them(
 ) -> None:
     body = b"\x00\x01\x00\x00" + called + calling + bytes(32) + bytes(40)
     with pytest.raises(RequestError, match=message.replace("\\", "\\\\")):
-        decode_request(_header(0x01, len(body)) + body)
+        decode_request(pdu_header(0x01, len(body)) + body)
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
@@ -357,17 +331,7 @@ def test_a_failing_admission_check_refuses_and_the_edge_keeps_serving() -> None:
             raise RuntimeError("bug")
         return None
 
-    ae = AE(ae_title="EDGE")
-    ae.add_supported_context(Verification)
-    server = start_edge_server(
-        ae,
-        EdgeConfig(
-            address=("127.0.0.1", 0),
-            limits=LIMITS,
-            admit=admit,
-            evt_handlers=[(evt.EVT_C_ECHO, lambda _event: 0x0000)],
-        ),
-    )
+    server = _start(admit)
     try:
         port = server.server_address[1]
         requestor = AE(ae_title="BOOM")
