@@ -186,7 +186,8 @@ def serve() -> None:
     try:
         daemon.serve_forever()
     except OSError as exc:
-        fail(f"cannot start: {exc}")
+        where = "" if exc.filename else f" - listening on bind_address {cfg.bind_address!r}, port {cfg.port}"
+        fail(f"cannot start: {exc}{where}")
     except SQLAlchemyError as exc:
         fail(f"database error at start-up: {exc}")
 
