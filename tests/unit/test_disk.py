@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -353,3 +354,38 @@ def test_a_claimed_report_names_its_writer_and_a_full_disk_puts_it_back_to_pendi
     assert seen == [(ReportState.WRITING, f"{WRITER_PREFIX}{HOST}/{os.getpid()}")]
     assert _report_row(env, report_id) == (ReportState.PENDING, "waiting for disk space")
     assert loop.disk.paused
+
+
+def test_forwards_wait_below_the_reserve_and_a_full_disk_is_one_line_not_a_traceback_per_try(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.forward import ForwardLoop
+
+    settings = Settings(data_dir=tmp_path, forward_destinations=("PACS@127.0.0.1:104",), worker_poll_seconds=0.05)
+    guard = DiskGuard(10 * MiB)
+    free = FakeFree(5 * MiB)
+    guard.free_bytes = free  # type: ignore[method-assign]
+    loop = ForwardLoop(None, settings, guard=guard)  # type: ignore[arg-type]
+    tries: list[float] = []
+
+    def run_once() -> bool:
+        tries.append(time.monotonic())
+        raise OperationalError("UPDATE forwards ...", {}, sqlite3.OperationalError("database or disk is full"))
+
+    loop.run_once = run_once  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING)
+    loop.start()
+    try:
+        time.sleep(0.5)
+        assert tries == [], "nothing is claimed below the reserve"
+        free.free = 100 * MiB
+        time.sleep(1.0)
+    finally:
+        loop.stop(timeout=5)
+    assert len(tries) == 1, "after the disk-full error it waits for space instead of trying again"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "daemon.spool"] == [
+        "disk below reserve: forwards paused",
+        "disk space back: forwards resumed",
+        "disk full: forwards paused until space returns",
+    ]
