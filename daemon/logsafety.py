@@ -124,7 +124,11 @@ class RedactingFilter(logging.Filter):
             if isinstance(record.args, tuple) and any(isinstance(a, str | BaseException) for a in record.args):
                 record.args = tuple(redact(str(a)) if isinstance(a, str | BaseException) else a for a in record.args)
         else:
-            record.msg, record.args = redact(record.getMessage()), None
+            try:
+                message = record.getMessage()
+            except Exception:  # a library's bad format string: never let logging raise into the caller
+                message = f"{record.msg} {record.args}"
+            record.msg, record.args = redact(message), None
         if record.exc_info and record.exc_info[0] is not None:
             record.exc_text = redact_exception(record.exc_info)  # type: ignore[arg-type]
         elif record.exc_text:
