@@ -123,13 +123,13 @@ def test_requests_with_half_a_body_are_closed_at_the_deadline(chexd, tmp_path) -
     socks = [connect(chexd.port, "127.0.0.9", pdu_header(0x01, 300) + b"\x00" * 150) for _ in range(PER_ADDRESS)]
     started = time.monotonic()
     try:
-        assert_healthy(chexd, tmp_path)
-        answers = [read_until_closed(s, TIMEOUT + 2) for s in socks]
+        answers = [read_until_closed(s, TIMEOUT + 3) for s in socks]
         elapsed = time.monotonic() - started
         assert answers == [b""] * PER_ADDRESS
-        assert TIMEOUT - 0.3 < elapsed < TIMEOUT + 2, f"closed after {elapsed:.1f} s"
+        assert TIMEOUT - 0.3 < elapsed < TIMEOUT + 3, f"closed after {elapsed:.1f} s"
     finally:
         close_all(socks)
+    assert_healthy(chexd, tmp_path)
     assert wait_for(lambda: any("within 1.5 s" in (r.detail or "") for r in audit_rows(chexd, "connection_dropped")))
 
 
@@ -335,8 +335,8 @@ def test_the_association_limit_is_a_transient_reject_and_frees_at_close(chexd, t
         held[0].dul.socket.socket.close()
         held[0].kill()
         started = time.monotonic()
-        assert wait_for(lambda: _echoscu(chexd, "-aec", chexd.ae_title).returncode == 0, timeout=3)
-        assert time.monotonic() - started < 2
+        assert wait_for(lambda: _echoscu(chexd, "-aec", chexd.ae_title).returncode == 0, timeout=5)
+        assert time.monotonic() - started < 5, "pynetdicom alone held such a slot for acse_timeout (30 s)"
     finally:
         for assoc in held[1:]:
             assoc.release()

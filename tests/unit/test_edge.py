@@ -202,7 +202,7 @@ def test_silent_connections_do_not_take_association_slots_and_meet_the_deadline(
     started = time.monotonic()
     for sock in silent:
         assert read_until_closed(sock, 3.0) == b""
-    assert time.monotonic() - started < LIMITS.request_timeout + 1.0
+    assert time.monotonic() - started < LIMITS.request_timeout + 2.0
     assert wait_for(lambda: server.pending_count() == 0)
     assert any(e.kind == "deadline" and "within 0.6 s" in e.detail for e in events)
 
@@ -248,7 +248,7 @@ def test_association_limits_answer_a_transient_reject_and_free_at_close(edge) ->
     # an abrupt close (no A-RELEASE) frees its slot at once, not after acse_timeout
     held[0].dul.socket.socket.close()
     held[0].kill()
-    assert wait_for(lambda: server.association_counts("127.0.0.4")[0] == 2, timeout=1.0)
+    assert wait_for(lambda: server.association_counts("127.0.0.4")[0] == 2, timeout=2.0)
     assert _echo_ok(port, "127.0.0.6")
     for assoc in held[1:]:
         assoc.release()
