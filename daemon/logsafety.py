@@ -60,6 +60,8 @@ _TEMPLATES = [
 # (doesn't) never opens one.
 _QUOTED = re.compile(r"""(?<![\w"'])([bBrRuUfF]{0,2})(["'])((?:\\.|(?!\2(?!\w)).)*)\2(?!\w)""", re.S)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# text that no rule can change (no quote, control character or unquoted-value template): returned as it is
+_SUSPECT = re.compile(rf"[\"']|{_CONTROL.pattern}|potentially invalid|Error while processing")
 _TAG = re.compile(r"^\(?[0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)?$|^0x[0-9A-Fa-f]{8}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 _NUMBER = re.compile(r"^[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$")
@@ -98,6 +100,8 @@ def _escape_control(text: str) -> str:
 def redact(text: str) -> str:
     """``text`` with attribute values replaced by ``<redacted>`` (keywords, tags, UIDs and VRs kept) and control
     characters escaped (``\\x1b``). Idempotent."""
+    if not _SUSPECT.search(text):  # the common case (a UID, a count): nothing quoted, nothing to escape
+        return text
     for template in _TEMPLATES:
         text = template.sub(lambda m: f"{m.group(1)}{REDACTED}{m.group(3)}", text)
     return _escape_control(_QUOTED.sub(_quoted, text))
