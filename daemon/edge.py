@@ -37,7 +37,7 @@ from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -480,8 +480,8 @@ class EdgeServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # type: ignore[override]
         """Accept without TLS: the handshake runs in the edge loop, under the request deadline."""
-        assert self.socket is not None
-        return self.socket.accept()
+        listener = cast(socket.socket, self.socket)
+        return listener.accept()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._inbox.put((request, tuple(client_address)))
