@@ -99,7 +99,6 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-
 def edge_limits(settings: Settings) -> EdgeLimits:
     """The edge guards' limits from the settings (README "Network edge")."""
     return EdgeLimits(
