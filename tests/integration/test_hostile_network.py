@@ -346,7 +346,7 @@ def test_the_association_limit_is_a_transient_reject_and_frees_at_close(chexd, t
     assert_healthy(chexd, tmp_path)
 
 
-def test_floods_are_audited_without_flooding_the_audit_table(chexd) -> None:  # type: ignore[no-untyped-def]
+def test_floods_are_audited_without_flooding_the_audit_table(chexd, tmp_path) -> None:  # type: ignore[no-untyped-def]
     for _ in range(50):
         connect(chexd.port, "127.0.0.16", pdu_header(0x01, HUGE)).close()
     assert wait_for(lambda: len(audit_rows(chexd, "connection_dropped", "127.0.0.16")) >= 1)
@@ -354,6 +354,7 @@ def test_floods_are_audited_without_flooding_the_audit_table(chexd) -> None:  # 
     rows = audit_rows(chexd, "connection_dropped", "127.0.0.16")
     assert len(rows) == 1 and "limit is 65536" in (rows[0].detail or "")
     assert chexd.log().count("peer=127.0.0.16") == 1, "one log line per window, too"
+    assert_healthy(chexd, tmp_path)
 
 
 def test_no_hostile_input_left_a_traceback_in_the_log(chexd) -> None:  # type: ignore[no-untyped-def]
