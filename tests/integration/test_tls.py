@@ -390,3 +390,17 @@ def test_an_ae_title_refusal_reaches_a_tls_peer_as_a_reject(chexd: DaemonProcess
     )
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr, result
+
+
+def test_a_tcp_probe_of_the_tls_port_is_not_logged_as_a_tls_failure(
+    chexd: DaemonProcess, pki: PKI, tmp_path: Path
+) -> None:
+    """A health check or ``chexd forward``'s is-the-daemon-up probe connects and closes: like a plain connection
+    closed before its request, it is neither logged nor audited (daemon.tls.peer_closed_silently)."""
+    offset = len(chexd.log())
+    probe = ("127.0.0.41", 0)
+    socket.create_connection(("127.0.0.1", chexd.port), timeout=5, source_address=probe).close()
+    assert_serves_over_tls(chexd, pki, tmp_path, seed=6)
+    time.sleep(0.3)
+    assert "peer=127.0.0.41" not in chexd.log()[offset:]
+    assert audited_drops(chexd, "127.0.0.41", timeout=0.5) == []
