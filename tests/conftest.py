@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,6 +207,24 @@ class DaemonProcess:
         from daemon.db import create_db_engine
 
         return create_db_engine(self.database_url)
+
+
+@contextmanager
+def running_daemon(data_dir: Path, database_url: str | None = None, **settings: str) -> Iterator[DaemonProcess]:
+    """Start one ``chexd serve`` (SQLite in ``data_dir`` unless ``database_url`` is given; ``settings`` as
+    ``name=value``, e.g. ``report_workers="0"``) and stop it afterwards, with the log's PHI check. For module-scoped
+    fixtures that run many cases against one daemon, which keeps the suite's daemon start-ups few."""
+    daemon = DaemonProcess(
+        data_dir=data_dir,
+        database_url=database_url or f"sqlite:///{data_dir / 'chexd.db'}",
+        port=free_port(),
+        extra_env={f"CHEXD_{k.upper()}": v for k, v in settings.items()},
+    )
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

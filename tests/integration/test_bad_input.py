@@ -57,7 +57,9 @@ def test_bad_inputs_get_their_status_and_nothing_leaves_the_spool(daemon, tmp_pa
     assert any("Rows is 0" in r for r in reasons)
     assert any("0xA900" in r for r in reasons)
     assert sorted(p.name for p in daemon.data_dir.iterdir()) == sorted(
-        p.name for p in daemon.data_dir.iterdir() if p.name in {"spool", "quarantine", "identity.key"} or p.name.startswith("chexd.db")
+        p.name
+        for p in daemon.data_dir.iterdir()
+        if p.name in {"spool", "quarantine", "identity.key"} or p.name.startswith("chexd.db")
     )
     assert _tree(tmp_path, daemon.data_dir) == before, "nothing was written outside the data directory"
     assert not Path("/etc/chexd").exists() and not (daemon.data_dir / "etc").exists()

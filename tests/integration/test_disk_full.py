@@ -29,7 +29,7 @@ from daemon.settings import Settings
 from daemon.tables import Instance, Study, StudyReportRow
 from daemon.worker import decode_statistics
 from model.phantom import generate, to_dicom
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess, free_port, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.peers import send_raw, write_raw
 
@@ -138,20 +138,10 @@ def disk() -> Iterator[TinyDisk]:
 
 @pytest.fixture(scope="module")
 def daemon(disk: TinyDisk) -> Iterator[DaemonProcess]:
-    process = DaemonProcess(
-        data_dir=disk.root,
-        database_url=f"sqlite:///{disk.root / 'chexd.db'}",
-        port=free_port(),
-        extra_env={
-            "CHEXD_DISK_RESERVE_MB": str(RESERVE_MB),
-            "CHEXD_MODEL_DEVICE": "cpu",
-            "CHEXD_REPORT_QUIET_SECONDS": "2",
-            "CHEXD_REPORT_WORKERS": "1",
-        },
-    )
-    process.start()
-    yield process
-    process.stop()
+    with running_daemon(
+        disk.root, disk_reserve_mb=str(RESERVE_MB), model_device="cpu", report_quiet_seconds="2", report_workers="1"
+    ) as process:
+        yield process
     process.log_path.unlink(missing_ok=True)
 
 

@@ -36,7 +36,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from daemon.tables import Instance, Job
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset
 from tests.hostilegen import (
     deflate,
@@ -348,20 +348,15 @@ CASES = [
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("hostile")
-    process = DaemonProcess(
-        data_dir=root / "data",
-        database_url=f"sqlite:///{root / 'chexd.db'}",
-        port=free_port(),
-        extra_env={
-            "CHEXD_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
-            "CHEXD_MAX_DECOMPRESSED_MB": str(MAX_MB),
-            "CHEXD_REPORT_QUIET_SECONDS": "3600",
-            "CHEXD_REPORT_WORKERS": "0",
-        },
-    )
-    process.start()
-    yield process
-    process.stop()
+    with running_daemon(
+        root / "data",
+        f"sqlite:///{root / 'chexd.db'}",
+        max_image_pixels=str(MAX_PIXELS),
+        max_decompressed_mb=str(MAX_MB),
+        report_quiet_seconds="3600",
+        report_workers="0",
+    ) as process:
+        yield process
 
 
 def _job(daemon: DaemonProcess, uid: str) -> tuple[str, int, str | None] | None:

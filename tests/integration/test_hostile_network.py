@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from daemon.tables import AuditEvent
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 from tests.rawpeer import connect, pdu_header, read_until_closed, wait_for
 
@@ -41,21 +41,16 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def chexd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("hostile")
-    daemon = DaemonProcess(
-        data_dir=root / "data",
-        database_url=f"sqlite:///{root / 'chexd.db'}",
-        port=free_port(),
-        extra_env={
-            "CHEXD_ASSOCIATION_REQUEST_TIMEOUT": str(TIMEOUT),
-            "CHEXD_MAX_ASSOCIATIONS": str(MAX_ASSOCIATIONS),
-            "CHEXD_MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
-            "CHEXD_ALLOWED_CALLING_AES": "ECHOSCU,STORESCU,HOSTILE",
-            "CHEXD_WORKER_THREADS": "0",
-        },
-    )
-    daemon.start()
-    yield daemon
-    daemon.stop()
+    with running_daemon(
+        root / "data",
+        f"sqlite:///{root / 'chexd.db'}",
+        association_request_timeout=str(TIMEOUT),
+        max_associations=str(MAX_ASSOCIATIONS),
+        max_connections_per_address=str(PER_ADDRESS),
+        allowed_calling_aes="ECHOSCU,STORESCU,HOSTILE",
+        worker_threads="0",
+    ) as daemon:
+        yield daemon
 
 
 def rss_mib(daemon: DaemonProcess) -> float:

@@ -19,7 +19,7 @@ from daemon import queries
 from daemon.cli import app
 from daemon.db import session_factory
 from daemon.tables import AuditEvent, IdentityConflict, Instance, ReportFile, Series, Study, StudyReportRow
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 
 # Distinctive values: the PHI check at the end looks for each of them in the daemon's log.
@@ -31,20 +31,10 @@ NORMAL_STUDY = generate_uid()  # the normal stores after each hostile case share
 @pytest.fixture(scope="module")
 def chexd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("identity")
-    daemon = DaemonProcess(
-        data_dir=root / "data",
-        database_url=f"sqlite:///{root / 'data' / 'chexd.db'}",
-        port=free_port(),
-        extra_env={
-            "CHEXD_REPORT_QUIET_SECONDS": "0.5",
-            "CHEXD_MODEL_DEVICE": "cpu",
-            "CHEXD_REPORT_WORKERS": "0",
-            "CHEXD_WORKER_THREADS": "2",
-        },
-    )
-    daemon.start()
-    yield daemon
-    daemon.stop()
+    with running_daemon(
+        root / "data", report_quiet_seconds="0.5", model_device="cpu", report_workers="0", worker_threads="2"
+    ) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from daemon.settings import Settings
 from daemon.tables import AuditEvent, Instance
 from daemon.tls import client_context, forward_context
-from tests.conftest import DaemonProcess, free_port
+from tests.conftest import DaemonProcess, free_port, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.test_forward import make_study
 from tests.pki import PKI, Issued, make_pki
@@ -41,23 +41,16 @@ def chexd(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[Daemon
     """chexd with TLS on and client certificates required (tls_client_cert auto + tls_ca); no job worker (only the
     edge and the store are under test)."""
     root = tmp_path_factory.mktemp("chexd-tls")
-    daemon = DaemonProcess(
-        data_dir=root / "data",
-        database_url=f"sqlite:///{root / 'chexd.db'}",
-        port=free_port(),
-        extra_env={
-            "CHEXD_TLS_CERT": str(pki.server.cert),
-            "CHEXD_TLS_KEY": str(pki.server.key),
-            "CHEXD_TLS_CA": str(pki.ca.cert),
-            "CHEXD_WORKER_THREADS": "0",
-            "CHEXD_REPORT_WORKERS": "0",
-        },
-    )
-    daemon.start()
-    try:
+    with running_daemon(
+        root / "data",
+        f"sqlite:///{root / 'chexd.db'}",
+        tls_cert=str(pki.server.cert),
+        tls_key=str(pki.server.key),
+        tls_ca=str(pki.ca.cert),
+        worker_threads="0",
+        report_workers="0",
+    ) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
     log = daemon.log()
     assert "Traceback" not in log, log[-3000:]
     assert "CHEXD-TEST-0001" not in log and "Test^Chest" not in log  # the images' patient ID and name
