@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +23,7 @@ from daemon.spool import Spool, SpooledFile
 from daemon.store import StoreOutcome, adopt, audit
 from daemon.tables import Instance
 from daemon.worker import requeue_expired
+from model.preprocess import DEFAULT_LIMITS, PixelLimits, read_dicom
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,11 @@ class RecoveryReport:
     reports_resumed: int = 0
 
 
-def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
-    """Adopt spool files missing from the database; quarantine ones that no longer parse. Returns (adopted,
-    quarantined)."""
+def reindex(
+    spool: Spool, sessions: sessionmaker[Session], limits: PixelLimits = DEFAULT_LIMITS
+) -> tuple[int, int]:
+    """Adopt spool files missing from the database; quarantine ones that no longer parse or exceed ``limits`` (read
+    as at the edge: a deflated file is inflated with a cap). Returns (adopted, quarantined)."""
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)))
     adopted = quarantined = 0
@@ -48,8 +50,8 @@ def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
             continue
         path = spool.path_of(rel)
         try:
-            ds = pydicom.dcmread(path)
-            meta = inspect(ds, str(ds.file_meta.TransferSyntaxUID))
+            ds = read_dicom(path, limits)
+            meta = inspect(ds, str(ds.file_meta.TransferSyntaxUID), limits)
         except Exception as exc:
             try:
                 spool.quarantine_bytes(path.read_bytes(), f"re-index: stored file cannot be parsed: {exc}")
@@ -75,14 +77,19 @@ def reindex(spool: Spool, sessions: sessionmaker[Session]) -> tuple[int, int]:
     return adopted, quarantined
 
 
-def recover(spool: Spool, sessions: sessionmaker[Session], data_dir: Path | None = None) -> RecoveryReport:
+def recover(
+    spool: Spool,
+    sessions: sessionmaker[Session],
+    data_dir: Path | None = None,
+    limits: PixelLimits = DEFAULT_LIMITS,
+) -> RecoveryReport:
     """Run the start-up recovery steps (module docstring); ``data_dir`` holds reports and archives (default: the
-    spool's parent folder)."""
+    spool's parent folder); ``limits`` are the image size limits of the edge (settings)."""
     removed = spool.remove_stale_temp_files()
     removed += remove_stale_staging(data_dir if data_dir is not None else spool.root.parent)
     requeued = requeue_expired(sessions, at_startup=True)
     resumed = resume_orphaned_reports(sessions)
-    adopted, quarantined = reindex(spool, sessions)
+    adopted, quarantined = reindex(spool, sessions, limits)
     report = RecoveryReport(
         temp_files_removed=removed,
         jobs_requeued=requeued,

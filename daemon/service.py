@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -12,6 +13,7 @@ from daemon import logsafety
 from daemon.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.forward import ForwardLoop
 from daemon.inference import ActiveModelProcessor, resolve_model_path
+from daemon.intake import pixel_limits
 from daemon.recovery import RecoveryReport, recover
 from daemon.reports import ReportLoop, ReportScheduler
 from daemon.scp import StorageSCP
@@ -56,13 +58,13 @@ class Daemon:
         path = resolve_model_path(self.settings)
         if path is None:
             log.warning("no model configured and none bundled: images are stored and decoded but not analysed")
-            return decode_statistics
+            return functools.partial(decode_statistics, limits=pixel_limits(self.settings))
         return ActiveModelProcessor(self.settings, self.sessions)
 
     def start(self) -> None:
         revision = upgrade_to_head(self.engine)
         log.info("database at revision %s", revision)
-        self.recovery = recover(self.spool, self.sessions, self.settings.data_dir)
+        self.recovery = recover(self.spool, self.sessions, self.settings.data_dir, pixel_limits(self.settings))
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.load()
         self.workers.start()

@@ -84,11 +84,12 @@ def read_stored_image(path: Path, limits: PixelLimits = DEFAULT_LIMITS) -> tuple
         raise PermanentJobError(f"pixel data cannot be decoded: {exc}") from exc
 
 
-def decode_statistics(path: Path) -> dict[str, Any]:
-    """The processing step without a model: decode the stored image and return its statistics (normalised units).
+def decode_statistics(path: Path, limits: PixelLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The processing step without a model: decode the stored image (under ``limits``) and return its statistics
+    (normalised units).
 
-    Raises PermanentJobError when the file or its pixel data cannot be decoded."""
-    ds, image = read_stored_image(path)
+    Raises PermanentJobError when the file or its pixel data cannot be decoded or is over a limit."""
+    ds, image = read_stored_image(path, limits)
     return stats_of(ds, image).to_dict()
 
 
