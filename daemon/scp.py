@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -56,7 +57,7 @@ from daemon.edge import (
 from daemon.intake import UnusableDatasetError, check_element_lengths, inspect, pixel_limits
 from daemon.settings import Settings
 from daemon.spool import InvalidUIDError, validate_uid
-from daemon.store import InstanceStore, StoreOutcome, audit
+from daemon.store import InstanceStore, PendingWrite, StoreOutcome, audit
 from model.errors import ImageTooLargeError
 from model.preprocess import PixelLimits, read_deflated_dataset
 
@@ -233,11 +234,26 @@ class StorageSCP:
         calling_ae = (event.assoc.requestor.ae_title or "").strip()[:16] or None
         # The file is the received dataset bytes unchanged behind a Part 10 header (as event.encoded_dataset()
         # builds it), written from pynetdicom's buffer without copying 8 MB images twice.
-        header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        # The write (and its fsync) starts on a writer thread at once and overlaps the parsing below; the buffer is
+        # held until the write is done (PendingWrite.close), whatever the outcome.
+        file_meta = event.file_meta  # pynetdicom builds it anew on every access
+        header = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
         with request.DataSet.getbuffer() as dataset_bytes:
-            return self._store_payload(event, calling_ae, [header, dataset_bytes])
+            data: list[bytes | memoryview] = [header, dataset_bytes]
+            pending = self.store.begin_write(data)
+            try:
+                return self._store_payload(event, calling_ae, data, pending, file_meta)
+            finally:
+                pending.close()
 
-    def _store_payload(self, event: evt.Event, calling_ae: str | None, data: list[bytes | memoryview]) -> int:
+    def _store_payload(
+        self,
+        event: evt.Event,
+        calling_ae: str | None,
+        data: list[bytes | memoryview],
+        pending: PendingWrite | None = None,
+        file_meta: FileMetaDataset | None = None,
+    ) -> int:
         request = event.request
 
         def reject(status: Status, reason: str, uid: str | None = None) -> int:
@@ -269,7 +285,7 @@ class StorageSCP:
 
         limits = pixel_limits(self.settings)
         try:
-            ds = _parse_fully(event, limits)
+            ds = _parse_fully(event, limits, file_meta)
         except (ImageTooLargeError, UnusableDatasetError) as exc:
             return reject(Status.CANNOT_UNDERSTAND, str(exc), requested_uid)
         except Exception as exc:
@@ -297,7 +313,7 @@ class StorageSCP:
             return reject(Status.CANNOT_UNDERSTAND, str(exc), requested_uid)
 
         try:
-            outcome = self.store.save(meta, data, calling_ae, after_commit=self.on_stored)
+            outcome = self.store.save(meta, data, calling_ae, after_commit=self.on_stored, pending=pending)
         except OSError as exc:
             log.error("C-STORE out of resources (disk) sop_instance_uid=%s: %s", requested_uid, exc)
             return Status.OUT_OF_RESOURCES
@@ -309,7 +325,7 @@ class StorageSCP:
         return Status.SUCCESS
 
 
-def _parse_fully(event: evt.Event, limits: PixelLimits) -> Dataset:
+def _parse_fully(event: evt.Event, limits: PixelLimits, file_meta: FileMetaDataset | None = None) -> Dataset:
     """Decode the received dataset and touch every element so truncation or garbage fails here, not later.
 
     A deflated dataset is inflated under ``limits`` (its header checked before the pixel data is inflated;
@@ -322,7 +338,7 @@ def _parse_fully(event: evt.Event, limits: PixelLimits) -> Dataset:
     check_element_lengths(ds)
     for elem in ds.iterall():
         _ = elem.value
-    ds.file_meta = event.file_meta
+    ds.file_meta = event.file_meta if file_meta is None else file_meta
     return ds
 
 

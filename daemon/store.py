@@ -1,9 +1,14 @@
 """Durable storage of one instance: file in the spool and rows in the database, both or neither.
 
-Order (the answer 0x0000 may only follow a full success): write + fsync a temp file (hashing it on the way); rename
-into place + fsync the folder; insert study/series/instance/job in one transaction. If the transaction fails the
-renamed file is removed. A crash between rename and commit leaves a file without rows, which
-:func:`daemon.recovery.reindex` adopts (through :func:`adopt`, which applies the identity checks too).
+Order (the answer 0x0000 may only follow a full success): write + fsync a temp file (hashing it on the way); then ONE
+transaction on one connection: duplicate look-up, identity checks and study/series/instance/job inserts; rename the
+file into place + fsync the folder; commit. If the commit fails the renamed file is removed. A crash between rename
+and commit leaves a file without rows, which :func:`daemon.recovery.reindex` adopts (through :func:`adopt`, which
+applies the identity checks too).
+
+Speed (bench/README.md "store_throughput"): the hot path runs pre-built Core statements on the session's connection
+(no ORM unit of work): duplicate look-up, one read of the series with its study (the next image of a known series
+needs no study/series insert), instance and job inserts, commit: four statements and one WAL fsync per image.
 
 Patient identity (README "Patient identity conflicts"): an instance whose StudyInstanceUID belongs to another
 patient fingerprint, whose SeriesInstanceUID belongs to another study, or whose SOP Instance UID is stored with
@@ -18,15 +23,16 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.identity import IdentityKey, fingerprint_difference
 from daemon.intake import InstanceMeta
-from daemon.spool import Payload, Spool, SpooledFile
+from daemon.spool import Payload, Spool, SpooledFile, as_chunks
 from daemon.tables import AuditEvent, ConflictKind, IdentityConflict, Instance, Job, JobState, Series, Study
 
 log = logging.getLogger(__name__)
@@ -93,23 +99,28 @@ def _insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-def record_instance(
-    session: Session,
-    meta: InstanceMeta,
-    spooled: SpooledFile,
-    calling_ae: str | None,
-    *,
-    fingerprint: str,
-    sha256: str | None = None,
-) -> Instance:
-    """Add study, series (if new), instance and its job to ``session`` (no commit). Job is SKIPPED when gated.
+# Pre-built statements of the hot path (SQLAlchemy caches their compiled form; building them per call costs more than
+# running them). Python-side column defaults (timestamps, job kind/attempts) apply to these Core inserts as well.
+_INSERT_INSTANCE = insert(Instance)
+_INSERT_JOB = insert(Job)
+_SELECT_STORED = (
+    select(Instance.path, Instance.sha256, Study.patient_fingerprint)
+    .join(Series, Instance.series_id == Series.id)
+    .join(Study, Series.study_id == Study.id)
+    .where(Instance.sop_instance_uid == bindparam("uid"))
+)
+_SELECT_SERIES = (  # the next image of a known series: one read answers both identity checks
+    select(Series.id, Series.study_id, Study.study_instance_uid, Study.patient_fingerprint)
+    .join(Study, Series.study_id == Study.id)
+    .where(Series.series_instance_uid == bindparam("uid"))
+)
 
-    The study is created with ``fingerprint`` (daemon.identity) or, if it exists, must carry the same one; the series
-    must belong to this study. Concurrent senders of one new Study UID both insert-or-ignore, then compare what was
-    stored, so exactly one patient owns it. Raises IdentityConflictError (roll the session back) otherwise."""
-    insert = _insert(session)
+
+def _study_id(session: Session, meta: InstanceMeta, fingerprint: str) -> int:
+    """Insert-or-ignore the study, then check that it carries ``fingerprint``; raises IdentityConflictError."""
+    insert_or_ignore = _insert(session)
     session.execute(
-        insert(Study)
+        insert_or_ignore(Study)
         .values(
             study_instance_uid=meta.study_instance_uid, study_date=meta.study_date, patient_fingerprint=fingerprint
         )
@@ -128,8 +139,14 @@ def record_instance(
     conflict = study_conflict(stored, fingerprint)
     if conflict is not None:
         raise conflict
+    return int(study_id)
+
+
+def _series_id(session: Session, meta: InstanceMeta, study_id: int) -> int:
+    """Insert-or-ignore the series, then check that it belongs to ``study_id``; raises IdentityConflictError."""
+    insert_or_ignore = _insert(session)
     session.execute(
-        insert(Series)
+        insert_or_ignore(Series)
         .values(series_instance_uid=meta.series_instance_uid, study_id=study_id, modality=meta.modality)
         .on_conflict_do_nothing(index_elements=["series_instance_uid"])
     )
@@ -141,25 +158,53 @@ def record_instance(
         conflict = series_conflict(owner, meta.study_instance_uid)
         assert conflict is not None
         raise conflict
-    instance = Instance(
-        sop_instance_uid=meta.sop_instance_uid,
-        sop_class_uid=meta.sop_class_uid,
-        series_id=series_id,
-        transfer_syntax_uid=meta.transfer_syntax_uid,
-        path=spooled.relative_path,
-        size_bytes=spooled.size_bytes,
-        sha256=sha256,
-        calling_ae=calling_ae,
-        modality=meta.modality,
-        body_part=meta.body_part,
-        view_position=meta.view_position,
-        skip_reason=meta.skip_reason,
-    )
-    session.add(instance)
-    session.flush()
+    return int(series_id)
+
+
+def record_instance(
+    session: Session,
+    meta: InstanceMeta,
+    spooled: SpooledFile,
+    calling_ae: str | None,
+    *,
+    fingerprint: str,
+    sha256: str | None = None,
+) -> int:
+    """Add study, series (if new), instance and its job to ``session`` (no commit); return the instance's id. Job is
+    SKIPPED when gated.
+
+    The study is created with ``fingerprint`` (daemon.identity) or, if it exists, must carry the same one; the series
+    must belong to this study. Concurrent senders of one new Study UID both insert-or-ignore, then compare what was
+    stored, so exactly one patient owns it. Raises IdentityConflictError (roll the session back) otherwise.
+
+    Fast path: when the series is stored under this study and the study carries ``fingerprint``, one read answers
+    both checks (a set fingerprint never changes and a series never moves, so nothing is left to insert or claim)."""
+    conn = session.connection()
+    known = conn.execute(_SELECT_SERIES, {"uid": meta.series_instance_uid}).first()
+    if known is not None and known[2] == meta.study_instance_uid and known[3] == fingerprint:
+        series_id = known[0]
+    else:
+        series_id = _series_id(session, meta, _study_id(session, meta, fingerprint))
+    instance_id = conn.execute(
+        _INSERT_INSTANCE,
+        {
+            "sop_instance_uid": meta.sop_instance_uid,
+            "sop_class_uid": meta.sop_class_uid,
+            "series_id": series_id,
+            "transfer_syntax_uid": meta.transfer_syntax_uid,
+            "path": spooled.relative_path,
+            "size_bytes": spooled.size_bytes,
+            "sha256": sha256,
+            "calling_ae": calling_ae,
+            "modality": meta.modality,
+            "body_part": meta.body_part,
+            "view_position": meta.view_position,
+            "skip_reason": meta.skip_reason,
+        },
+    ).inserted_primary_key[0]
     state = JobState.SKIPPED if meta.skip_reason else JobState.QUEUED
-    session.add(Job(instance_id=instance.id, state=state, error=meta.skip_reason))
-    return instance
+    conn.execute(_INSERT_JOB, {"instance_id": instance_id, "state": state, "error": meta.skip_reason})
+    return int(instance_id)
 
 
 def dataset_sha256(path: Path) -> str:
@@ -251,6 +296,50 @@ def adopt(spool: Spool, sessions: sessionmaker[Session], meta: InstanceMeta, spo
     return StoreOutcome.STORED
 
 
+def _sha256(data: Payload) -> str:
+    digest = hashlib.sha256()
+    for chunk in as_chunks(data):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PendingWrite:
+    """A received file being written, hashed and fsynced to a temp file on a writer thread
+    (:meth:`InstanceStore.begin_write`), while the caller parses the dataset. The caller must :meth:`close` it (in a
+    ``finally``) before it lets go of the buffers: that waits for the write and removes the temp file unless
+    :meth:`InstanceStore.save` claimed it."""
+
+    def __init__(self, write: Future[Path], digest: Future[str], spool: Spool) -> None:
+        self._write = write
+        self._digest = digest
+        self._spool = spool
+        self._claimed = False
+
+    def claim(self) -> tuple[Path, str]:
+        """(temp file, SHA-256 hex of the file) once written and fsynced; raises the write's OSError (disk,
+        reserve)."""
+        tmp = self._write.result()
+        self._claimed = True
+        return tmp, self._digest.result()
+
+    def close(self) -> None:
+        """Wait for the write and the hash; remove the temp file unless claimed. Never raises for a failed write."""
+        try:
+            self._digest.result()
+        except Exception:
+            pass
+        try:
+            tmp = self._write.result()
+        except Exception:
+            return  # nothing was left behind (write_temp removes its file on failure)
+        if not self._claimed:
+            self._spool.discard(tmp)
+
+
+class _Rollback(Exception):
+    """Leaves a transaction without committing it (an identity conflict: the image is held, nothing recorded)."""
+
+
 class InstanceStore:
     """Stores instances durably. Thread-safe: concurrent stores of one SOP Instance UID are serialised.
 
@@ -263,9 +352,31 @@ class InstanceStore:
         self.sessions = sessions
         self.key = key or IdentityKey.for_data_dir(spool.root.parent)
         self._locks = [threading.Lock() for _ in range(64)]
+        self._writers: ThreadPoolExecutor | None = None
+        self._writers_lock = threading.Lock()
 
     def _lock(self, sop_instance_uid: str) -> threading.Lock:
         return self._locks[hash(sop_instance_uid) % len(self._locks)]
+
+    WRITER_THREADS = 8  # concurrent temp-file writes (one per association in its C-STORE handler); more wait
+
+    def _write(self, data: Payload) -> tuple[Path, str]:
+        digest = hashlib.sha256()
+        tmp = self.spool.write_temp(data, digest=digest)
+        return tmp, digest.hexdigest()
+
+    def begin_write(self, data: Payload) -> PendingWrite:
+        """Start writing ``data`` (the complete DICOM file) to a fsynced temp file on a writer thread, and hashing it
+        on another; pass the result to :meth:`save` (``pending=``) and :meth:`PendingWrite.close` it in any case.
+        ``data`` must stay unchanged and alive until then. Write, fsync (I/O wait), hash and the caller's parsing
+        overlap (each releases the GIL for its heavy part): an 8 MB image no longer waits for them one after the
+        other."""
+        with self._writers_lock:
+            if self._writers is None:
+                self._writers = ThreadPoolExecutor(2 * self.WRITER_THREADS, thread_name_prefix="chexd-spool-write")
+            return PendingWrite(
+                self._writers.submit(self.spool.write_temp, data), self._writers.submit(_sha256, data), self.spool
+            )
 
     def exists(self, sop_instance_uid: str) -> bool:
         with self.sessions() as session:
@@ -300,55 +411,61 @@ class InstanceStore:
         calling_ae: str | None,
         *,
         after_commit: Callable[[], None] | None = None,
+        pending: PendingWrite | None = None,
     ) -> StoreOutcome:
         """Store ``data`` (the complete DICOM file: bytes or chunks). Raises OSError (disk, reserve) or SQLAlchemyError
         (database) with nothing left behind. A known SOP Instance UID with the same dataset returns DUPLICATE and
         changes nothing; an identity conflict returns CONFLICT with the bytes held in the quarantine (both are
-        acknowledged by the SCP: the bytes are safe)."""
+        acknowledged by the SCP: the bytes are safe).
+
+        One transaction does the duplicate look-up, the identity checks and the inserts; the fsynced temp file is
+        renamed into place (folder fsynced) inside it, before the commit, so 0x0000 follows file, folder and rows.
+        ``pending`` (from :meth:`begin_write` with the same ``data``) is the temp file already being written; without
+        it the file is written here."""
         uid = meta.sop_instance_uid
         rel = self.spool.relative_path(meta.study_instance_uid, meta.series_instance_uid, uid)
         fingerprint = self.key.fingerprint(meta.identity)
-        digest = hashlib.sha256()
-        tmp = self.spool.write_temp(data, digest=digest)
-        sha256 = digest.hexdigest()
+        tmp, sha256 = self._write(data) if pending is None else pending.claim()
+        size = sum(memoryview(chunk).nbytes for chunk in as_chunks(data))
+        conflict: IdentityConflictError | None = None
+        spooled: SpooledFile | None = None
         with self._lock(uid):
             try:
-                with self.sessions() as session:
-                    existing = session.execute(
-                        select(Instance.path, Instance.sha256, Study.patient_fingerprint)
-                        .join(Series, Instance.series_id == Series.id)
-                        .join(Study, Series.study_id == Study.id)
-                        .where(Instance.sop_instance_uid == uid)
-                    ).first()
+                with self.sessions.begin() as session:
+                    existing = session.connection().execute(_SELECT_STORED, {"uid": uid}).first()
                     if existing is not None:
                         conflict = self._sop_conflict(tmp, sha256, fingerprint, tuple(existing))
                         if conflict is None:
                             self.spool.discard(tmp)
                             return StoreOutcome.DUPLICATE
                     else:
-                        conflict = find_conflict(session, meta, fingerprint)
-                if conflict is not None:
-                    hold(self.spool, self.sessions, tmp, meta, conflict, fingerprint=fingerprint, sha256=sha256,
-                         calling_ae=calling_ae)
-                    return StoreOutcome.CONFLICT
+                        try:
+                            record_instance(
+                                session,
+                                meta,
+                                SpooledFile(relative_path=rel, absolute_path=self.spool.root / rel, size_bytes=size),
+                                calling_ae,
+                                fingerprint=fingerprint,
+                                sha256=sha256,
+                            )
+                        except IdentityConflictError as exc:  # nothing was renamed: the temp file is held
+                            conflict = exc
+                        else:
+                            spooled = self.spool.commit(tmp, rel)
+                    if conflict is not None:
+                        raise _Rollback  # undo the insert-or-ignore of a study or series that the conflict named
+            except _Rollback:
+                pass
             except BaseException:
-                self.spool.discard(tmp)
-                raise
-            spooled = self.spool.commit(tmp, rel)
-            try:
-                with self.sessions.begin() as session:
-                    record_instance(session, meta, spooled, calling_ae, fingerprint=fingerprint, sha256=sha256)
-            except IdentityConflictError as conflict:  # another sender won the study or series since the check
-                try:
-                    hold(self.spool, self.sessions, spooled.absolute_path, meta, conflict, fingerprint=fingerprint,
-                         sha256=sha256, calling_ae=calling_ae)
-                except BaseException:
+                if spooled is not None:
                     self.spool.remove(rel)
-                    raise
-                return StoreOutcome.CONFLICT
-            except BaseException:
-                self.spool.remove(rel)
+                else:
+                    self.spool.discard(tmp)
                 raise
+            if conflict is not None:
+                hold(self.spool, self.sessions, tmp, meta, conflict, fingerprint=fingerprint, sha256=sha256,
+                     calling_ae=calling_ae)
+                return StoreOutcome.CONFLICT
         log.info("instance stored sop_instance_uid=%s skipped=%s", uid, bool(meta.skip_reason))
         if after_commit is not None:
             after_commit()
