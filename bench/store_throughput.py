@@ -1,13 +1,19 @@
 """C-STORE throughput: dcmtk ``storescu`` -> chexd (store only) beside dcmtk ``storescp``, in the same run.
 
-    python -m bench.store_throughput [--copies 200] [--sizes 1024x1024x8,2048x2048x16] [--repeat 3] [--json]
+    python -m bench.store_throughput [--copies 200] [--sizes 512x512x16,2048x2048x16] [--repeat 3] [--json]
+                                     [--baseline DIR]
 
 For each image size (ROWSxCOLUMNSxBITS) one synthetic chest image is generated with ``tests.dicomgen`` and written
 ``--copies`` times with distinct SOP Instance UIDs (one study, one series). Each repetition then sends the whole folder
 over one association with ``storescu +sd`` to a fresh ``storescp -od`` and to a fresh ``chexd serve`` (own data dir,
 no worker threads), alternately, and times the storescu command (wall clock). Afterwards it checks that the receiver
 holds every file. Reported: the median over repetitions in images/s and MB/s (MB = 10^6 bytes of Part 10 file), and
-the ratio chexd/storescp. Target: chexd >= 0.5x storescp on the largest image.
+the ratio chexd/storescp. Targets (issue 12): chexd >= 150 img/s on the smallest image and >= 0.6x storescp on the
+largest.
+
+``--baseline DIR`` runs the chexd of another checkout (e.g. ``git worktree add /tmp/base main~3``) as a third
+receiver, interleaved with the others, so a before/after comparison sees the same machine load: on a busy machine
+two separate runs differ by more than most changes do.
 
 dcmtk (since 3.6.2) leaves Nagle's algorithm on unless the environment sets ``TCP_NODELAY=1``; with it on,
 storescu -> storescp stalls ~40 ms (delayed ACK) at the end of every instance while storescu -> chexd does not, so
@@ -43,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TARGET_RATIO = 0.5
-DEFAULT_SIZES = "1024x1024x8,2048x2048x16"
+TARGET_RATIO = 0.6  # chexd/storescp on the largest image
+TARGET_SMALL_RATE = 150.0  # chexd images/s on the smallest image
+DEFAULT_SIZES = "512x512x16,2048x2048x16"
 _SIZE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
 _TOOLS = ("storescu", "storescp", "echoscu")
 _READY_TIMEOUT_S = 60.0
@@ -122,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"ROWSxCOLUMNSxBITS list (default {DEFAULT_SIZES})")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per receiver; median reported (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run the chexd of this checkout (a repository root), interleaved, as receiver 'baseline'",
+    )
     parser.add_argument(
         "--dcmtk-nagle",
         action="store_true",
@@ -296,8 +309,8 @@ def run_storescp(folder: Path, copies: int, work: Path) -> float:
     return seconds
 
 
-def run_chexd(folder: Path, copies: int, work: Path) -> float:
-    """One timed storescu -> chexd (fresh data dir, no worker) run; returns seconds."""
+def run_chexd(folder: Path, copies: int, work: Path, root: Path = REPO_ROOT) -> float:
+    """One timed storescu -> chexd (fresh data dir, no worker) run of the checkout at ``root``; returns seconds."""
     data_dir = Path(tempfile.mkdtemp(prefix="chexd-", dir=work))
     log_path = work / f"{data_dir.name}.log"
     port = _free_port()
@@ -314,7 +327,7 @@ def run_chexd(folder: Path, copies: int, work: Path) -> float:
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon", "serve"],
-            cwd=REPO_ROOT,
+            cwd=root,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -333,23 +346,33 @@ def run_chexd(folder: Path, copies: int, work: Path) -> float:
     return seconds
 
 
-RECEIVERS = {"storescp": run_storescp, "chexd": run_chexd}
+RECEIVERS: dict[str, Any] = {"storescp": run_storescp, "chexd": run_chexd}
+
+
+def receivers(baseline: Path | None) -> dict[str, Any]:
+    """The receivers of one run, in the order they take turns."""
+    if baseline is None:
+        return dict(RECEIVERS)
+    return {**RECEIVERS, "baseline": lambda folder, copies, work: run_chexd(folder, copies, work, baseline)}
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
-def run(sizes: list[ImageSize], copies: int, repeat: int, work: Path) -> list[dict[str, Any]]:
+def run(
+    sizes: list[ImageSize], copies: int, repeat: int, work: Path, baseline: Path | None = None
+) -> list[dict[str, Any]]:
     """Generate, send and verify; return one result dict per size (see ``--json``)."""
     rows = []
+    turns = receivers(baseline)
     for index, size in enumerate(sizes):
         folder = work / f"images-{size.label}"
         _log(f"generating {copies} x {size.label} ...")
         file_bytes = make_copies(size, copies, folder, seed=index)
         os.sync()
-        results = {name: ReceiverResult() for name in RECEIVERS}
+        results = {name: ReceiverResult() for name in turns}
         for rep in range(repeat):
-            for name, receiver in RECEIVERS.items():
+            for name, receiver in turns.items():
                 try:
                     seconds = receiver(folder, copies, work)
                 except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
@@ -361,31 +384,45 @@ def run(sizes: list[ImageSize], copies: int, repeat: int, work: Path) -> list[di
         shutil.rmtree(folder)
         storescp_rate = results["storescp"].rate(copies)
         chexd_rate = results["chexd"].rate(copies)
-        rows.append(
-            {
-                "size": size.label,
-                "rows": size.rows,
-                "columns": size.columns,
-                "bits": size.bits,
-                "file_bytes": file_bytes,
-                "copies": copies,
-                "storescp": results["storescp"].as_dict(copies, file_bytes),
-                "chexd": results["chexd"].as_dict(copies, file_bytes),
-                "ratio": chexd_rate / storescp_rate if chexd_rate and storescp_rate else None,
-            }
-        )
+        row = {
+            "size": size.label,
+            "rows": size.rows,
+            "columns": size.columns,
+            "bits": size.bits,
+            "file_bytes": file_bytes,
+            "copies": copies,
+            "storescp": results["storescp"].as_dict(copies, file_bytes),
+            "chexd": results["chexd"].as_dict(copies, file_bytes),
+            "ratio": chexd_rate / storescp_rate if chexd_rate and storescp_rate else None,
+        }
+        if "baseline" in results:
+            baseline_rate = results["baseline"].rate(copies)
+            row["baseline"] = results["baseline"].as_dict(copies, file_bytes)
+            row["baseline_ratio"] = baseline_rate / storescp_rate if baseline_rate and storescp_rate else None
+        rows.append(row)
     return rows
 
 
 def _target(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The large-image ratio target, and the small-image rate target when more than one size ran."""
     large = max(rows, key=lambda r: r["file_bytes"])
+    small = min(rows, key=lambda r: r["file_bytes"])
     ratio = large["ratio"]
-    return {
+    target: dict[str, Any] = {
         "size": large["size"],
         "min_ratio": TARGET_RATIO,
         "ratio": ratio,
         "pass": ratio is not None and ratio >= TARGET_RATIO,
     }
+    if small is not large:
+        rate = small["chexd"]["images_per_s"]
+        target["small"] = {
+            "size": small["size"],
+            "min_images_per_s": TARGET_SMALL_RATE,
+            "images_per_s": rate,
+            "pass": rate is not None and rate >= TARGET_SMALL_RATE,
+        }
+    return target
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -396,7 +433,7 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     machine = report["machine"]
     console.print(f"command: {report['command']}", highlight=False)
     console.print(
@@ -408,20 +445,19 @@ def print_table(report: dict[str, Any]) -> None:
     table = Table(
         title=f"C-STORE throughput, storescu -> receiver, median of {report['repeat']} (MB = 10^6 bytes)",
     )
-    for name, justify in (
-        ("image", "left"),
-        ("file MB", "right"),
-        ("copies", "right"),
-        ("storescp img/s (MB/s)", "right"),
-        ("chexd img/s (MB/s)", "right"),
-        ("chexd/storescp", "right"),
-        (f"target >= {TARGET_RATIO}x", "center"),
-    ):
+    with_baseline = any("baseline" in row for row in report["results"])
+    names = ("storescp", "chexd", "baseline") if with_baseline else ("storescp", "chexd")
+    columns = [("image", "left"), ("file MB", "right"), ("copies", "right")]
+    columns += [(f"{name} img/s (MB/s)", "right") for name in names]
+    columns += [("chexd/storescp", "right")] + ([("baseline/storescp", "right")] if with_baseline else [])
+    columns += [("target", "center")]
+    for name, justify in columns:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     target = report["target"]
+    small = target.get("small")
     for row in report["results"]:
         cells = []
-        for name in ("storescp", "chexd"):
+        for name in names:
             result = row[name]
             cells.append(
                 f"{_fmt(result['images_per_s'], '.1f')} ({_fmt(result['mb_per_s'], '.0f')})"
@@ -430,13 +466,16 @@ def print_table(report: dict[str, Any]) -> None:
             )
         verdict = "-"
         if row["size"] == target["size"]:
-            verdict = "[green]PASS[/]" if target["pass"] else "[red]FAIL[/]"
+            verdict = f">= {TARGET_RATIO}x " + ("[green]PASS[/]" if target["pass"] else "[red]FAIL[/]")
+        elif small is not None and row["size"] == small["size"]:
+            verdict = f">= {TARGET_SMALL_RATE:g} img/s " + ("[green]PASS[/]" if small["pass"] else "[red]FAIL[/]")
+        ratios = [row["ratio"]] + ([row.get("baseline_ratio")] if with_baseline else [])
         table.add_row(
             row["size"],
             f"{row['file_bytes'] / 1e6:.2f}",
             str(row["copies"]),
             *cells,
-            _fmt(row["ratio"], ".2f") + ("x" if row["ratio"] else ""),
+            *(_fmt(r, ".2f") + ("x" if r else "") for r in ratios),
             verdict,
         )
     console.print(table)
@@ -447,7 +486,7 @@ def print_table(report: dict[str, Any]) -> None:
         highlight=False,
     )
     for row in report["results"]:
-        for name in ("storescp", "chexd"):
+        for name in names:
             for error in row[name]["errors"]:
                 console.print(f"[red]{row['size']} {name}: {error}[/]", highlight=False)
 
@@ -461,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.copies < 1 or args.repeat < 1:
         parser.error(f"Invalid --copies {args.copies} / --repeat {args.repeat} - both must be >= 1")
+    if args.baseline is not None and not (args.baseline / "daemon" / "__main__.py").is_file():
+        parser.error(f"Invalid --baseline {args.baseline} - not a chexd checkout (no daemon/__main__.py in it)")
     try:
         _check_tools()
     except BenchError as exc:
@@ -473,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.store_throughput", *(sys.argv[1:] if argv is None else argv)])
     work = Path(tempfile.mkdtemp(prefix="chexd-bench-"))
     try:
-        rows = run(sizes, args.copies, args.repeat, work)
+        rows = run(sizes, args.copies, args.repeat, work, args.baseline)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -489,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
-    failed = any(row[name]["errors"] for row in rows for name in RECEIVERS)
+    failed = any(row[name]["errors"] for row in rows for name in receivers(args.baseline) if name in row)
     return 1 if failed else 0
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -223,3 +225,72 @@ def test_over_long_view_position_from_a_sender_is_stored_on_every_backend(env: E
     meta = inspect(ds, ExplicitVRLittleEndian)
     assert env.store.save(meta, PAYLOAD, None) is StoreOutcome.STORED
     assert env.count(Instance) == 1
+
+
+# --- the hot path (bench/README.md "store_throughput") ---------------------------------------------------------------
+
+
+def _statements(env: Env) -> list[str]:
+    """The SQL statements (first word, upper case) the engine executes from now on, collected into a list."""
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append(statement.split(None, 1)[0].upper())
+
+    sqlalchemy.event.listen(env.engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_the_next_image_of_a_stored_series_takes_four_statements(env: Env) -> None:
+    """Duplicate look-up, one read of series + study, instance and job inserts; no study/series insert-or-ignore."""
+    env.store.save(make_meta(1), PAYLOAD, None)
+    seen = _statements(env)
+    assert env.store.save(make_meta(2), PAYLOAD, "MODALITY2") is StoreOutcome.STORED
+    assert seen == ["SELECT", "SELECT", "INSERT", "INSERT"]
+    assert [env.count(t) for t in (Study, Series, Instance, Job)] == [1, 1, 2, 2]
+    with env.sessions() as session:
+        assert session.scalars(select(Job.state)).all() == [JobState.QUEUED, JobState.QUEUED]
+        assert session.scalar(select(Instance.calling_ae).where(Instance.sop_instance_uid.endswith(".2"))) == (
+            "MODALITY2"
+        )
+
+
+def test_a_new_series_of_a_stored_study_takes_the_checked_path(env: Env) -> None:
+    env.store.save(make_meta(1, series=1), PAYLOAD, None)
+    assert env.store.save(make_meta(1, series=2), PAYLOAD, None) is StoreOutcome.STORED
+    assert [env.count(t) for t in (Study, Series, Instance, Job)] == [1, 2, 2, 2]
+
+
+def test_pending_write_hashes_the_file_and_save_claims_it(env: Env) -> None:
+    chunks = [PAYLOAD[:100], memoryview(PAYLOAD)[100:]]
+    pending = env.store.begin_write(chunks)
+    try:
+        assert env.store.save(make_meta(), chunks, None, pending=pending) is StoreOutcome.STORED
+    finally:
+        pending.close()
+    assert (env.spool.root / rel_of(make_meta())).read_bytes() == PAYLOAD
+    with env.sessions() as session:
+        assert session.scalar(select(Instance.sha256)) == hashlib.sha256(PAYLOAD).hexdigest()
+    assert list(env.spool.tmp.iterdir()) == []
+
+
+def test_an_unclaimed_pending_write_leaves_no_temp_file(env: Env) -> None:
+    """The SCP refused the dataset after the write had started: closing the pending write removes its temp file."""
+    pending = env.store.begin_write(PAYLOAD)
+    pending.close()
+    env.nothing_left()
+
+
+def test_a_failed_pending_write_raises_from_save_and_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module.os, "fsync", broken_fsync)
+    pending = env.store.begin_write(PAYLOAD)
+    try:
+        with pytest.raises(OSError, match="Input/output"):
+            env.store.save(make_meta(), PAYLOAD, None, pending=pending)
+    finally:
+        pending.close()
+    monkeypatch.undo()
+    env.nothing_left()
