@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import re
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +32,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
@@ -237,7 +239,7 @@ class StorageSCP:
         # The write (and its fsync) starts on a writer thread at once and overlaps the parsing below; the buffer is
         # held until the write is done (PendingWrite.close), whatever the outcome.
         file_meta = event.file_meta  # pynetdicom builds it anew on every access
-        header = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
+        header = part10_header(file_meta)
         with request.DataSet.getbuffer() as dataset_bytes:
             data: list[bytes | memoryview] = [header, dataset_bytes]
             pending = self.store.begin_write(data)
@@ -323,6 +325,49 @@ class StorageSCP:
         if outcome is StoreOutcome.DUPLICATE:
             log.info("duplicate instance acknowledged sop_instance_uid=%s", requested_uid)
         return Status.SUCCESS
+
+
+_PLAIN_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+def _short_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def part10_header(file_meta: FileMetaDataset) -> bytes:
+    """Preamble, ``DICM`` and the encoded File Meta Information of a received C-STORE (pynetdicom's
+    ``event.file_meta``): byte for byte what ``encode_file_meta`` writes, in ~10 us instead of ~400 us (pydicom's
+    writer) for the usual case, plain UIDs and pynetdicom's implementation UID and version; anything else goes
+    through pydicom."""
+    sop_class = str(file_meta.get("MediaStorageSOPClassUID", ""))
+    sop_instance = str(file_meta.get("MediaStorageSOPInstanceUID", ""))
+    transfer_syntax = str(file_meta.get("TransferSyntaxUID", ""))
+    if (
+        all(_PLAIN_UID.match(uid) for uid in (sop_class, sop_instance, transfer_syntax))
+        and set(file_meta.keys()) == _PYNETDICOM_META_TAGS
+        and file_meta.get("ImplementationClassUID") == PYNETDICOM_IMPLEMENTATION_UID
+        and file_meta.get("ImplementationVersionName") == PYNETDICOM_IMPLEMENTATION_VERSION
+        and file_meta.get("FileMetaInformationVersion") == b"\x00\x01"
+    ):
+        body = b"".join(
+            (
+                struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+                _short_element(0x0002, b"UI", sop_class.encode("ascii"), b"\x00"),
+                _short_element(0x0003, b"UI", sop_instance.encode("ascii"), b"\x00"),
+                _short_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
+                _short_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\x00"),
+                _short_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+            )
+        )
+        meta = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+    else:
+        meta = encode_file_meta(file_meta)
+    return b"\x00" * 128 + b"DICM" + meta
+
+
+_PYNETDICOM_META_TAGS = {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
 
 
 def _parse_fully(event: evt.Event, limits: PixelLimits, file_meta: FileMetaDataset | None = None) -> Dataset:

@@ -318,9 +318,10 @@ class PendingWrite:
     def claim(self) -> tuple[Path, str]:
         """(temp file, SHA-256 hex of the file) once written and fsynced; raises the write's OSError (disk,
         reserve)."""
+        sha256 = self._digest.result()
         tmp = self._write.result()
         self._claimed = True
-        return tmp, self._digest.result()
+        return tmp, sha256
 
     def close(self) -> None:
         """Wait for the write and the hash; remove the temp file unless claimed. Never raises for a failed write."""
