@@ -50,8 +50,10 @@ def _watch_lifeline(lifeline: Any) -> None:
     os._exit(_ORPHAN_EXIT)
 
 
-def worker_init(daemon_pid: int, lifeline: Any) -> None:
-    """Initializer of every report worker process: die with the daemon, never outlive it.
+def worker_init(daemon_pid: int, lifeline: Any, log_level: str = "INFO") -> None:
+    """Initializer of every report worker process: die with the daemon, never outlive it; then log like it (a spawned
+    process inherits no logging: without daemon/logsafety.py library warnings, which highdicom fills with person names,
+    would reach the daemon's log unfiltered through stderr).
 
     Three guards: PR_SET_PDEATHSIG(SIGKILL) (the kernel kills this process when the daemon dies, on Linux); a thread
     that exits when the read end ``lifeline`` (a multiprocessing Connection whose only write end the daemon holds) sees
@@ -62,3 +64,6 @@ def worker_init(daemon_pid: int, lifeline: Any) -> None:
     _set_parent_death_signal(signal.SIGKILL)
     exit_if_orphaned()
     threading.Thread(target=_watch_lifeline, args=(lifeline,), name="chexd-lifeline", daemon=True).start()
+    from daemon import logsafety
+
+    logsafety.install(log_level)

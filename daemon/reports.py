@@ -38,7 +38,6 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import logsafety
 from daemon.identity import MixedPatientsError, check_one_patient
 from daemon.lifeline import exit_if_orphaned, worker_init
 from daemon.settings import Settings
@@ -308,9 +307,6 @@ def compose_files(
     (``folder`` is then removed). A worker process whose daemon is gone exits without writing."""
     from reporting.compose import compose_study
 
-    # a spawned worker inherits no logging: without this, library warnings (highdicom copies person names into
-    # them) reach the daemon's log unfiltered through stderr (daemon/logsafety.py; idempotent, cheap)
-    logsafety.install(getattr(settings, "log_level", "INFO"))
     exit_if_orphaned()
     try:
         inputs = []
@@ -459,7 +455,7 @@ class ReportLoop:
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=worker_init,
-                initargs=(os.getpid(), reader),
+                initargs=(os.getpid(), reader, self.settings.log_level),
             )
             # Each submit starts one process from this thread (none is idle yet), so PR_SET_PDEATHSIG follows this
             # thread, which ends only after the pool is shut down.

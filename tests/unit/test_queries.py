@@ -55,7 +55,7 @@ class Env:
         )
         rel = f"{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
         with self.sessions.begin() as session:
-            instance = record_instance(
+            instance_id = record_instance(
                 session,
                 meta,
                 SpooledFile(relative_path=rel, absolute_path=Path("/") / rel, size_bytes=64),
@@ -64,11 +64,11 @@ class Env:
             )
             session.flush()
             if received_at is not None:
-                instance.received_at = received_at
+                session.execute(update(Instance).where(Instance.id == instance_id).values(received_at=received_at))
             if not skip_reason:
                 session.execute(
                     update(Job)
-                    .where(Job.instance_id == instance.id)
+                    .where(Job.instance_id == instance_id)
                     .values(
                         state=state,
                         error=error,

@@ -75,9 +75,8 @@ def add_job(env: Env, n: int, *, skip_reason: str | None = None) -> int:
     rel = rel_of(meta)
     spooled = SpooledFile(relative_path=rel, absolute_path=env.spool.root / rel, size_bytes=128)
     with env.sessions.begin() as session:
-        instance = record_instance(session, meta, spooled, calling_ae="MODALITY", fingerprint="none")
-        session.flush()
-        return session.scalar(select(Job.id).where(Job.instance_id == instance.id))
+        instance_id = record_instance(session, meta, spooled, calling_ae="MODALITY", fingerprint="none")
+        return session.scalar(select(Job.id).where(Job.instance_id == instance_id))
 
 
 def stats_processor(path: Path) -> dict[str, Any]:
