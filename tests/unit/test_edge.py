@@ -226,7 +226,7 @@ def test_the_oldest_pending_connection_is_closed_when_the_table_is_full(edge) ->
     newer = [connect(port, f"127.0.0.{21 + i}") for i in range(LIMITS.max_pending)]
     assert read_until_closed(oldest, 1.0) == b""
     assert wait_for(lambda: server.pending_count() == LIMITS.max_pending)
-    assert any(e.kind == "evicted" for e in events)
+    assert wait_for(lambda: any(e.kind == "evicted" for e in events))
     for sock in newer:
         sock.close()
 
