@@ -438,10 +438,36 @@ class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
         self._wake()
 
 
+class _ReactorTime:
+    """Stands in for the ``time`` module inside ``pynetdicom.association``: its only 1 ms sleep is the association
+    reactor's pause before each look at the DIMSE queue (pynetdicom 3.0.4, ``Association._run_reactor``). On an
+    association of this edge that look already waits on the queue (:func:`_wait_instead_of_polling`), so the pause is
+    skipped there; every other caller and every other duration sleeps as before."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds == 0.001 and getattr(threading.current_thread(), "_chexd_waits_on_queue", False):
+            return
+        time.sleep(seconds)
+
+
+def _install_reactor_time() -> None:
+    import pynetdicom.association
+
+    if not isinstance(pynetdicom.association.time, _ReactorTime):
+        pynetdicom.association.time = _ReactorTime()  # type: ignore[assignment]
+
+
 def _wait_instead_of_polling(assoc: Association, sock: ReplaySocket) -> None:
     """Make ``assoc``'s reactors wait on their inputs instead of sleeping 1 ms per look (see ``_IDLE_WAIT_S``):
     the DUL waits in :attr:`ReplaySocket.ready` (no sleep of its own), the association thread's non-blocking look at
-    its DIMSE queue waits up to ``_IDLE_WAIT_S`` for a message. Behaviour is otherwise pynetdicom's."""
+    its DIMSE queue waits up to ``_IDLE_WAIT_S`` for a message and skips its 1 ms pause (:class:`_ReactorTime`), so
+    it never spins. Behaviour is otherwise pynetdicom's."""
+    _install_reactor_time()
+    assoc._chexd_waits_on_queue = True  # type: ignore[attr-defined]  # the Association is its reactor's thread
     dul = assoc.dul
     dul.to_provider_queue = _WakingQueue(sock.wake)
     dul._run_loop_delay = 5e-5  # the wait happens in ready (pynetdicom also sleeps this long while stopping the DUL)

@@ -87,3 +87,31 @@ def test_close_releases_the_wake_pipe(pair, monkeypatch: pytest.MonkeyPatch) -> 
     assert not sock._close_wake.alive  # both ends closed once, by close() (else by the finalizer)
     sock.wake()  # after close: harmless
     assert sock.ready is False
+
+
+def test_only_the_edge_association_threads_1ms_pause_is_skipped(pair) -> None:  # type: ignore[no-untyped-def]
+    import pynetdicom.association
+
+    assoc, _sock, _peer = pair
+    assert isinstance(pynetdicom.association.time, daemon.edge._ReactorTime)
+    assert assoc._chexd_waits_on_queue is True
+    reactor_time = pynetdicom.association.time
+    results: dict[str, float] = {}
+
+    def pauses(name: str) -> None:
+        start = time.monotonic()
+        for _ in range(50):
+            reactor_time.sleep(0.001)
+        results[name] = time.monotonic() - start
+        start = time.monotonic()
+        reactor_time.sleep(0.02)  # any other duration sleeps everywhere
+        results[name + " 20 ms"] = time.monotonic() - start
+
+    edge_thread = threading.Thread(target=pauses, args=("edge",))
+    edge_thread._chexd_waits_on_queue = True  # type: ignore[attr-defined]  # as on an edge Association
+    edge_thread.start()
+    edge_thread.join(10)
+    pauses("other")
+    assert results["edge"] < 0.025 and results["other"] >= 0.05
+    assert results["edge 20 ms"] >= 0.019 and results["other 20 ms"] >= 0.019
+    assert reactor_time.monotonic() > 0  # everything else is the time module's
