@@ -78,23 +78,6 @@ def series_conflict(series_study_uid: str | None, study_uid: str) -> IdentityCon
     )
 
 
-def find_conflict(session: Session, meta: InstanceMeta, fingerprint: str) -> IdentityConflictError | None:
-    """Read-only check of a new instance against the stored study and series (no locks): the fast answer before its
-    file is moved into the spool. :func:`record_instance` repeats it authoritatively inside its transaction."""
-    study = session.execute(
-        select(Study.patient_fingerprint).where(Study.study_instance_uid == meta.study_instance_uid)
-    ).first()
-    conflict = study_conflict(study[0], fingerprint) if study is not None else None
-    if conflict is not None:
-        return conflict
-    series_study = session.scalar(
-        select(Study.study_instance_uid)
-        .join(Series, Series.study_id == Study.id)
-        .where(Series.series_instance_uid == meta.series_instance_uid)
-    )
-    return series_conflict(series_study, meta.study_instance_uid)
-
-
 def _insert(session: Session):  # type: ignore[no-untyped-def]
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
