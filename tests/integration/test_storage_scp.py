@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from pydicom.uid import (
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from model.preprocess import decode_image
-from tests.conftest import REAL_CXR
+from tests.conftest import REAL_CXR, DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, make_folder, write_dataset
 from tests.integration.peers import (
     counts,
@@ -73,6 +75,15 @@ def test_stored_dataset_bytes_equal_the_bytes_sent(daemon, tmp_path: Path) -> No
         assert dataset_bytes(stored[uid]) == dataset_bytes(path), path.name
 
 
+@pytest.fixture(scope="module")
+def syntax_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon (SQLite: decoding does not depend on the database) for every transfer syntax; no reports."""
+    with running_daemon(
+        tmp_path_factory.mktemp("syntaxes") / "data", report_quiet_seconds="3600", report_workers="0"
+    ) as daemon:
+        yield daemon
+
+
 @pytest.mark.parametrize(
     "transfer_syntax, bits",
     [
@@ -88,16 +99,20 @@ def test_stored_dataset_bytes_equal_the_bytes_sent(daemon, tmp_path: Path) -> No
     ],
     ids=lambda v: getattr(v, "name", str(v)).replace(" ", "_"),
 )
-def test_each_transfer_syntax_is_received_and_decoded(make_daemon, tmp_path: Path, transfer_syntax, bits) -> None:
-    daemon = make_daemon()
+def test_each_transfer_syntax_is_received_and_decoded(syntax_daemon, tmp_path: Path, transfer_syntax, bits) -> None:
+    daemon = syntax_daemon
     path = write_dataset(make_dataset(bits=bits, seed=5), tmp_path / "in.dcm", transfer_syntax)
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     result = daemon.storescu(*propose_flag(transfer_syntax), str(path))
     assert result.returncode == 0, result.stderr
-    states = wait_until_processed(daemon.engine(), 1)
-    assert list(states.values()) == ["DONE"], daemon.cli("status", "--json").stdout
-    stored = spool_files(daemon.data_dir)[0]
+    engine = daemon.engine()
+    deadline = time.monotonic() + 60
+    while job_states(engine).get(uid) in (None, "QUEUED", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job_states(engine).get(uid) == "DONE", daemon.cli("status", "--json").stdout
+    (stored,) = [f for f in spool_files(daemon.data_dir) if f.name == f"{uid}.dcm"]
     assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == transfer_syntax
-    shown = daemon.cli("show", str(pydicom.dcmread(stored).SOPInstanceUID), "--json").stdout
+    shown = daemon.cli("show", uid, "--json").stdout
     assert '"rows": 64' in shown
 
 
