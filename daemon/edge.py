@@ -615,8 +615,10 @@ class EdgeServer(ThreadedAssociationServer):
     # --- counts --------------------------------------------------------------------------------------------------
 
     def association_counts(self, address: str) -> tuple[int, int]:
-        """(associations in pynetdicom in total, of them from ``address``)."""
-        active = self.active_associations
+        """(associations in pynetdicom in total, of them from ``address``). One that is released, aborted or rejected
+        no longer counts, though its thread may still be winding down (its DUL stops within milliseconds): a modality
+        that releases and associates again at once must not meet its own finished association."""
+        active = [a for a in self.active_associations if not (a.is_released or a.is_aborted or a.is_rejected)]
         return len(active), sum(1 for a in active if a.requestor.address == address)
 
     def pending_count(self) -> int:
