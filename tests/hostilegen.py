@@ -120,16 +120,6 @@ def noise_image(rows: int = 64, columns: int = 64, seed: int = 0) -> np.ndarray:
 def write_part10(path: Path, sop_class: str, sop_instance: str, transfer_syntax: str, dataset: bytes) -> Path:
     """A Part 10 file: preamble, file meta naming ``sop_class``/``sop_instance``/``transfer_syntax``, then
     ``dataset`` exactly (whatever it holds). pynetdicom's chunked sender ships those bytes unchanged."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
+    from tests.integration.peers import write_raw
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
-    with open(path, "wb") as fh:
-        fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, meta, enforce_standard=False)
-        fh.write(dataset)
-    return path
+    return write_raw(path, sop_class, sop_instance, dataset, transfer_syntax)
