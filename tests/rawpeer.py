@@ -42,3 +42,40 @@ def wait_for(predicate: Callable[[], object], timeout: float = 3.0) -> bool:
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.05)
     return bool(predicate())
+
+
+def association_request(called: str, calling: str = "UNIT") -> bytes:
+    """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification, encoded by pynetdicom's own PDU classes."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+    from pynetdicom.sop_class import Verification
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    primitive.user_information = [max_length]
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def request_rejection(port: int, called: str, calling: str = "UNIT", source: str = "127.0.0.1") -> tuple[int, ...]:
+    """Send an A-ASSOCIATE-RQ from a raw socket and return the (result, source, diagnostic) of the A-ASSOCIATE-RJ the
+    server answers. A raw peer, because pynetdicom 3.0's requestor turns a reject that arrives before its own thread
+    checks the connection into an abort (acse._negotiate_as_requestor), so its is_rejected is racy under load.
+    Raises AssertionError when the answer is anything but an A-ASSOCIATE-RJ followed by a close."""
+    sock = connect(port, source, association_request(called, calling))
+    try:
+        answer = read_until_closed(sock, 5.0)
+    finally:
+        sock.close()
+    assert answer is not None, "the server kept the connection open after its answer"
+    assert len(answer) == 10 and answer[:6] == pdu_header(0x03, 4), f"not an A-ASSOCIATE-RJ: {answer[:16].hex()}"
+    return tuple(answer[7:10])

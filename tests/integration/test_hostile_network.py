@@ -27,7 +27,7 @@ from sqlalchemy import select
 from daemon.tables import AuditEvent
 from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
-from tests.rawpeer import connect, pdu_header, read_until_closed, wait_for
+from tests.rawpeer import connect, pdu_header, read_until_closed, request_rejection, wait_for
 
 TIMEOUT = 1.5  # association_request_timeout of the daemon under test
 MAX_ASSOCIATIONS = 6
@@ -280,9 +280,7 @@ def test_wrong_called_ae_is_a_permanent_reject(chexd, tmp_path) -> None:  # type
     assert result.returncode != 0
     assert "Association Rejected" in result.stderr and "Called AE Title Not Recognized" in result.stderr, result.stderr
     assert "Peer aborted" not in result.stderr
-    assoc = associate(chexd, "127.0.0.15", aec="NOTCHEXD")
-    rj = assoc.acceptor.primitive
-    assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    assert request_rejection(chexd.port, "NOTCHEXD", "HOSTILE", "127.0.0.15") == (0x01, 0x01, 0x07)
     assert wait_for(lambda: any(r.called_ae == "NOTCHEXD" for r in audit_rows(chexd, "association_rejected")))
     assert_healthy(chexd, tmp_path)
 
@@ -291,9 +289,7 @@ def test_calling_ae_off_the_allow_list_is_a_permanent_reject(chexd, tmp_path) ->
     result = _echoscu(chexd, "-aet", "INTRUDER", "-aec", chexd.ae_title)
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr, result.stderr
-    assoc = associate(chexd, "127.0.0.15", aet="INTRUDER2")
-    rj = assoc.acceptor.primitive
-    assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+    assert request_rejection(chexd.port, chexd.ae_title, "INTRUDER2", "127.0.0.15") == (0x01, 0x01, 0x03)
     rows = audit_rows(chexd, "association_rejected")
     assert wait_for(
         lambda: {"INTRUDER", "INTRUDER2"} <= {r.calling_ae for r in audit_rows(chexd, "association_rejected")}
@@ -306,9 +302,7 @@ def test_associations_per_address_are_capped_with_a_transient_reject(chexd, tmp_
     held = [associate(chexd, "127.0.0.6") for _ in range(PER_ADDRESS)]
     try:
         assert all(a.is_established for a in held)
-        over = associate(chexd, "127.0.0.6")
-        rj = over.acceptor.primitive
-        assert over.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        assert request_rejection(chexd.port, chexd.ae_title, "HOSTILE", "127.0.0.6") == (0x02, 0x03, 0x02)
         assert_healthy(chexd, tmp_path)  # another address is not affected
     finally:
         for assoc in held:

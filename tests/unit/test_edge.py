@@ -29,7 +29,7 @@ from daemon.edge import (
     local_limit,
     start_edge_server,
 )
-from tests.rawpeer import connect, pdu_header, read_until_closed, wait_for
+from tests.rawpeer import connect, pdu_header, read_until_closed, request_rejection, wait_for
 
 HUGE = 0x7FFFFFFF
 
@@ -204,7 +204,7 @@ def test_silent_connections_do_not_take_association_slots_and_meet_the_deadline(
         assert read_until_closed(sock, 3.0) == b""
     assert time.monotonic() - started < LIMITS.request_timeout + 2.0
     assert wait_for(lambda: server.pending_count() == 0)
-    assert any(e.kind == "deadline" and "within 0.6 s" in e.detail for e in events)
+    assert wait_for(lambda: any(e.kind == "deadline" and "within 0.6 s" in e.detail for e in events))
 
 
 def test_pending_connections_are_capped_per_address(edge) -> None:  # type: ignore[no-untyped-def]
@@ -236,14 +236,10 @@ def test_association_limits_answer_a_transient_reject_and_free_at_close(edge) ->
     port = server.server_address[1]
     held = [_associate(port, "127.0.0.4") for _ in range(LIMITS.max_per_address)]
     assert all(a.is_established for a in held)
-    over = _associate(port, "127.0.0.4")
-    assert over.is_rejected
-    rj = over.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02), "transient, local limit exceeded"
+    assert request_rejection(port, "EDGE", source="127.0.0.4") == (0x02, 0x03, 0x02), "transient, local limit exceeded"
     held.append(_associate(port, "127.0.0.5"))
     assert held[-1].is_established
-    full = _associate(port, "127.0.0.6")
-    assert full.is_rejected and full.acceptor.primitive.diagnostic == 0x02
+    assert request_rejection(port, "EDGE", source="127.0.0.6")[2] == 0x02
     assert wait_for(lambda: any("association limit 3 reached" in e.detail for e in events))
     # an abrupt close (no A-RELEASE) frees its slot at once, not after acse_timeout
     held[0].dul.socket.socket.close()
@@ -256,10 +252,7 @@ def test_association_limits_answer_a_transient_reject_and_free_at_close(edge) ->
 
 def test_wrong_called_ae_is_a_permanent_reject_the_peer_reads(edge) -> None:  # type: ignore[no-untyped-def]
     server, events = edge
-    assoc = _associate(server.server_address[1], aec="OTHER")
-    assert assoc.is_rejected and not assoc.is_aborted
-    rj = assoc.acceptor.primitive
-    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+    assert request_rejection(server.server_address[1], "OTHER") == (0x01, 0x01, 0x07)
     assert wait_for(lambda: any(e.event == "association_rejected" and e.called_ae == "OTHER" for e in events))
 
 
@@ -334,11 +327,7 @@ def test_a_failing_admission_check_refuses_and_the_edge_keeps_serving() -> None:
     server = _start(admit)
     try:
         port = server.server_address[1]
-        requestor = AE(ae_title="BOOM")
-        requestor.add_requested_context(Verification)
-        assoc = requestor.associate("127.0.0.1", port, ae_title="EDGE")
-        rj = assoc.acceptor.primitive
-        assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x01, 0x01)
+        assert request_rejection(port, "EDGE", calling="BOOM") == (0x02, 0x01, 0x01)
         assert _echo_ok(port)
         assert calls == ["BOOM", "UNIT"]
     finally:
