@@ -19,6 +19,7 @@ from sklearn.metrics import f1_score, precision_recall_curve, precision_score, r
 
 from model.datasets import patient_disjoint_halves, split_kind
 from model.types import LABELS
+from model.verification import group_counts, interval
 
 __all__ = [
     "OBJECTIVES",
@@ -190,13 +191,6 @@ class CalibrationResult:
         return out
 
 
-def _ci(samples: np.ndarray) -> tuple[float, float] | None:
-    samples = samples[np.isfinite(samples)]
-    if len(samples) < 10:
-        return None
-    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
-
-
 def _rates(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """F1, recall, precision from weighted counts; like scikit-learn with zero_division=0, except that recall (and
     so F1) is NaN where there are no positives (the class is left out of the mean for that resample)."""
@@ -212,12 +206,8 @@ def _rates(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, 
 
 def bootstrap_weights(groups: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """Resampling weights float [n_bootstrap, N]: each resample draws the G groups (patients, or images) with
-    replacement; an image's weight is how often its group was drawn."""
-    names, codes = np.unique(groups, return_inverse=True)
-    g = len(names)
-    draws = rng.integers(0, g, (n_bootstrap, g))
-    counts = np.bincount((draws + np.arange(n_bootstrap)[:, None] * g).ravel(), minlength=n_bootstrap * g)
-    return counts.reshape(n_bootstrap, g)[:, codes].astype(np.float64)
+    replacement; an image's weight is how often its group was drawn (``model.verification.group_counts``)."""
+    return group_counts(groups, n_bootstrap, rng).astype(np.float64)
 
 
 def _weighted_counts(weights: np.ndarray, predicted: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -288,7 +278,7 @@ def calibrate(
 
     def mean_estimate(name: str) -> Estimate:
         value = float(point[name][present].mean()) if present.any() else None
-        return Estimate(value=value, ci=_ci(boot_mean(name)) if value is not None else None)
+        return Estimate(value=value, ci=interval(boot_mean(name)) if value is not None else None)
 
     def ratio_estimate(name: str) -> Estimate:
         fitted_mean = point[name][present].mean() if present.any() else np.nan
@@ -296,7 +286,7 @@ def calibrate(
         value = float(fitted_mean / default_mean) if default_mean > 0 else None
         with np.errstate(invalid="ignore", divide="ignore"):
             samples = boot_mean(name) / boot_mean(name + "_default")
-        return Estimate(value=value, ci=_ci(samples) if value is not None else None)
+        return Estimate(value=value, ci=interval(samples) if value is not None else None)
 
     classes = []
     for c, name in enumerate(label_names):
@@ -309,7 +299,7 @@ def calibrate(
         estimates = {
             key: Estimate(
                 value=float(point[key][c]),
-                ci=_ci(boot[key][:, c]) if present[c] else None,
+                ci=interval(boot[key][:, c]) if present[c] else None,
             )
             for key in point
         }
