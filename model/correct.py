@@ -29,7 +29,7 @@ import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -39,14 +39,17 @@ from torch import nn
 from model.errors import ModelError
 from model.features import FeatureSet
 from model.types import LABELS
+from model.verification import MIN_POSITIVES, interval, patient_bootstrap_counts
 
 __all__ = [
     "CorrectionError",
     "CorrectionPlan",
     "CorrectionRefused",
+    "HeldOutCheck",
     "TargetChange",
     "Verification",
     "apply_correction",
+    "check_held_out",
     "plan_correction",
     "verify_correction",
 ]
@@ -307,6 +310,168 @@ def verify_correction(
         method=f"float32 logits of both classifiers on {n} validation + {len(targets)} target pooled feature "
         "vectors; torch.equal per other finding",
     )
+
+
+# ---------------------------------------------------------------------------------------------- held-out check
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeldOutCheck:
+    """What an edit of one class row does on verification images that neither planned nor checked it.
+
+    - ``images``/``positives``: verification images, and those with the finding; ``true_positives``: positives the
+      parent calls (probability >= threshold); ``true_positives_lost``: of those, below the threshold after the edit;
+      ``tp_loss_rate`` = lost / true_positives (None without true positives) with a patient bootstrap 95% CI.
+    - ``pattern_examples``: held-out false positives of the finding (label 0, parent probability >= threshold), the
+      pattern a correction targets; ``pattern_corrected``: of those, below the threshold after the edit;
+      ``pattern_delta_p``: mean change of the finding's probability on them (negative = lower), with its CI.
+    - ``auroc_before/after/delta``: the finding's AUROC on the verification images, the delta with a paired CI.
+    - ``verdict``: 'too_few_positives' when ``positives`` < ``min_positives`` (no verdict on TP loss is possible),
+      'tp_loss' when ``tp_loss_rate`` (the point estimate) exceeds ``tolerance``, else 'passed'; ``reason`` says why.
+    CIs resample patients (an image without a patient id is its own patient)."""
+
+    finding: str
+    images: int
+    positives: int
+    true_positives: int
+    true_positives_lost: int
+    tp_loss_rate: float | None
+    tp_loss_ci: tuple[float, float] | None
+    pattern_examples: int
+    pattern_corrected: int
+    pattern_delta_p: float | None
+    pattern_delta_p_ci: tuple[float, float] | None
+    auroc_before: float | None
+    auroc_after: float | None
+    auroc_delta: float | None
+    auroc_delta_ci: tuple[float, float] | None
+    tolerance: float
+    min_positives: int
+    verdict: str
+    reason: str
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        out["passed"] = self.passed
+        return out
+
+
+def check_held_out(
+    weight_before: np.ndarray,
+    bias_before: np.ndarray,
+    weight_after: np.ndarray,
+    bias_after: np.ndarray,
+    thresholds: Mapping[str, float],
+    verification: FeatureSet,
+    *,
+    finding: str,
+    labels: Sequence[str] = LABELS,
+    tolerance: float = 0.02,
+    min_positives: int = MIN_POSITIVES,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> HeldOutCheck:
+    """Compare the head before/after ([14, C] weights, [14] biases) on verification features the edit never saw.
+
+    Heads are in ``labels`` order, ``verification.labels`` in LABELS order; probabilities are the float32 outputs of
+    an ``nn.Linear`` holding each head. Raises CorrectionError for an unknown finding, a threshold outside (0, 1),
+    mismatched shapes, a ``tolerance`` outside [0, 1] or a negative ``min_positives``/``n_bootstrap``.
+    """
+    labels = tuple(labels)
+    name, row, column = _finding(finding, labels)
+    threshold = _threshold(thresholds, name, row)
+    heads = []
+    for which, w, b in (("before", weight_before, bias_before), ("after", weight_after, bias_after)):
+        w, b = np.asarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        if w.ndim != 2 or w.shape != (len(labels), verification.channels) or b.shape != (len(labels),):
+            raise CorrectionError(f"Invalid head {which}: weight {w.shape}, bias {b.shape} - expected "
+                                  f"[{len(labels)}, {verification.channels}] and [{len(labels)}]")
+        heads.append(_linear(w, b))
+    if not 0.0 <= tolerance <= 1.0:
+        raise CorrectionError(f"Invalid tolerance {tolerance} - must be a rate in [0, 1]")
+    if min_positives < 0 or n_bootstrap < 0:
+        raise CorrectionError(f"Invalid min_positives {min_positives} / n_bootstrap {n_bootstrap} - must be >= 0")
+    z_before = _outputs(heads[0], verification.pooled)[:, row]
+    z_after = _outputs(heads[1], verification.pooled)[:, row]
+    p_before, p_after = torch.sigmoid(z_before).numpy(), torch.sigmoid(z_after).numpy()
+    y = verification.labels[:, column].astype(bool)
+    tp = y & (p_before >= threshold)
+    lost = tp & (p_after < threshold)
+    pattern = ~y & (p_before >= threshold)
+    corrected = pattern & (p_after < threshold)
+    change = (p_after.astype(np.float64) - p_before.astype(np.float64)) * pattern
+
+    counts = patient_bootstrap_counts(verification.patients, n_bootstrap, seed).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tp_w, pattern_w = counts @ tp, counts @ pattern
+        rate_samples = np.where(tp_w > 0, (counts @ lost) / tp_w, np.nan)
+        delta_p_samples = np.where(pattern_w > 0, (counts @ change) / pattern_w, np.nan)
+    n_tp, n_lost, n_pattern = int(tp.sum()), int(lost.sum()), int(pattern.sum())
+    rate = n_lost / n_tp if n_tp else None
+    delta_p = float(change.sum() / n_pattern) if n_pattern else None
+
+    auroc_before = _auroc(y, z_before.numpy())
+    auroc_after = _auroc(y, z_after.numpy())
+    auroc_delta = auroc_after - auroc_before if auroc_before is not None and auroc_after is not None else None
+    auroc_delta_ci = None
+    if auroc_delta is not None:
+        from model.metrics import bootstrap_auroc
+
+        yi = y.astype(np.int64)
+        samples = (bootstrap_auroc(yi, z_after.numpy().astype(np.float64), counts)
+                   - bootstrap_auroc(yi, z_before.numpy().astype(np.float64), counts))
+        auroc_delta_ci = interval(samples)
+
+    positives = int(y.sum())
+    if positives < min_positives:
+        verdict = "too_few_positives"
+        reason = (f"{name} has {_plural(positives, 'positive image')} in the verification part, fewer than the "
+                  f"minimum {min_positives}: held-out true-positive loss cannot be judged - add labelled {name} "
+                  "images or verify by hand")
+    elif rate is None:
+        verdict = "too_few_positives"
+        reason = (f"the parent calls none of the {positives} held-out {name} positives at threshold "
+                  f"{threshold:.4g}: there is no true positive to lose - fix the operating point first")
+    elif rate > tolerance:
+        verdict = "tp_loss"
+        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, above the "
+                  f"tolerance {tolerance:.1%}) - do not apply it; raise the threshold or fine-tune the head instead")
+    else:
+        verdict = "passed"
+        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, within the "
+                  f"tolerance {tolerance:.1%}) and corrects {_corrected_text(int(corrected.sum()), n_pattern)}")
+    return HeldOutCheck(
+        finding=name,
+        images=len(verification),
+        positives=positives,
+        true_positives=n_tp,
+        true_positives_lost=n_lost,
+        tp_loss_rate=rate,
+        tp_loss_ci=interval(rate_samples) if rate is not None else None,
+        pattern_examples=n_pattern,
+        pattern_corrected=int(corrected.sum()),
+        pattern_delta_p=delta_p,
+        pattern_delta_p_ci=interval(delta_p_samples) if delta_p is not None else None,
+        auroc_before=auroc_before,
+        auroc_after=auroc_after,
+        auroc_delta=auroc_delta,
+        auroc_delta_ci=auroc_delta_ci,
+        tolerance=float(tolerance),
+        min_positives=int(min_positives),
+        verdict=verdict,
+        reason=reason,
+    )
+
+
+def _corrected_text(corrected: int, examples: int) -> str:
+    return f"{corrected} of {_plural(examples, 'held-out false positive')}"
 
 
 # ------------------------------------------------------------------------------------------------------ search

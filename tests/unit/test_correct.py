@@ -27,6 +27,7 @@ from model.correct import (
     CorrectionError,
     CorrectionRefused,
     apply_correction,
+    check_held_out,
     plan_correction,
     verify_correction,
 )
@@ -416,3 +417,71 @@ def _correct_end_to_end(parent_path: Path, injected_channel: int | None, tmp_pat
     positive = torch.from_numpy(val.labels[:, E] == 1)
     tp = positive & (torch.sigmoid(z_parent[:, E]) >= 0.5)
     assert int(tp.sum()) > 0 and bool((torch.sigmoid(z_child[tp, E]) >= 0.5).all())
+
+
+# ------------------------------------------------------------------------------------------------ held-out check
+
+
+def _held_out(seed: int = 5, n: int = 600) -> tuple[np.ndarray, np.ndarray, FeatureSet]:
+    weight, bias, features = _problem(seed=seed, n=n, bias=-4.5)
+    patients = tuple(f"P{i // 3}" for i in range(n))  # three images per patient
+    return weight, bias, FeatureSet(ids=features.ids, patients=patients, pooled=features.pooled,
+                                    labels=features.labels, source="constructed held-out")
+
+
+def test_held_out_check_catches_an_edit_that_zeroes_the_strongest_channel() -> None:
+    weight, bias, verification = _held_out()
+    positives = verification.labels[:, E] == 1
+    strongest = int(np.argmax((verification.pooled[positives] * weight[E]).mean(0)))
+    assert strongest in (1, 2, 3)
+    edited = weight.copy()
+    edited[E, strongest] = 0.0
+    check = check_held_out(weight, bias, edited, bias, THRESHOLDS, verification, finding="Effusion",
+                           n_bootstrap=200)
+    # an independent count of what the edit loses
+    p = 1 / (1 + np.exp(-(verification.pooled.astype(np.float64) @ weight[E].astype(np.float64) + bias[E])))
+    q = 1 / (1 + np.exp(-(verification.pooled.astype(np.float64) @ edited[E].astype(np.float64) + bias[E])))
+    tp = positives & (p >= 0.5)
+    assert check.true_positives == int(tp.sum()) > 50
+    assert check.true_positives_lost == int((tp & (q < 0.5)).sum()) > 0
+    assert check.verdict == "tp_loss" and "do not apply" in check.reason
+    assert check.tp_loss_rate == pytest.approx(check.true_positives_lost / check.true_positives)
+    low, high = check.tp_loss_ci
+    assert low <= check.tp_loss_rate <= high and high - low > 0
+    # the evidence of channels 1-3 separates the classes alone: ranking survives the loss of one of them
+    assert check.auroc_delta is not None and check.auroc_delta <= 0 and check.auroc_delta_ci is not None
+    assert check.to_dict()["verdict"] == "tp_loss" and check.to_dict()["passed"] is False
+
+
+def test_held_out_check_passes_an_edit_of_a_silent_channel() -> None:
+    weight, bias, verification = _held_out()
+    edited = weight.copy()
+    edited[E, 0] = 0.0  # the artefact channel: zero on every verification image
+    noisy = weight.copy()
+    noisy[E, 10:] += 0.3  # a row that raises many negatives over the threshold: the pattern of a false positive
+    check = check_held_out(noisy, bias, np.where(np.arange(14)[:, None] == E, weight, noisy), bias, THRESHOLDS,
+                           verification, finding="Effusion", n_bootstrap=200)
+    assert check.pattern_examples > 0 and check.pattern_corrected > 0
+    assert check.pattern_delta_p is not None and check.pattern_delta_p < 0
+    assert check.pattern_delta_p_ci is not None and check.pattern_delta_p_ci[1] < 0
+    silent = check_held_out(weight, bias, edited, bias, THRESHOLDS, verification, finding="Effusion", n_bootstrap=50)
+    assert silent.verdict == "passed" and silent.true_positives_lost == 0 and silent.tp_loss_rate == 0.0
+    assert silent.auroc_delta == 0.0
+
+
+def test_held_out_check_gives_no_verdict_with_too_few_positives() -> None:
+    weight, bias, verification = _held_out()
+    positives = np.flatnonzero(verification.labels[:, E] == 1)
+    keep = np.concatenate([np.flatnonzero(verification.labels[:, E] == 0), positives[:4]])
+    small = verification.subset(np.sort(keep))
+    edited = weight.copy()
+    edited[E, 1:4] = 0.0  # would lose every true positive
+    check = check_held_out(weight, bias, edited, bias, THRESHOLDS, small, finding="Effusion", n_bootstrap=50)
+    assert check.positives == 4 and check.min_positives == 10
+    assert check.verdict == "too_few_positives" and "fewer than the minimum 10" in check.reason
+    assert check_held_out(weight, bias, edited, bias, THRESHOLDS, small, finding="Effusion", min_positives=3,
+                          n_bootstrap=50).verdict == "tp_loss"
+    with pytest.raises(CorrectionError, match="tolerance"):
+        check_held_out(weight, bias, edited, bias, THRESHOLDS, small, finding="Effusion", tolerance=2.0)
+    with pytest.raises(CorrectionError, match="Invalid head"):
+        check_held_out(weight, bias, edited[:, :5], bias, THRESHOLDS, small, finding="Effusion")
