@@ -23,6 +23,7 @@ from model.compress import (
     _eliminate,
     _Stats,
     compress,
+    compression_verdict,
     distill,
     paired_auroc_delta,
     predict_logits,
@@ -282,6 +283,76 @@ def test_paired_auroc_delta_matches_sklearn_and_is_paired() -> None:
     assert same.mean_delta == 0 and same.mean_delta_ci == (0.0, 0.0)
     better = paired_auroc_delta(before, y + 0.01 * before, y, LABELS, n_bootstrap=50)
     assert better.mean_delta_ci[0] > 0
+
+
+def test_paired_auroc_delta_resamples_patients_and_reports_eligible_findings() -> None:
+    rng = np.random.default_rng(1)
+    n_patients = 150
+    y = (rng.random((n_patients, 2)) < 0.4).astype(int)
+    y[:3, 1], y[3:, 1] = 1, 0  # the second finding: 3 patients with it
+    before = y * 0.8 + rng.normal(size=y.shape)
+    after = before + rng.normal(scale=0.3, size=y.shape)
+    # each patient's image appears 3 times: duplicated images must not narrow the interval
+    rep = (np.repeat(a, 3, axis=0) for a in (y, before, after))
+    y3, before3, after3 = rep
+    patients = [f"P{i // 3}" for i in range(3 * n_patients)]
+    labels = ("common", "rare")
+    by_image = paired_auroc_delta(before3, after3, y3, labels, n_bootstrap=300, seed=2)
+    by_patient = paired_auroc_delta(before3, after3, y3, labels, n_bootstrap=300, seed=2, patients=patients)
+    assert by_image.resampled == "images" and by_patient.resampled == "patients"
+    assert by_patient.delta == by_image.delta
+    widths = [d.delta_ci[0][1] - d.delta_ci[0][0] for d in (by_image, by_patient)]
+    assert widths[1] > 1.3 * widths[0], widths
+    assert by_patient.positives == (int(y3[:, 0].sum()), 9) and by_patient.eligible == ("common",)
+    assert by_patient.mean_delta_eligible == pytest.approx(by_patient.delta[0])
+    assert by_patient.samples.shape == (300, 2)
+    assert by_patient.to_dict()["findings"][1]["positives"] == 9
+
+
+def _delta_with(shift: dict[int, float], *, n: int = 2000, rare: int = 3, seed: int = 0):
+    """Scores of 4 findings on n images (one patient each); ``shift`` lowers the "after" model's score of a finding's
+    positives, so its AUROC drops; finding 3 has only ``rare`` positives."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 4)) < 0.3).astype(int)
+    y[:, 3] = 0
+    y[:rare, 3] = 1
+    before = y * 1.5 + rng.normal(size=y.shape)
+    after = before + rng.normal(scale=0.02, size=y.shape)
+    for c, value in shift.items():
+        after[:, c] -= value * y[:, c]
+    labels = ("A", "B", "C", "Rare")
+    return paired_auroc_delta(before, after, y, labels, n_bootstrap=300, patients=[f"P{i}" for i in range(n)])
+
+
+def test_compression_verdict_met_when_nothing_changes_and_rare_findings_are_excluded() -> None:
+    verdict = compression_verdict(_delta_with({3: 3.0}))  # the rare finding collapses, but it has 3 positives
+    assert verdict.verdict == "met" and verdict.met, verdict.reason
+    assert verdict.judged == ("A", "B", "C") and verdict.excluded == (("Rare", 3),)
+    assert verdict.failing == () and "not judged" in verdict.reason
+    low, high = verdict.mean_delta_ci
+    assert low <= 0 <= high or low > 0
+    data = verdict.to_dict()
+    assert data["excluded"] == [{"label": "Rare", "positives": 3}] and data["resampled"] == "patients"
+
+
+def test_compression_verdict_not_met_for_a_finding_whose_ci_is_below_the_floor() -> None:
+    delta = _delta_with({1: 0.5})
+    assert delta.delta_ci[1][1] < -0.005
+    verdict = compression_verdict(delta)
+    assert verdict.verdict == "not met" and verdict.failing == ("B",) and "B" in verdict.reason
+    assert "B" in verdict.below_zero
+    # the same finding passes under a floor it stays above
+    lenient = compression_verdict(delta, floor=delta.delta_ci[1][0] - 0.01)
+    assert lenient.failing == ()
+    with pytest.raises(ValueError, match="floor"):
+        compression_verdict(delta, floor=0.01)
+
+
+def test_compression_verdict_not_met_when_the_mean_ci_is_below_zero_without_any_failing_finding() -> None:
+    delta = _delta_with({0: 0.05, 1: 0.05, 2: 0.05}, n=4000)
+    verdict = compression_verdict(delta, floor=-0.05)
+    assert verdict.failing == () and verdict.mean_delta_ci[1] < 0
+    assert verdict.verdict == "not met" and "entirely below 0" in verdict.reason
 
 
 def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp_path: Path, monkeypatch) -> None:
