@@ -6,6 +6,13 @@
 precision on the held-out half at the fitted thresholds and at 0.5, each with a percentile bootstrap 95% CI
 (patients resampled with replacement when known, else images). ``f1_ratio`` = mean F1 (fitted) / mean F1 (0.5) and
 ``recall_ratio`` likewise, on the held-out half; means are over the findings with a positive in that half.
+
+One split is one draw: which patients land in which half moves the ratios by more than the bootstrap of one half
+shows. ``n_splits`` > 1 repeats the split with seeds ``seed .. seed + n_splits - 1``: each figure is the mean over the
+splits, and its CI comes from the pooled bootstrap samples of every split (patients of each split's held-out half
+resampled), so it includes the split-to-split variability. The thresholds returned are then refitted on ALL the
+images (nothing is left to report on): the figures describe the procedure "fit on half the patients, apply to new
+ones", not these exact thresholds. With ``n_splits`` = 1 the thresholds are those of the fit half, as reported.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from sklearn.metrics import f1_score, precision_recall_curve, precision_score, r
 
 from model.datasets import patient_disjoint_halves, split_kind
 from model.types import LABELS
-from model.verification import group_counts, interval
+from model.verification import group_counts, interval, patient_bootstrap_counts
 
 __all__ = [
     "OBJECTIVES",
@@ -27,6 +34,7 @@ __all__ = [
     "CalibrationResult",
     "ClassCalibration",
     "Estimate",
+    "SplitResult",
     "ThresholdCalibrator",
     "calibrate",
     "fit_threshold",
@@ -141,12 +149,34 @@ class ClassCalibration:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SplitResult:
+    """One patient-disjoint split of a repeated calibration: its seed, sizes, the thresholds fitted on its fit half
+    and the held-out figures they gave (None where undefined)."""
+
+    seed: int
+    n_fit: int
+    n_report: int
+    thresholds: dict[str, float]
+    f1_ratio: float | None
+    recall_ratio: float | None
+    mean_f1: float | None
+    mean_recall: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"seed": self.seed, "n_fit": self.n_fit, "n_report": self.n_report, "f1_ratio": self.f1_ratio,
+                "recall_ratio": self.recall_ratio, "mean_f1": self.mean_f1, "mean_recall": self.mean_recall,
+                "thresholds": dict(self.thresholds)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class CalibrationResult:
     """Thresholds fitted on the fit half and their effect on the held-out (report) half.
 
     Means are macro averages over findings with a positive in the report half. ``split`` is "patient" (halves share
     no patient), "image" (no patient ids: images of one patient may sit in both halves) or "mixed"; ``note`` says
-    what that means for the figures."""
+    what that means for the figures. ``n_splits``: how many patient-disjoint splits the figures average (``splits``:
+    each one); ``thresholds_source`` says what the returned thresholds were fitted on. ``n_fit``/``n_report`` and the
+    patient counts are those of the first split."""
 
     objective: str
     labels: tuple[str, ...]
@@ -168,6 +198,9 @@ class CalibrationResult:
     note: str
     seed: int
     n_bootstrap: int
+    n_splits: int = 1
+    splits: tuple[SplitResult, ...] = ()
+    thresholds_source: str = ""
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able: flat figures (``f1_ratio``, ``recall_ratio``, ``mean_f1``, ...) with ``*_ci`` beside each."""
@@ -186,6 +219,9 @@ class CalibrationResult:
             "note": self.note,
             "seed": self.seed,
             "n_bootstrap": self.n_bootstrap,
+            "n_splits": self.n_splits,
+            "thresholds_source": self.thresholds_source,
+            "splits": [split.to_dict() for split in self.splits],
             "findings": [c.to_dict() for c in self.classes],
         }
         return out
@@ -216,6 +252,63 @@ def _weighted_counts(weights: np.ndarray, predicted: np.ndarray, y: np.ndarray) 
     return weights @ (p * t), weights @ (p * (1 - t)), weights @ ((1 - p) * t)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Split:
+    """Everything one split measured: per-class point values [L] and bootstrap samples [B, L] by metric name,
+    findings present in the held-out half, per-resample means [B]."""
+
+    seed: int
+    fit: np.ndarray
+    report: np.ndarray
+    calibrator: ThresholdCalibrator
+    point: dict[str, np.ndarray]
+    boot: dict[str, np.ndarray]
+    present: np.ndarray
+
+    def mean(self, name: str) -> float | None:
+        return float(self.point[name][self.present].mean()) if self.present.any() else None
+
+    def boot_mean(self, name: str) -> np.ndarray:
+        """Per resample, the mean over findings present in the held-out half and in that resample (NaN if none)."""
+        values = np.where(self.present, self.boot[name], np.nan)
+        count = np.isfinite(values).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, np.nansum(values, axis=1) / count, np.nan)
+
+    def ratio(self, name: str) -> float | None:
+        fitted, default = self.mean(name), self.mean(name + "_default")
+        return fitted / default if fitted is not None and default else None
+
+    def boot_ratio(self, name: str) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.boot_mean(name) / self.boot_mean(name + "_default")
+
+
+def _one_split(scores: np.ndarray, labels: np.ndarray, patients: Sequence[str | None], objective: Objective,
+               seed: int, n_bootstrap: int, fallback_values: list[float]) -> _Split:
+    fit, report = patient_disjoint_halves(patients, seed)
+    calibrator = ThresholdCalibrator(objective).fit(scores[fit], labels[fit], fallback_values)
+    y, s = labels[report], scores[report]
+    fitted_pred = (s >= calibrator.thresholds_).astype(np.uint8)
+    default_pred = (s >= DEFAULT_THRESHOLD).astype(np.uint8)
+    point: dict[str, np.ndarray] = {}
+    boot: dict[str, np.ndarray] = {}
+    weights = patient_bootstrap_counts([patients[i] for i in np.flatnonzero(report)], n_bootstrap, seed)
+    for suffix, pred in (("", fitted_pred), ("_default", default_pred)):
+        point["f1" + suffix] = f1_score(y, pred, average=None, zero_division=0)
+        point["recall" + suffix] = recall_score(y, pred, average=None, zero_division=0)
+        point["precision" + suffix] = precision_score(y, pred, average=None, zero_division=0)
+        f1, recall, precision = _rates(*_weighted_counts(weights.astype(np.float64), pred, y))
+        boot["f1" + suffix], boot["recall" + suffix], boot["precision" + suffix] = f1, recall, precision
+    return _Split(seed=seed, fit=fit, report=report, calibrator=calibrator, point=point, boot=boot,
+                  present=y.sum(axis=0) > 0)
+
+
+def _average(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def calibrate(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -226,83 +319,76 @@ def calibrate(
     n_bootstrap: int = 200,
     label_names: Sequence[str] = LABELS,
     fallback: Mapping[str, float] | None = None,
+    n_splits: int = 1,
 ) -> CalibrationResult:
-    """Fit per-class thresholds on one patient-disjoint half and report on the other (see the module docstring).
+    """Fit per-class thresholds on one patient-disjoint half and report on the other (see the module docstring),
+    ``n_splits`` times with seeds ``seed``, ``seed + 1``, ...; figures are means over the splits with CIs from the
+    pooled bootstrap samples of all splits.
 
     ``scores`` float [N, n_labels] probabilities, ``labels`` {0, 1} [N, n_labels], ``patients`` [N] (None where
     unknown). ``fallback`` (label -> threshold, default 0.5) is kept for a class with one outcome in the fit half.
-    Fitted thresholds lie in THRESHOLD_RANGE. Raises ValueError for mismatched shapes, NaN scores, labels other than
-    0/1, an unknown objective, or data that cannot be split into two halves.
+    Fitted thresholds lie in THRESHOLD_RANGE; with ``n_splits`` > 1 they are fitted on all images. Raises ValueError
+    for mismatched shapes, NaN scores, labels other than 0/1, an unknown objective, ``n_splits`` < 1, or data that
+    cannot be split into two halves.
     """
     scores, labels = _check(scores, labels)
     label_names = tuple(label_names)
     if scores.shape[1] != len(label_names):
         raise ValueError(f"Invalid scores: {scores.shape[1]} columns for {len(label_names)} labels")
+    patients = list(patients)
     if len(patients) != len(scores):
         raise ValueError(f"Invalid patients: {len(patients)} for {len(scores)} images")
     if n_bootstrap < 0:
         raise ValueError(f"Invalid n_bootstrap {n_bootstrap} - must be >= 0")
-    fit, report = patient_disjoint_halves(patients, seed)
-    kind = split_kind(list(patients))
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+        raise ValueError(f"Invalid n_splits {n_splits!r} - must be an integer >= 1")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Invalid objective {objective!r} - expected one of {', '.join(OBJECTIVES)}")
+    kind = split_kind(patients)
     fallback_values = [float((fallback or {}).get(name, DEFAULT_THRESHOLD)) for name in label_names]
-    calibrator = ThresholdCalibrator(objective).fit(scores[fit], labels[fit], fallback_values)
-    thresholds = calibrator.thresholds_
+    splits = [_one_split(scores, labels, patients, objective, seed + i, n_bootstrap, fallback_values)
+              for i in range(n_splits)]
+    first = splits[0]
+    if n_splits == 1:
+        final = first.calibrator
+        fit_mask = first.fit
+        source = (f"the fit half of the split (seed {seed}, {int(first.fit.sum())} images): the figures describe "
+                  "these thresholds on the other half")
+    else:
+        final = ThresholdCalibrator(objective).fit(scores, labels, fallback_values)
+        fit_mask = np.ones(len(scores), bool)
+        source = (f"all {len(scores)} images, after the estimate: the figures (means over {n_splits} patient-disjoint "
+                  "splits) describe the procedure - fit on half the patients, apply to the others - not these exact "
+                  "thresholds")
+    thresholds = final.thresholds_
 
-    y, s = labels[report], scores[report]
-    fitted_pred = (s >= thresholds).astype(np.uint8)
-    default_pred = (s >= DEFAULT_THRESHOLD).astype(np.uint8)
-    point: dict[str, np.ndarray] = {}
-    for suffix, pred in (("", fitted_pred), ("_default", default_pred)):
-        point["f1" + suffix] = f1_score(y, pred, average=None, zero_division=0)
-        point["recall" + suffix] = recall_score(y, pred, average=None, zero_division=0)
-        point["precision" + suffix] = precision_score(y, pred, average=None, zero_division=0)
-    present = y.sum(axis=0) > 0
-
-    rng = np.random.default_rng(seed)
-    groups = np.array(
-        [p if p is not None else f"\x00image:{i}" for i, p in enumerate(np.asarray(patients, dtype=object)[report])],
-        dtype=object,
-    )
-    weights = bootstrap_weights(groups, n_bootstrap, rng)
-    boot: dict[str, np.ndarray] = {}
-    for suffix, pred in (("", fitted_pred), ("_default", default_pred)):
-        f1, recall, precision = _rates(*_weighted_counts(weights, pred, y))
-        boot["f1" + suffix], boot["recall" + suffix], boot["precision" + suffix] = f1, recall, precision
-
-    def boot_mean(name: str) -> np.ndarray:
-        """Per resample, the mean over findings present in the held-out half and in that resample (NaN if none)."""
-        values = np.where(present, boot[name], np.nan)
-        count = np.isfinite(values).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, np.nansum(values, axis=1) / count, np.nan)
+    def pooled(samples: list[np.ndarray]) -> tuple[float, float] | None:
+        return interval(np.concatenate(samples)) if samples else None
 
     def mean_estimate(name: str) -> Estimate:
-        value = float(point[name][present].mean()) if present.any() else None
-        return Estimate(value=value, ci=interval(boot_mean(name)) if value is not None else None)
+        value = _average([split.mean(name) for split in splits])
+        return Estimate(value=value, ci=pooled([sp.boot_mean(name) for sp in splits if sp.present.any()])
+                        if value is not None else None)
 
     def ratio_estimate(name: str) -> Estimate:
-        fitted_mean = point[name][present].mean() if present.any() else np.nan
-        default_mean = point[name + "_default"][present].mean() if present.any() else np.nan
-        value = float(fitted_mean / default_mean) if default_mean > 0 else None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            samples = boot_mean(name) / boot_mean(name + "_default")
-        return Estimate(value=value, ci=interval(samples) if value is not None else None)
+        value = _average([split.ratio(name) for split in splits])
+        return Estimate(value=value, ci=pooled([sp.boot_ratio(name) for sp in splits if sp.ratio(name) is not None])
+                        if value is not None else None)
+
+    def class_estimate(key: str, c: int) -> Estimate:
+        present = [sp for sp in splits if sp.present[c]]
+        value = float(np.mean([sp.point[key][c] for sp in (present or splits)]))
+        return Estimate(value=value, ci=pooled([sp.boot[key][:, c] for sp in present]) if present else None)
 
     classes = []
     for c, name in enumerate(label_names):
-        fit_pos = int(labels[fit, c].sum())
-        fitted = bool(calibrator.fitted_[c])
+        fit_pos = int(labels[fit_mask, c].sum())
+        fitted = bool(final.fitted_[c])
+        where = "fit half" if n_splits == 1 else "data"
         note = "" if fitted else (
-            f"not fitted: the fit half has {'no' if fit_pos == 0 else 'only'} positive images - kept "
+            f"not fitted: the {where} has {'no' if fit_pos == 0 else 'only'} positive images - kept "
             f"{thresholds[c]:.4g}"
         )
-        estimates = {
-            key: Estimate(
-                value=float(point[key][c]),
-                ci=interval(boot[key][:, c]) if present[c] else None,
-            )
-            for key in point
-        }
         classes.append(
             ClassCalibration(
                 label=name,
@@ -310,8 +396,8 @@ def calibrate(
                 fitted=fitted,
                 note=note,
                 fit_positives=fit_pos,
-                report_positives=int(y[:, c].sum()),
-                **estimates,
+                report_positives=min(int(labels[sp.report, c].sum()) for sp in splits),
+                **{key: class_estimate(key, c) for key in first.point},
             )
         )
     patient_array = np.asarray(patients, dtype=object)
@@ -322,6 +408,10 @@ def calibrate(
         "mixed": "some images have no patient id: each such image counts as its own patient, so halves may share "
         "patients among them",
     }
+    note = notes[kind]
+    if n_splits > 1:
+        note += (f"; figures are means over {n_splits} patient-disjoint splits (seeds {seed}-{seed + n_splits - 1}) "
+                 "and CIs pool their bootstrap samples, so they include split variability")
     return CalibrationResult(
         objective=objective,
         labels=label_names,
@@ -335,12 +425,27 @@ def calibrate(
         mean_precision_default=mean_estimate("precision_default"),
         f1_ratio=ratio_estimate("f1"),
         recall_ratio=ratio_estimate("recall"),
-        n_fit=int(fit.sum()),
-        n_report=int(report.sum()),
-        patients_fit=len({p for p in patient_array[fit] if p is not None}) if kind != "image" else None,
-        patients_report=len({p for p in patient_array[report] if p is not None}) if kind != "image" else None,
+        n_fit=int(first.fit.sum()),
+        n_report=int(first.report.sum()),
+        patients_fit=len({p for p in patient_array[first.fit] if p is not None}) if kind != "image" else None,
+        patients_report=len({p for p in patient_array[first.report] if p is not None}) if kind != "image" else None,
         split=kind,
-        note=notes[kind],
+        note=note,
         seed=seed,
         n_bootstrap=n_bootstrap,
+        n_splits=n_splits,
+        splits=tuple(
+            SplitResult(
+                seed=sp.seed,
+                n_fit=int(sp.fit.sum()),
+                n_report=int(sp.report.sum()),
+                thresholds={name: float(t) for name, t in zip(label_names, sp.calibrator.thresholds_, strict=True)},
+                f1_ratio=sp.ratio("f1"),
+                recall_ratio=sp.ratio("recall"),
+                mean_f1=sp.mean("f1"),
+                mean_recall=sp.mean("recall"),
+            )
+            for sp in splits
+        ),
+        thresholds_source=source,
     )

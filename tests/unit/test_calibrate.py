@@ -179,3 +179,32 @@ def test_real_chexnet_predictions_give_the_expected_ratios(chexnet, objective: s
         assert r.split == "patient" and r.f1_ratio.ci[0] > 1.0, "calibration helps on held-out patients"
         assert all(c.fitted for c in r.classes)
         assert all(THRESHOLD_RANGE[0] <= t <= THRESHOLD_RANGE[1] for t in r.thresholds.values())
+
+
+def test_repeated_splits_average_the_splits_and_pool_their_bootstrap() -> None:
+    rng = np.random.default_rng(11)
+    n = 1500
+    patients = [f"P{i // 3}" for i in range(n)]
+    y = (rng.random((n, 14)) < np.linspace(0.03, 0.2, 14)).astype(np.uint8)
+    s = expit(rng.normal(-3.5, 1, (n, 14)) + 2.5 * y)
+    result = calibrate(s, y, patients, seed=4, n_splits=3, n_bootstrap=100)
+    singles = [calibrate(s, y, patients, seed=seed, n_bootstrap=100) for seed in (4, 5, 6)]
+    assert result.n_splits == 3 and [sp.seed for sp in result.splits] == [4, 5, 6]
+    for split, single in zip(result.splits, singles, strict=True):  # each split is exactly the one-split calibration
+        assert split.f1_ratio == pytest.approx(single.f1_ratio.value)
+        assert split.thresholds == single.thresholds
+    assert result.f1_ratio.value == pytest.approx(np.mean([r.f1_ratio.value for r in singles]))
+    assert result.mean_recall.value == pytest.approx(np.mean([r.mean_recall.value for r in singles]))
+    # pooled percentiles lie between the splits' own (a mixture's quantile is bracketed by its components')
+    lows, highs = [r.f1_ratio.ci[0] for r in singles], [r.f1_ratio.ci[1] for r in singles]
+    low, high = result.f1_ratio.ci
+    assert min(lows) - 1e-3 <= low <= max(lows) + 1e-3 and min(highs) - 1e-3 <= high <= max(highs) + 1e-3
+    # thresholds come from all the data, and the result says so
+    every = ThresholdCalibrator("youden").fit(s, y).thresholds_
+    assert list(result.thresholds.values()) == pytest.approx(list(every))
+    assert "all 1500 images" in result.thresholds_source and "3 patient-disjoint splits" in result.note
+    data = result.to_dict()
+    assert data["n_splits"] == 3 and len(data["splits"]) == 3
+    assert singles[0].n_splits == 1 and "fit half" in singles[0].thresholds_source
+    with pytest.raises(ValueError, match="n_splits"):
+        calibrate(s, y, patients, n_splits=0)
