@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -25,6 +24,7 @@ from daemon.console import err, fail
 from daemon.console import out as stdout
 
 if TYPE_CHECKING:
+    from daemon.maintenance import MaintenanceError
     from model.calibrate import CalibrationResult
     from model.datasets import LabelledSource
 
@@ -54,6 +54,11 @@ def progress_reporter(quiet: bool = False) -> Iterator[Progress]:
     yield report
 
 
+def fail_with(exc: MaintenanceError) -> NoReturn:
+    """A maintenance-layer error as the CLI's error exit: 2 when the options are wrong, else 1."""
+    fail(str(exc), 2 if exc.usage else 1)
+
+
 def validation_source(
     *,
     phantom: str | None,
@@ -66,31 +71,15 @@ def validation_source(
     default_phantom: str,
 ) -> LabelledSource:
     """The labelled source the options name (at most one of --phantom, --chestxray14, --dicom-dir); exits 2 on a
-    conflict, 1 on an unusable source."""
-    from model.datasets import ChestXray14Folder, DatasetError, DicomFolder, PhantomSource
+    conflict, 1 on an unusable source (``daemon.maintenance.labelled_source``)."""
+    from daemon.maintenance import MaintenanceError, SourceOptions, labelled_source
 
-    chosen = [name for name, value in (("--phantom", phantom), ("--chestxray14", chestxray14),
-                                       ("--dicom-dir", dicom_dir)) if value is not None]
-    if len(chosen) > 1:
-        fail(f"choose one validation source: {' and '.join(chosen)} were both given", 2)
-    if labels is not None and dicom_dir is None:
-        fail("--labels goes with --dicom-dir (or with --predictions for 'chexd calibrate')", 2)
     try:
-        if chestxray14 is not None:
-            return ChestXray14Folder(chestxray14, split=split)
-        if dicom_dir is not None:
-            if labels is None:
-                fail("--dicom-dir needs --labels CSV (an id column matching SOPInstanceUID or file name, and "
-                     "'Finding Labels' or one 0/1 column per finding)", 2)
-            return DicomFolder(dicom_dir, labels)
-        return PhantomSource(phantom or default_phantom, seed=seed, count=count)
-    except DatasetError as exc:
-        fail(str(exc))
-
-
-def _bump_patch(version: str) -> str:
-    major, minor, patch = version.split(".")
-    return f"{major}.{minor}.{int(patch) + 1}"
+        return labelled_source(SourceOptions(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14,
+                                             split=split, dicom_dir=dicom_dir, labels=labels,
+                                             default_phantom=default_phantom))
+    except MaintenanceError as exc:
+        fail_with(exc)
 
 
 def _ci(values: list[float] | None) -> str:
@@ -204,20 +193,12 @@ def _settings():  # type: ignore[no-untyped-def]
 
 def _run(settings: Any, params: dict[str, Any], work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """Run ``work(job)`` inside an admin-job record; map expected failures to a CLI error."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from daemon.registry import RegistryError, admin_job
-    from model.errors import ModelError
+    from daemon.maintenance import MaintenanceError, run_job
 
     try:
-        with admin_job(settings, "calibrate", params) as job:
-            return work(job)
-    except (ModelError, ValueError, RegistryError) as exc:
-        fail(str(exc))
-    except SQLAlchemyError as exc:
-        fail(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}")
-    except OSError as exc:
-        fail(f"cannot calibrate: {exc}")
+        return run_job(settings, "calibrate", params, work)
+    except MaintenanceError as exc:
+        fail_with(exc)
 
 
 def _summary(result: CalibrationResult) -> dict[str, Any]:
@@ -257,20 +238,16 @@ def _calibrate_predictions(predictions: Path, labels: Path, *, objective: str, s
 
 def _calibrate_model(source: LabelledSource, *, model: Path | None, objective: str, seed: int, n_bootstrap: int,
                      device: str, batch_size: int, dry_run: bool, as_json: bool) -> None:
-    from daemon.registry import active_model_path, register_candidate
-    from model.artifact import load_artifact, provenance_entry, save_artifact
+    from daemon.maintenance import MaintenanceError, backbone_check, load_parent, write_candidate
     from model.calibrate import calibrate as fit
-    from model.errors import ModelError
     from model.scores import score_source
 
     settings = _settings()
     try:
-        path = model or active_model_path(settings)
-        if path is None:
-            fail("no model to calibrate: pass --model PATH, import one ('chexd model import') or set model_path")
-        network, manifest = load_artifact(path)
-    except ModelError as exc:
-        fail(str(exc))
+        parent = load_parent(settings, model)
+    except MaintenanceError as exc:
+        fail_with(exc)
+    network, manifest = parent.network, parent.manifest
     params = {"mode": "model", "objective": objective, "seed": seed, "n_bootstrap": n_bootstrap,
               "source": source.description, "images": len(source), "parent_version": manifest.version_id,
               "dry_run": dry_run}
@@ -287,36 +264,30 @@ def _calibrate_model(source: LabelledSource, *, model: Path | None, objective: s
             "images": len(source),
             "parent_version": manifest.version_id,
         }
+
+        def check(reloaded: Any) -> dict[str, Any]:
+            backbone, changed = backbone_check(network, reloaded)
+            if not backbone or changed:
+                raise ValueError(f"the saved artifact's weights differ from the parent's ({changed} classifier "
+                                 "weights changed) - a calibration changes thresholds only; nothing was registered")
+            return {"dtype": manifest.dtype, "weights_identical": True}
+
         candidate = None
         if dry_run:
             message = "dry run: no candidate was written; the active model is unchanged"
         else:
-            with tempfile.TemporaryDirectory(prefix="chexd-calibrate-") as tmp:
-                written = save_artifact(
-                    network,
-                    Path(tmp) / manifest.name,
-                    name=manifest.name,
-                    version=_bump_patch(manifest.version),
-                    preprocessing=manifest.preprocessing,
-                    intended_use=manifest.intended_use,
-                    labels=manifest.labels,
-                    thresholds={label: result.thresholds.get(label, manifest.thresholds[label])
-                                for label in manifest.labels},
-                    provenance=(*manifest.provenance,
-                                provenance_entry("calibrate", params, parent_sha256=manifest.weights_sha256)),
-                    metrics=dict(manifest.metrics) | {"calibration": calibration},
-                    synthetic=manifest.synthetic,
-                    dtype=manifest.dtype,
-                )
-                info = register_candidate(settings, written, operation="calibrate", parameters=params,
-                                          metrics={"calibration": calibration})
-            candidate = {"id": info.id, "version": info.version, "path": str(info.path), "state": info.state}
-            message = (f"registered candidate {info.version} with the fitted thresholds; the active model is "
-                       f"unchanged - 'chexd model activate {info.version}' makes it active")
+            thresholds = {label: result.thresholds.get(label, manifest.thresholds[label]) for label in manifest.labels}
+            written = write_candidate(settings, network, manifest, operation="calibrate", params=params,
+                                      report=calibration, check=check, thresholds=thresholds,
+                                      report_key="calibration")
+            candidate = written.to_dict()
+            message = (f"registered candidate {written.version} (version {written.manifest_version}) with the fitted "
+                       f"thresholds; the active model is unchanged - 'chexd model activate {written.version}' makes "
+                       "it active")
         data = result.to_dict() | {
             "source": source.description,
             "images": len(source),
-            "model": {"name": manifest.name, "version": manifest.version_id, "synthetic": manifest.synthetic},
+            "model": parent.info(),
             "candidate": candidate,
             "model_changed": False,
             "message": message,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,24 +88,21 @@ def compress(
     result as a candidate version."""
     import torch
 
+    from daemon.calibrate_cli import fail_with
     from daemon.cli import settings
-    from daemon.registry import RegistryError, active_model_path, admin_job, register_candidate
-    from model.artifact import load_artifact, provenance_entry, save_artifact
+    from daemon.maintenance import MaintenanceError, load_parent, run_job, write_candidate
     from model.complexity import complexity
-    from model.compress import CompressionError, paired_auroc_delta
     from model.compress import compress as run_compression
-    from model.errors import ModelError
+    from model.compress import paired_auroc_delta
     from model.train import predict_scores, render_split
     from model.types import LABELS
 
     cfg = settings()
     try:
-        path = model or active_model_path(cfg)
-        if path is None:
-            fail("no model: pass --model PATH or activate one (this build bundles no demo model)")
-        parent, manifest = load_artifact(path)
-    except ModelError as exc:
-        fail(str(exc))
+        loaded = load_parent(cfg, model)
+    except MaintenanceError as exc:
+        fail_with(exc)
+    parent, manifest, path = loaded.network, loaded.manifest, loaded.path
     if tuple(manifest.labels) != tuple(LABELS):
         fail(f"{path}: the phantom evaluation needs the 14 CheXNet labels in order, the model has {manifest.labels}")
     recipe = manifest.preprocessing
@@ -121,78 +117,84 @@ def compress(
         "method": "greedy channel selection + least-squares refit (model.compress)",
     }
     device = torch.device("cpu")
+
+    def work(job: Any) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
+        with _progress(quiet=json_out) as progress:
+            report_progress = _reporter(progress)
+            calibration = render_split(
+                "train", seed=seed, count=calibration_images, recipe=recipe, progress=report_progress
+            )
+            child, report = run_compression(
+                parent,
+                calibration.x,
+                target_params=target_params,
+                target_macs=target_macs,
+                distill_steps=distill_steps,
+                distill_scope=distill_scope,
+                seed=seed,
+                progress=report_progress,
+            )
+            test = render_split("test", seed=seed, count=test_images, recipe=recipe, progress=report_progress)
+        before = predict_scores(parent, test.x, device)
+        after = predict_scores(child, test.x, device)
+        delta = paired_auroc_delta(before, after, test.y, LABELS, n_bootstrap=n_bootstrap, seed=seed)
+        latency = _latency(parent, child, recipe.input_size, recipe.channels)
+        counts = complexity(child.architecture, recipe.input_size)
+        metrics = {
+            "parameters": counts.parameters,
+            "macs": counts.macs,
+            "input_size": recipe.input_size,
+            "compression": report.to_dict(units=False),
+            "test": {"split": "test", "images": test_images, "seed": seed} | delta.to_dict(),
+            "latency": latency,
+        }
+
+        def check(reloaded: Any) -> dict[str, Any]:
+            """The saved (``dtype``) weights against the compressed network on up to 64 test images."""
+            import numpy as np
+
+            n = min(64, len(test.x))
+            saved = predict_scores(reloaded, test.x[:n], device)
+            diff = np.abs(saved - after[:n])
+            if not np.isfinite(saved).all():
+                raise ValueError("the saved compressed artifact gives non-finite probabilities - nothing was "
+                                 "registered")
+            return {"dtype": manifest.dtype, "images": n, "max_abs_probability_change": round(float(diff.max()), 6),
+                    "parameters": counts.parameters}
+
+        name = manifest.name if manifest.name.endswith("-compressed") else f"{manifest.name}-compressed"
+        written = write_candidate(cfg, child, manifest, operation="compress", params=params,
+                                  report={"method": params["method"]}, check=check, metrics=metrics,
+                                  name=name[:100])
+        summary = {
+            "version": written.version,
+            "manifest_version": written.manifest_version,
+            "state": written.state,
+            "path": str(written.path),
+            "parent": manifest.weights_sha256[:16],
+            "parameters_before": report.parameters_before,
+            "parameters_after": report.parameters_after,
+            "parameters_removed": round(report.parameters_removed, 4),
+            "macs_before": report.macs_before,
+            "macs_after": report.macs_after,
+            "macs_removed": round(report.macs_removed, 4),
+            "macs_removed_by_pruning": round(report.macs_removed_by_pruning, 4),
+            "mean_auroc_before": delta.mean_before,
+            "mean_auroc_after": delta.mean_after,
+            "mean_auroc_delta": delta.mean_delta,
+            "mean_auroc_delta_ci": list(delta.mean_delta_ci),
+            "latency": latency,
+            "saved_artifact": written.report["saved_artifact"],
+        }
+        job.result = summary
+        return summary, report, delta, metrics
+
     try:
-        with admin_job(cfg, "compress", params | {"parent": manifest.weights_sha256[:16]}) as job:
-            with _progress(quiet=json_out) as progress:
-                report_progress = _reporter(progress)
-                calibration = render_split(
-                    "train", seed=seed, count=calibration_images, recipe=recipe, progress=report_progress
-                )
-                child, report = run_compression(
-                    parent,
-                    calibration.x,
-                    target_params=target_params,
-                    target_macs=target_macs,
-                    distill_steps=distill_steps,
-                    distill_scope=distill_scope,
-                    seed=seed,
-                    progress=report_progress,
-                )
-                test = render_split("test", seed=seed, count=test_images, recipe=recipe, progress=report_progress)
-            before = predict_scores(parent, test.x, device)
-            after = predict_scores(child, test.x, device)
-            delta = paired_auroc_delta(before, after, test.y, LABELS, n_bootstrap=n_bootstrap, seed=seed)
-            latency = _latency(parent, child, recipe.input_size, recipe.channels)
-            counts = complexity(child.architecture, recipe.input_size)
-            metrics = {
-                "parameters": counts.parameters,
-                "macs": counts.macs,
-                "input_size": recipe.input_size,
-                "compression": report.to_dict(units=False),
-                "test": {"split": "test", "images": test_images, "seed": seed} | delta.to_dict(),
-                "latency": latency,
-            }
-            name = manifest.name if manifest.name.endswith("-compressed") else f"{manifest.name}-compressed"
-            with tempfile.TemporaryDirectory(prefix="chexd-compress-") as tmp:
-                written = save_artifact(
-                    child,
-                    Path(tmp),
-                    name=name[:100],
-                    preprocessing=recipe,
-                    intended_use=manifest.intended_use,
-                    version=manifest.version,
-                    labels=manifest.labels,
-                    thresholds=manifest.thresholds,
-                    provenance=(
-                        *manifest.provenance,
-                        provenance_entry("compress", params, parent_sha256=manifest.weights_sha256),
-                    ),
-                    metrics=metrics,
-                    synthetic=manifest.synthetic,
-                    dtype=manifest.dtype,
-                )
-                version = register_candidate(cfg, written, operation="compress", parameters=params, metrics=metrics)
-            summary = {
-                "version": version.version,
-                "state": version.state,
-                "path": str(version.path),
-                "parent": manifest.weights_sha256[:16],
-                "parameters_before": report.parameters_before,
-                "parameters_after": report.parameters_after,
-                "parameters_removed": round(report.parameters_removed, 4),
-                "macs_before": report.macs_before,
-                "macs_after": report.macs_after,
-                "macs_removed": round(report.macs_removed, 4),
-                "macs_removed_by_pruning": round(report.macs_removed_by_pruning, 4),
-                "mean_auroc_before": delta.mean_before,
-                "mean_auroc_after": delta.mean_after,
-                "mean_auroc_delta": delta.mean_delta,
-                "mean_auroc_delta_ci": list(delta.mean_delta_ci),
-                "latency": latency,
-            }
-            job.result = summary
-    except (CompressionError, ModelError, RegistryError, ValueError) as exc:
-        fail(str(exc))
+        summary, report, delta, metrics = run_job(cfg, "compress", params | {"parent": manifest.weights_sha256[:16]},
+                                                  work)
+    except MaintenanceError as exc:
+        fail_with(exc)
+    version, latency = summary, summary["latency"]
     if json_out:
         data = summary | {"compression": report.to_dict(), "test": metrics["test"]}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -227,8 +229,8 @@ def compress(
         highlight=False,
     )
     stdout.print(
-        f"registered candidate {version.version} ({version.path}); activate with: chexd model activate "
-        f"{version.version}",
+        f"registered candidate {version['version']} (version {version['manifest_version']}, {version['path']}); "
+        f"activate with: chexd model activate {version['version']}",
         highlight=False,
         markup=False,
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from daemon.calibrate_cli import fail_with
 from daemon.console import fail
 from daemon.console import out as stdout
 
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
+    from daemon.maintenance import Parent, SourceOptions
     from daemon.settings import Settings
-    from model.artifact import Manifest
     from model.features import FeatureSet
 
 REFUSED = 3  # exit status when the correction is refused (no set of channels within the limit works)
@@ -68,159 +68,34 @@ def _reporter(quiet: bool):  # type: ignore[no-untyped-def]
     return progress_reporter(quiet=quiet)
 
 
-def _load_parent(settings: Settings, model: Path | None) -> tuple[nn.Module, Manifest]:
-    from daemon.registry import active_model_path
-    from model.artifact import load_artifact
-    from model.errors import ModelError
+def _parent(settings: Settings, model: Path | None) -> Parent:
+    from daemon.maintenance import MaintenanceError, load_parent
 
     try:
-        path = model or active_model_path(settings)
-        if path is None:
-            fail("no model: pass --model PATH, import one ('chexd model import') or set model_path")
-        return load_artifact(path)
-    except ModelError as exc:
-        fail(str(exc))
+        return load_parent(settings, model)
+    except MaintenanceError as exc:
+        fail_with(exc)
 
 
-def _bump_patch(version: str) -> str:
-    """'1.2.3' (or '1.2.3-rc1') -> '1.2.4'."""
-    major, minor, patch = re.match(r"^(\d+)\.(\d+)\.(\d+)", version).groups()  # type: ignore[union-attr]
-    return f"{major}.{minor}.{int(patch) + 1}"
+def _source_options(**options: Any) -> SourceOptions:
+    """The validation-source options as the layer's SourceOptions; conflicting options exit 2 before any work."""
+    from daemon.maintenance import MaintenanceError, SourceOptions
 
-
-def _cache_dir(settings: Settings) -> Path:
-    return settings.data_dir / "cache" / "features"
-
-
-def _features(
-    settings: Settings,
-    network: nn.Module,
-    manifest: Manifest,
-    *,
-    phantom: str | None,
-    count: int,
-    seed: int,
-    render_size: int,
-    chestxray14: Path | None,
-    split: str,
-    dicom_dir: Path | None,
-    labels: Path | None,
-    device: str,
-    batch_size: int,
-    report: Progress,
-) -> tuple[FeatureSet, bool]:
-    """Validation features of the source the options name (default: the phantom val split), from the cache when
-    this model has seen that source before."""
-    from daemon.calibrate_cli import validation_source
-    from model.features import cached_features, phantom_features, phantom_source_key, source_features, source_key
-
-    recipe = manifest.preprocessing
-    if chestxray14 is None and dicom_dir is None and labels is None:
-        from model.train import SPLITS
-
-        split_name = phantom or "val"
-        if split_name not in SPLITS:
-            fail(f"Invalid --phantom {split_name!r} - expected one of {', '.join(SPLITS)}", 2)
-        return cached_features(
-            _cache_dir(settings),
-            weights_sha256=manifest.weights_sha256,
-            data_key=phantom_source_key(split_name, seed=seed, count=count, render_size=render_size),
-            recipe=recipe,
-            compute=lambda: phantom_features(network, recipe=recipe, split=split_name, seed=seed, count=count,
-                                             render_size=render_size, batch_size=batch_size, device=device,
-                                             progress=report),
-        )
-    source = validation_source(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14, split=split,
-                               dicom_dir=dicom_dir, labels=labels, default_phantom="val")
-    return cached_features(
-        _cache_dir(settings),
-        weights_sha256=manifest.weights_sha256,
-        data_key=source_key(source),
-        recipe=recipe,
-        compute=lambda: source_features(network, source, recipe=recipe, batch_size=batch_size, device=device,
-                                        progress=report),
-    )
+    try:
+        return SourceOptions(**options)
+    except MaintenanceError as exc:
+        fail_with(exc)
 
 
 def _run_job(settings: Settings, kind: str, params: dict[str, Any], work: Callable[[Any], dict[str, Any]]
              ) -> dict[str, Any]:
-    """``work(job)`` inside an admin-job record; expected failures become a CLI error (exit 1)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from daemon.registry import RegistryError, admin_job
-    from model.errors import ModelError
+    """``work(job)`` inside an admin-job record; expected failures become a CLI error (exit 1, or 2 for options)."""
+    from daemon.maintenance import MaintenanceError, run_job
 
     try:
-        with admin_job(settings, kind, params) as job:
-            return work(job)
-    except (ModelError, ValueError, RegistryError) as exc:
-        fail(str(exc))
-    except SQLAlchemyError as exc:
-        fail(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}")
-    except OSError as exc:
-        fail(f"cannot {kind}: {exc}")
-
-
-def _write_candidate(
-    settings: Settings,
-    network: nn.Module,
-    manifest: Manifest,
-    *,
-    operation: str,
-    params: dict[str, Any],
-    report: dict[str, Any],
-    check: Callable[[nn.Module], dict[str, Any]],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Save ``network`` as a new artifact with the parent's fields, reload it, run ``check(reloaded)`` (raises on
-    failure; returns what to add to the report), register it; returns (candidate summary, final report)."""
-    from daemon.registry import register_candidate
-    from model.artifact import load_artifact, provenance_entry, read_manifest, save_artifact
-
-    entry = provenance_entry(operation, params, parent_sha256=manifest.weights_sha256)
-
-    def save(model: nn.Module, folder: Path, metrics: dict[str, Any]) -> Path:
-        return save_artifact(
-            model,  # type: ignore[arg-type]
-            folder,
-            name=manifest.name,
-            version=_bump_patch(manifest.version),
-            preprocessing=manifest.preprocessing,
-            intended_use=manifest.intended_use,
-            labels=manifest.labels,
-            thresholds=dict(manifest.thresholds),
-            provenance=(*manifest.provenance, entry),
-            metrics=dict(manifest.metrics) | {operation: metrics},
-            synthetic=manifest.synthetic,
-            dtype=manifest.dtype,
-        )
-
-    with tempfile.TemporaryDirectory(prefix=f"chexd-{operation}-") as tmp:
-        first = save(network, Path(tmp) / "check", report)
-        reloaded, _ = load_artifact(first)
-        report = report | {"saved_artifact": check(reloaded)}
-        # the manifest carries the report including that check: the same weights written again (same bytes, same hash)
-        written = save(reloaded, Path(tmp) / manifest.name, report)
-        if read_manifest(written).weights_sha256 != read_manifest(first).weights_sha256:
-            raise ValueError("writing the checked weights again gave different bytes - nothing was registered")
-        info = register_candidate(settings, written, operation=operation, parameters=params,
-                                  metrics={operation: report})
-    candidate = {"id": info.id, "version": info.version, "path": str(info.path), "state": info.state}
-    return candidate, report
-
-
-def _backbone_check(parent: nn.Module, reloaded: nn.Module) -> tuple[bool, int]:
-    """(every non-classifier tensor equal, number of classifier weights + biases that differ)."""
-    import torch
-
-    a, b = parent.state_dict(), reloaded.state_dict()
-    backbone = all(torch.equal(a[k], b[k]) for k in a if not k.startswith("classifier."))
-    changed = int((a["classifier.weight"] != b["classifier.weight"]).sum())
-    changed += int((a["classifier.bias"] != b["classifier.bias"]).sum())
-    return backbone, changed
-
-
-def _model_info(manifest: Manifest) -> dict[str, Any]:
-    return {"name": manifest.name, "version": manifest.version_id, "synthetic": manifest.synthetic}
+        return run_job(settings, kind, params, work)
+    except MaintenanceError as exc:
+        fail_with(exc)
 
 
 # --- false-positive images -------------------------------------------------------------------------------------------
@@ -353,6 +228,7 @@ def correct(
     within the limit: the message says why and what the cheapest alternative is."""
     import torch
 
+    from daemon.maintenance import backbone_check, validation_features, write_candidate
     from model.correct import CorrectionRefused, apply_correction, plan_correction, verify_correction
     from model.datasets import finding_index
     from model.features import compute_features
@@ -364,8 +240,11 @@ def correct(
     if not false_positive and not from_feedback:
         fail("give at least one --false-positive image (or --from-feedback)", 2)
     name = LABELS[index]
+    source = _source_options(phantom=phantom, count=count, seed=seed, render_size=render_size,
+                             chestxray14=chestxray14, split=split, dicom_dir=dicom_dir, labels=labels)
     settings = _settings()
-    network, manifest = _load_parent(settings, model)
+    parent = _parent(settings, model)
+    network, manifest = parent.network, parent.manifest
     targets = _false_positive_images(settings, list(false_positive or []))
     feedback = _feedback_images(settings, name) if from_feedback else []
     known = {ref for ref, _ in targets}
@@ -386,10 +265,8 @@ def correct(
     def work(job: Any) -> dict[str, Any]:
         nonlocal refusal
         with _reporter(quiet=False) as report:
-            val, cached = _features(settings, network, manifest, phantom=phantom, count=count, seed=seed,
-                                    render_size=render_size, chestxray14=chestxray14, split=split,
-                                    dicom_dir=dicom_dir, labels=labels, device=device, batch_size=batch_size,
-                                    report=report)
+            val, cached = validation_features(settings, parent, source, device=device, batch_size=batch_size,
+                                              progress=report)
             zeros = [0] * len(LABELS)
             target_set = compute_features(network, [(ref, None, image, zeros) for ref, image in targets + feedback],
                                           recipe=manifest.preprocessing, device=device, batch_size=batch_size)
@@ -411,7 +288,7 @@ def correct(
                                    manifest.thresholds, val, target_set.pooled, finding, max_channels,
                                    target_ids=target_set.ids, labels=manifest.labels)
         except CorrectionRefused as exc:
-            refusal = exc.to_dict() | {"model": _model_info(manifest), "candidate": None,
+            refusal = exc.to_dict() | {"model": parent.info(), "candidate": None,
                                        "validation_source": val.source, "validation_images": len(val)}
             job.state = "refused"
             job.result = {"refused": True, "reason": exc.reason, "alternatives": list(exc.alternatives)}
@@ -423,7 +300,7 @@ def correct(
             again = verify_correction(network, reloaded, finding=plan.finding, thresholds=manifest.thresholds,
                                       features=val, target_features=target_set.pooled, target_ids=target_set.ids,
                                       labels=manifest.labels)
-            backbone, changed = _backbone_check(network, reloaded)
+            backbone, changed = backbone_check(network, reloaded)
             if not again.passed or not backbone or changed != len(plan.channels):
                 raise ValueError(
                     f"the saved {manifest.dtype} artifact does not reproduce the verified edit (targets corrected: "
@@ -439,13 +316,14 @@ def correct(
             check(edited)
             message = "dry run: no candidate was written; the active model is unchanged"
         else:
-            candidate, result = _write_candidate(settings, edited, manifest, operation="correct", params=params,
-                                                 report=result, check=check)
-            message = (f"registered candidate {candidate['version']}; the active model is unchanged - "
-                       f"'chexd model activate {candidate['version']}' makes it active")
+            written = write_candidate(settings, edited, manifest, operation="correct", params=params, report=result,
+                                      check=check)
+            candidate, result = written.to_dict(), written.report
+            message = (f"registered candidate {written.version} (version {written.manifest_version}); the active "
+                       f"model is unchanged - 'chexd model activate {written.version}' makes it active")
         job.result = {"channels": list(plan.channels), "true_positives_lost": plan.verification.true_positives_lost,
                       "targets": len(target_set), "candidate": candidate["version"] if candidate else None}
-        return result | {"model": _model_info(manifest), "candidate": candidate, "message": message}
+        return result | {"model": parent.info(), "candidate": candidate, "message": message}
 
     data = _run_job(settings, "correct", params, work)
     if refusal is not None:
@@ -516,7 +394,7 @@ def finetune(
 
     import numpy as np
 
-    from model.features import cached_features, phantom_features, phantom_source_key
+    from daemon.maintenance import SourceOptions, backbone_check, validation_features, write_candidate
     from model.finetune import finetune_head, with_head
 
     if class_weighting not in ("sqrt", "balanced", "none"):
@@ -526,24 +404,21 @@ def finetune(
     if chestxray14 is not None and dicom_dir is not None:
         fail("choose one data source: --chestxray14 or --dicom-dir", 2)
     settings = _settings()
-    network, manifest = _load_parent(settings, model)
+    parent = _parent(settings, model)
+    network, manifest = parent.network, parent.manifest
     params: dict[str, Any] = {"class_weighting": class_weighting, "max_epochs": max_epochs, "patience": patience,
                               "lr": lr, "seed": seed, "parent_version": manifest.version_id, "dry_run": dry_run}
 
     def work(job: Any) -> dict[str, Any]:
-        recipe = manifest.preprocessing
         started = time.perf_counter()
         with _reporter(quiet=False) as report:
             if chestxray14 is None and dicom_dir is None:
-                parts: list[tuple[FeatureSet, bool]] = []
-                for split_name, n in (("train", train_images), ("val", val_images)):
-                    parts.append(cached_features(
-                        _cache_dir(settings), weights_sha256=manifest.weights_sha256, recipe=recipe,
-                        data_key=phantom_source_key(split_name, seed=seed, count=n, render_size=render_size),
-                        compute=lambda s=split_name, n=n: phantom_features(  # type: ignore[misc]
-                            network, recipe=recipe, split=s, seed=seed, count=n, render_size=render_size,
-                            batch_size=batch_size, device=device, progress=report),
-                    ))
+                parts: list[tuple[FeatureSet, bool]] = [
+                    validation_features(settings, parent, SourceOptions(phantom=split_name, count=n, seed=seed,
+                                                                        render_size=render_size),
+                                        device=device, batch_size=batch_size, progress=report)
+                    for split_name, n in (("train", train_images), ("val", val_images))
+                ]
                 (train, hit_train), (val, hit_val) = parts
                 cached = hit_train and hit_val
                 params.update({"source": "phantom", "train_images": train_images, "val_images": val_images,
@@ -551,10 +426,10 @@ def finetune(
             else:
                 from model.datasets import patient_disjoint_halves, split_kind
 
-                everything, cached = _features(settings, network, manifest, phantom=None, count=10, seed=seed,
-                                               render_size=render_size, chestxray14=chestxray14, split=split,
-                                               dicom_dir=dicom_dir, labels=labels, device=device,
-                                               batch_size=batch_size, report=report)
+                everything, cached = validation_features(
+                    settings, parent, SourceOptions(chestxray14=chestxray14, split=split, dicom_dir=dicom_dir,
+                                                    labels=labels, seed=seed, render_size=render_size),
+                    device=device, batch_size=batch_size, progress=report)
                 a, b = patient_disjoint_halves(everything.patients, seed=seed)
                 train, val = everything.subset(a), everything.subset(b)
                 params.update({"source": everything.source, "train_images": len(train), "val_images": len(val),
@@ -573,7 +448,7 @@ def finetune(
         def check(reloaded: nn.Module) -> dict[str, Any]:
             from model.finetune import head_aurocs
 
-            backbone, changed = _backbone_check(network, reloaded)
+            backbone, changed = backbone_check(network, reloaded)
             if not backbone:
                 raise ValueError("the saved artifact's backbone differs from the parent's - nothing was registered")
             saved = reloaded.classifier  # type: ignore[union-attr]
@@ -592,15 +467,16 @@ def finetune(
             summary["saved_artifact"] = check(edited)
             message = "dry run: no candidate was written; the active model is unchanged"
         else:
-            candidate, summary = _write_candidate(settings, edited, manifest, operation="finetune", params=params,
-                                                  report=summary, check=check)
-            message = (f"registered candidate {candidate['version']} (thresholds kept from the parent; recalibrate "
-                       f"with 'chexd calibrate --model {candidate['path']}'); the active model is unchanged - "
-                       f"'chexd model activate {candidate['version']}' makes it active")
+            written = write_candidate(settings, edited, manifest, operation="finetune", params=params,
+                                      report=summary, check=check)
+            candidate, summary = written.to_dict(), written.report
+            message = (f"registered candidate {written.version} (version {written.manifest_version}; thresholds kept "
+                       f"from the parent; recalibrate with 'chexd calibrate --model {written.path}'); the active "
+                       f"model is unchanged - 'chexd model activate {written.version}' makes it active")
         job.result = {"epochs": result.epochs, "seconds": round(result.seconds, 3),
                       "mean_auroc_before": result.mean_auroc_before, "mean_auroc_after": result.mean_auroc_after,
                       "candidate": candidate["version"] if candidate else None}
-        return summary | {"model": _model_info(manifest), "candidate": candidate, "message": message}
+        return summary | {"model": parent.info(), "candidate": candidate, "message": message}
 
     data = _run_job(settings, "finetune", params, work)
     if json_out:

@@ -146,9 +146,9 @@ def evaluate(
 ) -> None:
     """Per-finding and mean AUROC (bootstrap 95% CI), F1, recall and precision at the artifact's thresholds, on a
     phantom split (default test), a ChestX-ray14 folder or a DICOM folder with a labels CSV."""
-    from daemon.calibrate_cli import progress_reporter, validation_source
+    from daemon.calibrate_cli import fail_with, progress_reporter, validation_source
     from daemon.cli import settings
-    from model.artifact import load_artifact
+    from daemon.maintenance import MaintenanceError, load_parent
     from model.datasets import DatasetError
     from model.errors import ModelError
     from model.metrics import evaluate as evaluate_scores
@@ -164,17 +164,10 @@ def evaluate(
         source = validation_source(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14, split=split,
                                    dicom_dir=dicom_dir, labels=labels, default_phantom="test")
     try:
-        if model is not None:
-            path: Path | None = model
-        else:
-            from daemon.registry import active_model_path
-
-            path = active_model_path(settings())
-        if path is None:
-            fail("no model: pass --model PATH or set model_path (this build bundles no demo model)")
-        network, manifest = load_artifact(path)
-    except ModelError as exc:
-        fail(str(exc))
+        parent = load_parent(settings(), model)
+    except MaintenanceError as exc:
+        fail_with(exc)
+    network, manifest = parent.network, parent.manifest
     thresholds = dict(manifest.thresholds)
     if source is None:
         phantom = phantom or "test"
