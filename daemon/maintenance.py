@@ -146,16 +146,27 @@ class SourceOptions:
     default_phantom: str = "val"
 
     def __post_init__(self) -> None:
-        chosen = [name for name, value in (("--phantom", self.phantom), ("--chestxray14", self.chestxray14),
-                                           ("--dicom-dir", self.dicom_dir)) if value is not None]
+        chosen = [
+            name
+            for name, value in (
+                ("--phantom", self.phantom),
+                ("--chestxray14", self.chestxray14),
+                ("--dicom-dir", self.dicom_dir),
+            )
+            if value is not None
+        ]
         if len(chosen) > 1:
             raise MaintenanceError(f"choose one validation source: {' and '.join(chosen)} were both given", usage=True)
         if self.labels is not None and self.dicom_dir is None:
-            raise MaintenanceError("--labels goes with --dicom-dir (or with --predictions for 'chexd calibrate')",
-                                   usage=True)
+            raise MaintenanceError(
+                "--labels goes with --dicom-dir (or with --predictions for 'chexd calibrate')", usage=True
+            )
         if self.dicom_dir is not None and self.labels is None:
-            raise MaintenanceError("--dicom-dir needs --labels CSV (an id column matching SOPInstanceUID or file "
-                                   "name, and 'Finding Labels' or one 0/1 column per finding)", usage=True)
+            raise MaintenanceError(
+                "--dicom-dir needs --labels CSV (an id column matching SOPInstanceUID or file "
+                "name, and 'Finding Labels' or one 0/1 column per finding)",
+                usage=True,
+            )
         if self.count < 1:
             raise MaintenanceError(f"Invalid --count {self.count} - must be >= 1", usage=True)
 
@@ -170,8 +181,12 @@ class SourceOptions:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able parameters (paths as strings), for job records and provenance."""
         if self.is_phantom:
-            return {"phantom": self.phantom_split, "count": self.count, "seed": self.seed,
-                    "render_size": self.render_size}
+            return {
+                "phantom": self.phantom_split,
+                "count": self.count,
+                "seed": self.seed,
+                "render_size": self.render_size,
+            }
         if self.chestxray14 is not None:
             return {"chestxray14": str(self.chestxray14), "split": self.split}
         return {"dicom_dir": str(self.dicom_dir), "labels": str(self.labels)}
@@ -221,17 +236,27 @@ def validation_features(
         if source.is_phantom:
             split_name = source.phantom_split
             if split_name not in SPLITS:
-                raise MaintenanceError(f"Invalid --phantom {split_name!r} - expected one of {', '.join(SPLITS)}",
-                                       usage=True)
+                raise MaintenanceError(
+                    f"Invalid --phantom {split_name!r} - expected one of {', '.join(SPLITS)}", usage=True
+                )
             return cached_features(
                 feature_cache_dir(settings),
                 weights_sha256=manifest.weights_sha256,
-                data_key=phantom_source_key(split_name, seed=source.seed, count=source.count,
-                                            render_size=source.render_size),
+                data_key=phantom_source_key(
+                    split_name, seed=source.seed, count=source.count, render_size=source.render_size
+                ),
                 recipe=recipe,
-                compute=lambda: phantom_features(network, recipe=recipe, split=split_name, seed=source.seed,
-                                                 count=source.count, render_size=source.render_size,
-                                                 batch_size=batch_size, device=device, progress=report),
+                compute=lambda: phantom_features(
+                    network,
+                    recipe=recipe,
+                    split=split_name,
+                    seed=source.seed,
+                    count=source.count,
+                    render_size=source.render_size,
+                    batch_size=batch_size,
+                    device=device,
+                    progress=report,
+                ),
             )
         labelled = labelled_source(source)
         return cached_features(
@@ -239,8 +264,9 @@ def validation_features(
             weights_sha256=manifest.weights_sha256,
             data_key=source_key(labelled),
             recipe=recipe,
-            compute=lambda: source_features(network, labelled, recipe=recipe, batch_size=batch_size, device=device,
-                                            progress=report),
+            compute=lambda: source_features(
+                network, labelled, recipe=recipe, batch_size=batch_size, device=device, progress=report
+            ),
         )
     except ModelError as exc:
         raise MaintenanceError(str(exc)) from exc
@@ -266,8 +292,7 @@ def run_job(settings: Settings, kind: str, params: Mapping[str, Any], work: Call
     except (ModelError, ValueError, RegistryError) as exc:
         raise MaintenanceError(str(exc)) from exc
     except SQLAlchemyError as exc:
-        raise MaintenanceError(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
-                               ) from exc
+        raise MaintenanceError(f"database error: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}") from exc
     except OSError as exc:
         raise MaintenanceError(f"cannot {kind}: {exc}") from exc
 
@@ -291,8 +316,13 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         """``{id, version, manifest_version, path, state}`` (the report is returned beside it by the commands)."""
-        return {"id": self.id, "version": self.version, "manifest_version": self.manifest_version,
-                "path": str(self.path), "state": self.state}
+        return {
+            "id": self.id,
+            "version": self.version,
+            "manifest_version": self.manifest_version,
+            "path": str(self.path),
+            "state": self.state,
+        }
 
 
 def write_candidate(
@@ -328,8 +358,10 @@ def write_candidate(
 
     key = report_key or operation
     version = child_version(parent_manifest.version, operation)
-    entries = [provenance_entry(step, dict(step_params), parent_sha256=parent_manifest.weights_sha256)
-               for step, step_params in extra_provenance]
+    entries = [
+        provenance_entry(step, dict(step_params), parent_sha256=parent_manifest.weights_sha256)
+        for step, step_params in extra_provenance
+    ]
     entries.append(provenance_entry(operation, dict(params), parent_sha256=parent_manifest.weights_sha256))
     child_thresholds = dict(parent_manifest.thresholds)
     if thresholds is not None:
@@ -364,10 +396,16 @@ def write_candidate(
         written = save(reloaded, Path(tmp) / artifact_name, final)
         if read_manifest(written).weights_sha256 != read_manifest(first).weights_sha256:
             raise ValueError("writing the checked weights again gave different bytes - nothing was registered")
-        info = register_candidate(settings, written, operation=operation, parameters=dict(params),
-                                  metrics=base | {key: final} if metrics is not None else {key: final})
-    return Candidate(id=info.id, version=info.version, manifest_version=version, path=info.path, state=info.state,
-                     report=final)
+        info = register_candidate(
+            settings,
+            written,
+            operation=operation,
+            parameters=dict(params),
+            metrics=base | {key: final} if metrics is not None else {key: final},
+        )
+    return Candidate(
+        id=info.id, version=info.version, manifest_version=version, path=info.path, state=info.state, report=final
+    )
 
 
 def backbone_check(parent: nn.Module, reloaded: nn.Module) -> tuple[bool, int]:

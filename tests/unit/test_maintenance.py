@@ -35,8 +35,17 @@ USE = "synthetic demo model, not for diagnosis (test fixture)"
 
 @pytest.fixture
 def parent_path(tmp_path: Path) -> Path:
-    return save_artifact(tiny(seed=5), tmp_path / "parent", name="tiny", version="2.4.7-rc1", preprocessing=RECIPE,
-                         intended_use=USE, synthetic=True, dtype="float16", metrics={"test": {"mean_auroc": 0.5}})
+    return save_artifact(
+        tiny(seed=5),
+        tmp_path / "parent",
+        name="tiny",
+        version="2.4.7-rc1",
+        preprocessing=RECIPE,
+        intended_use=USE,
+        synthetic=True,
+        dtype="float16",
+        metrics={"test": {"mean_auroc": 0.5}},
+    )
 
 
 @pytest.fixture
@@ -116,16 +125,25 @@ def test_a_failing_check_registers_nothing(settings: Settings) -> None:
         raise ValueError("the saved weights do not reproduce the edit")
 
     with pytest.raises(ValueError, match="do not reproduce"):
-        write_candidate(settings, parent.network, parent.manifest, operation="correct", params={}, report={},
-                        check=check)
+        write_candidate(
+            settings, parent.network, parent.manifest, operation="correct", params={}, report={}, check=check
+        )
     assert [v.state for v in list_versions(settings)] == ["active"]
 
 
 def test_write_candidate_refuses_thresholds_for_unknown_labels(settings: Settings) -> None:
     parent = load_parent(settings, None)
     with pytest.raises(ValueError, match="unknown labels"):
-        write_candidate(settings, parent.network, parent.manifest, operation="calibrate", params={}, report={},
-                        check=lambda m: {}, thresholds={"Pneumonitis": 0.3})
+        write_candidate(
+            settings,
+            parent.network,
+            parent.manifest,
+            operation="calibrate",
+            params={},
+            report={},
+            check=lambda m: {},
+            thresholds={"Pneumonitis": 0.3},
+        )
 
 
 def test_run_job_records_the_job_and_raises_one_error_type(settings: Settings) -> None:
@@ -168,8 +186,9 @@ def test_validation_features_are_computed_once_then_cached(settings: Settings) -
     parent = load_parent(settings, None)
     source = SourceOptions(phantom="val", count=12, seed=1, render_size=64)
     stages: list[str] = []
-    first, cached = validation_features(settings, parent, source, device="cpu", batch_size=8,
-                                        progress=lambda stage, done, total: stages.append(stage))
+    first, cached = validation_features(
+        settings, parent, source, device="cpu", batch_size=8, progress=lambda stage, done, total: stages.append(stage)
+    )
     assert not cached and len(first) == 12 and first.pooled.shape == (12, parent.network.classifier.in_features)
     assert stages, "progress went through the callback"
     again, cached = validation_features(settings, parent, source, device="cpu")
