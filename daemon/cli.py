@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import (
     calibrate_cli,
+    channels_cli,
     compress_cli,
     correct_cli,
     exclusions_cli,
@@ -83,6 +84,7 @@ app.command("evaluate")(train_cli.evaluate)
 app.command("phantom")(phantom_cli.phantom)
 app.command("forward")(forward_cli.forward)
 app.command("exclusions")(exclusions_cli.exclusions)
+app.command("channels")(channels_cli.channels)
 app.command("calibrate")(calibrate_cli.calibrate)
 app.command("correct")(correct_cli.correct)
 app.command("finetune")(correct_cli.finetune)
