@@ -120,12 +120,14 @@ def _print(data: dict[str, Any], rows: int) -> None:
         f"({pct(o['share_jaccard_below'])}), {o['distinct_pairs']} distinct finding pairs; mean lift "
         f"{_fmt(o['mean_lift'])} over {o['lift_defined']} channels (lift < 1 in {o['lift_below_one']})",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(
         f"Null (a), all {b['pairs']} finding pairs: Jaccard < {cut:g} in {b['jaccard_below']} of "
         f"{b['jaccard_defined']} ({pct(b['share_jaccard_below'])}); mean lift {_fmt(b['mean_lift'])} over "
         f"{b['lift_defined']} pairs",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(
         f"Null (b), weight rows permuted across findings ({n['draws_used']:,} of {n['draws']:,} draws, seed "
@@ -133,11 +135,13 @@ def _print(data: dict[str, Any], rows: int) -> None:
         f"{pv(n['p_jaccard'])}; mean lift {_fmt(n['mean_lift_mean'])}{ci(n['mean_lift_interval'])}, "
         f"p = {pv(n['p_lift'])}",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(
         f"'Polarized pairs co-occur less than chance' (one-sided, mean lift, alpha {data['alpha']:g}): "
         f"[bold]{data['verdict']}[/]",
         highlight=False,
+        soft_wrap=True,
     )
     if model["synthetic"]:
         console.print(f"[yellow]{SYNTHETIC_LINE}[/]", highlight=False)
