@@ -167,6 +167,39 @@ def _false_positive_images(settings: Settings, refs: list[str]) -> list[tuple[st
 # --- chexd correct ---------------------------------------------------------------------------------------------------
 
 
+def _ci(ci: list[float] | tuple[float, float] | None, fmt: str = "{:+.4f}") -> str:
+    return "no CI" if not ci else f"95% CI [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def _split_line(split: dict[str, Any], name: str) -> str:
+    from model.types import LABELS
+
+    c = LABELS.index(name)
+    return (f"selection part (chose the channels): {split['selection_images']} images, "
+            f"{split['positives_selection'][c]} {name} positives; verification part (judges the edit, never seen by "
+            f"the search): {split['verification_images']} images, {split['positives_verification'][c]} {name} "
+            f"positives; split by {split['kind']} (seed {split['seed']}; {split['note']}); at least "
+            f"{split['min_positives']} positives per part are needed for a verdict")
+
+
+def _held_out_lines(h: dict[str, Any]) -> list[str]:
+    name = h["finding"]
+
+    def value(v: float | None, fmt: str = "{:.4f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    return [
+        f"held out: {h['true_positives_lost']} of {h['true_positives']} {name} true positives lost (rate "
+        f"{value(h['tp_loss_rate'], '{:.1%}')}, {_ci(h['tp_loss_ci'], '{:.1%}')}; tolerance {h['tolerance']:.1%}) "
+        f"on {h['images']} verification images with {h['positives']} positives",
+        f"held-out false positives of {name}: {h['pattern_examples']}, {h['pattern_corrected']} corrected; "
+        f"mean change of p {value(h['pattern_delta_p'], '{:+.4f}')} ({_ci(h['pattern_delta_p_ci'])})",
+        f"{name} AUROC on the verification part {value(h['auroc_before'])} -> {value(h['auroc_after'])} "
+        f"(change {value(h['auroc_delta'], '{:+.4f}')}, {_ci(h['auroc_delta_ci'])})",
+        f"held-out verdict: {h['verdict']} - {h['reason']}",
+    ]
+
+
 def _print_correction(data: dict[str, Any]) -> None:
     v = data["verification"]
     table = Table("image", "p before", "p after", "change", title=f"{v['finding']} (threshold {v['threshold']:.4g})")
@@ -181,16 +214,36 @@ def _print_correction(data: dict[str, Any]) -> None:
 
     lines = [
         f"zeroed {len(data['channels'])} weight(s) of the {v['finding']} row: channel {zeroed}",
-        f"validation: {v['validation_images']} images ({v['validation_source']}); true positives "
-        f"{v['true_positives']}, lost {v['true_positives_lost']}; false positives {v['false_positives_before']} -> "
+        _split_line(data["split"], v["finding"]),
+        f"selection part: true positives {v['true_positives']}, lost {v['true_positives_lost']} (zero by "
+        f"construction: the search keeps them); false positives {v['false_positives_before']} -> "
         f"{v['false_positives_after']}; AUROC {auroc(v['auroc_before'])} -> {auroc(v['auroc_after'])}",
+        *_held_out_lines(data["held_out"]),
         f"other findings bit-identical: {'yes' if v['other_findings_bit_identical'] else 'NO'} "
         f"({len(v['other_findings_checked'])} findings on {v['validation_images'] + len(v['targets'])} images, "
-        "checked again on the saved artifact)",
+        "checked again on the saved artifact; true by construction of a one-row edit, a guard against bugs)",
         data["message"],
     ]
     for line in lines:
         stdout.print(line, highlight=False, markup=False)
+
+
+def _threshold_alternative(name: str, threshold: float, p_targets: np.ndarray, p_held_out: np.ndarray,
+                           y_held_out: np.ndarray) -> dict[str, Any] | None:
+    """Raising the threshold just above the targets' highest probability, and what that costs on the verification
+    part (None when no threshold below 1 can do it)."""
+    import numpy as np
+
+    new = float(np.nextafter(np.float32(p_targets.max()), np.float32(1.0)))
+    if new >= 1.0:
+        return None
+    tp = y_held_out & (p_held_out >= threshold)
+    lost = int((tp & (p_held_out < new)).sum())
+    return {"kind": "threshold", "finding": name, "threshold": new, "current_threshold": threshold,
+            "held_out_true_positives": int(tp.sum()), "held_out_true_positives_lost": lost,
+            "description": f"recalibrate the threshold: raising {name} from {threshold:.4g} to {new:.6g} clears the "
+            f"case(s) and would lose {lost} of {int(tp.sum())} held-out true positives (all findings: 'chexd "
+            "calibrate')"}
 
 
 def correct(
@@ -206,9 +259,16 @@ def correct(
                      "finding ('chexd feedback UID --finding F --absent') and that the model still calls present."),
     ] = False,
     max_channels: Annotated[int, typer.Option(min=1, max=64, help="Most weights to zero.")] = 5,
+    tolerance: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Largest acceptable share of the verification part's true positives "
+                     "that the edit may lose (0.02: 2%)."),
+    ] = 0.02,
+    n_bootstrap: Annotated[int, typer.Option(min=0, help="Patient bootstrap resamples for the held-out CIs.")] = 1000,
     phantom: PhantomOpt = None,
     count: CountOpt = 300,
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option(help="Phantom series seed, and seed of the selection/verification split and "
+                                           "the bootstrap.")] = 0,
     render_size: RenderOpt = 256,
     chestxray14: Cxr14Opt = None,
     split: SplitOpt = "test",
@@ -222,17 +282,28 @@ def correct(
 ) -> None:
     """Remove a false-positive pattern by zeroing at most --max-channels weights of one finding's class row.
 
-    Chooses the smallest set of channels whose zeroing brings every given image under the finding's threshold while
-    no true positive of the validation data drops under it, proves the other 13 findings' logits bit-identical, and
-    registers the result as a candidate version (the active model is unchanged). Exit 3 when no such set exists
-    within the limit: the message says why and what the cheapest alternative is."""
+    The validation data is split patient-disjointly: on the selection part it chooses the smallest set of channels
+    whose zeroing brings every given image under the finding's threshold while no selection true positive drops
+    under it; on the verification part, which the search never saw, it reports the true positives lost (count,
+    rate, patient-bootstrap CI), the change of p on held-out false positives of the pattern and the AUROC change.
+    It registers a candidate version (the active model is unchanged) only when the held-out check passes.
+    Exit 3 (refused) when no such set exists within the limit, when the held-out loss exceeds --tolerance, or when
+    either part has fewer than 10 positives of the finding: the message states the rule, the numbers and the
+    cheapest alternative."""
     import torch
 
     from daemon.maintenance import backbone_check, validation_features, write_candidate
-    from model.correct import CorrectionRefused, apply_correction, plan_correction, verify_correction
+    from model.correct import (
+        CorrectionRefused,
+        apply_correction,
+        check_held_out,
+        plan_correction,
+        verify_correction,
+    )
     from model.datasets import finding_index
     from model.features import compute_features
     from model.types import LABELS
+    from model.verification import MIN_POSITIVES, split_features
 
     index = finding_index(finding)
     if index is None:
@@ -257,13 +328,23 @@ def correct(
         "false_positives": [ref for ref, _ in targets],
         "from_feedback": from_feedback,
         "max_channels": max_channels,
+        "tolerance": tolerance,
+        "min_positives": MIN_POSITIVES,
+        "split_seed": seed,
         "parent_version": manifest.version_id,
         "dry_run": dry_run,
     }
     refusal: dict[str, Any] | None = None
 
-    def work(job: Any) -> dict[str, Any]:
+    def refuse(job: Any, data: dict[str, Any]) -> dict[str, Any]:
         nonlocal refusal
+        refusal = data | {"refused": True, "model": parent.info(), "candidate": None}
+        job.state = "refused"
+        job.result = {"refused": True, "reason": data["reason"], "rule": data.get("rule"),
+                      "alternatives": list(data.get("alternatives", ()))}
+        return refusal
+
+    def work(job: Any) -> dict[str, Any]:
         with _reporter(quiet=False) as report:
             val, cached = validation_features(settings, parent, source, device=device, batch_size=batch_size,
                                               progress=report)
@@ -272,44 +353,99 @@ def correct(
                                           recipe=manifest.preprocessing, device=device, batch_size=batch_size)
         network.cpu()  # the head's arithmetic and every check run on the CPU, on the cached features
         head = network.classifier  # type: ignore[union-attr]
+        row = manifest.labels.index(name)
+        threshold = manifest.thresholds[name]
         if feedback:  # a feedback image the model already calls absent needs no correction: leave it out
             with torch.inference_mode():
-                logits = head(torch.from_numpy(target_set.pooled))[:, manifest.labels.index(name)]
-            still = torch.sigmoid(logits).numpy() >= manifest.thresholds[name]
+                logits = head(torch.from_numpy(target_set.pooled))[:, row]
+            still = torch.sigmoid(logits).numpy() >= threshold
             keep = [i for i in range(len(target_set)) if i < len(targets) or still[i]]
             params["false_positives_from_feedback"] = [target_set.ids[i] for i in keep if i >= len(targets)]
             if not keep:
                 raise ValueError(f"every image marked absent for {name} is already below the threshold "
-                                 f"{manifest.thresholds[name]:.4g}: nothing to correct")
+                                 f"{threshold:.4g}: nothing to correct")
             target_set = target_set.subset(keep)
-        params.update({"validation_source": val.source, "validation_images": len(val)})
+        selection, verification, parts = split_features(val, seed=seed)
+        params.update({"validation_source": val.source, "validation_images": len(val),
+                       "selection_images": len(selection), "verification_images": len(verification),
+                       "split_by": parts.kind})
+        context = {"finding": name, "validation_source": val.source, "validation_images": len(val),
+                   "split": parts.to_dict(), "features_from_cache": cached}
+        fewest = min(parts.positives_selection[index], parts.positives_verification[index])
+        if fewest < MIN_POSITIVES:
+            return refuse(job, context | {
+                "rule": f"each part needs at least {MIN_POSITIVES} {name} positives: the selection part chooses the "
+                        "channels, the verification part judges the held-out true-positive loss",
+                "reason": f"too few positives: {name} has {parts.positives_selection[index]} positive(s) in the "
+                          f"selection part and {parts.positives_verification[index]} in the verification part "
+                          f"(minimum {MIN_POSITIVES} in each), so no held-out verdict is possible",
+                "alternatives": [{"kind": "needs_data", "finding": name,
+                                  "description": f"needs more data: a larger labelled validation source with more "
+                                  f"{name} positives (--count, --chestxray14 or --dicom-dir)"}],
+                "held_out": None,
+            })
+        weight = head.weight.detach().float().numpy()
+        bias = head.bias.detach().float().numpy()
         try:
-            plan = plan_correction(head.weight.detach().float().numpy(), head.bias.detach().float().numpy(),
-                                   manifest.thresholds, val, target_set.pooled, finding, max_channels,
-                                   target_ids=target_set.ids, labels=manifest.labels)
+            plan = plan_correction(weight, bias, manifest.thresholds, selection, target_set.pooled, finding,
+                                   max_channels, target_ids=target_set.ids, labels=manifest.labels)
         except CorrectionRefused as exc:
-            refusal = exc.to_dict() | {"model": parent.info(), "candidate": None,
-                                       "validation_source": val.source, "validation_images": len(val)}
-            job.state = "refused"
-            job.result = {"refused": True, "reason": exc.reason, "alternatives": list(exc.alternatives)}
-            return refusal
+            return refuse(job, exc.to_dict() | context | {
+                "rule": f"at most {max_channels} zeroed weights (--max-channels) that clear every case and keep every "
+                        "true positive of the selection part",
+                "held_out": None,
+            })
         edited = apply_correction(network, plan)
-        result = plan.to_dict() | {"features_from_cache": cached}
+        after = edited.classifier  # type: ignore[union-attr]
+        held_out = check_held_out(weight, bias, after.weight.detach().float().numpy(),
+                                  after.bias.detach().float().numpy(), manifest.thresholds, verification,
+                                  finding=name, labels=manifest.labels, tolerance=tolerance, n_bootstrap=n_bootstrap,
+                                  seed=seed)
+        result = plan.to_dict() | context | {"held_out": held_out.to_dict()}
+        if not held_out.passed:
+            alternatives = []
+            if held_out.verdict == "tp_loss":
+                with torch.inference_mode():
+                    p_targets = torch.sigmoid(head(torch.from_numpy(target_set.pooled))[:, row]).numpy()
+                    p_held = torch.sigmoid(head(torch.from_numpy(verification.pooled))[:, row]).numpy()
+                option = _threshold_alternative(name, threshold, p_targets, p_held,
+                                                verification.labels[:, index].astype(bool))
+                alternatives = [option] if option is not None else []
+                alternatives.append({"kind": "finetune", "finding": name,
+                                     "description": f"fine-tune the head with the case(s) as {name} negatives "
+                                     "('chexd finetune'; all 14 rows change)"})
+            else:
+                alternatives = [{"kind": "needs_data", "finding": name,
+                                 "description": f"needs more data: more labelled {name} positives the parent "
+                                 "detects, or recalibrate the threshold first ('chexd calibrate')"}]
+            return refuse(job, result | {
+                "rule": f"the edit may lose at most {tolerance:.1%} (--tolerance) of the verification part's true "
+                        f"positives, and each part needs at least {MIN_POSITIVES} {name} positives",
+                "reason": f"held-out check failed ({held_out.verdict}): {held_out.reason}",
+                "alternatives": alternatives,
+            })
 
         def check(reloaded: nn.Module) -> dict[str, Any]:
             again = verify_correction(network, reloaded, finding=plan.finding, thresholds=manifest.thresholds,
-                                      features=val, target_features=target_set.pooled, target_ids=target_set.ids,
-                                      labels=manifest.labels)
+                                      features=selection, target_features=target_set.pooled,
+                                      target_ids=target_set.ids, labels=manifest.labels)
             backbone, changed = backbone_check(network, reloaded)
-            if not again.passed or not backbone or changed != len(plan.channels):
+            saved = reloaded.classifier  # type: ignore[union-attr]
+            lost = check_held_out(weight, bias, saved.weight.detach().float().numpy(),
+                                  saved.bias.detach().float().numpy(), manifest.thresholds, verification,
+                                  finding=name, labels=manifest.labels, tolerance=tolerance, n_bootstrap=0
+                                  ).true_positives_lost
+            if (not again.passed or not backbone or changed != len(plan.channels)
+                    or lost != held_out.true_positives_lost):
                 raise ValueError(
                     f"the saved {manifest.dtype} artifact does not reproduce the verified edit (targets corrected: "
-                    f"{again.targets_corrected}, true positives lost: {again.true_positives_lost}, other findings "
-                    f"identical: {again.other_findings_bit_identical}, backbone identical: {backbone}, changed "
-                    f"weights: {changed}) - nothing was registered"
+                    f"{again.targets_corrected}, true positives lost: {again.true_positives_lost}, held-out true "
+                    f"positives lost: {lost} instead of {held_out.true_positives_lost}, other findings identical: "
+                    f"{again.other_findings_bit_identical}, backbone identical: {backbone}, changed weights: "
+                    f"{changed}) - nothing was registered"
                 )
             return {"dtype": manifest.dtype, "verification": again.to_dict(), "backbone_identical": backbone,
-                    "changed_weights": changed}
+                    "changed_weights": changed, "held_out_true_positives_lost": lost}
 
         if dry_run:
             candidate = None
@@ -322,14 +458,24 @@ def correct(
             message = (f"registered candidate {written.version} (version {written.manifest_version}); the active "
                        f"model is unchanged - 'chexd model activate {written.version}' makes it active")
         job.result = {"channels": list(plan.channels), "true_positives_lost": plan.verification.true_positives_lost,
-                      "targets": len(target_set), "candidate": candidate["version"] if candidate else None}
+                      "held_out_true_positives_lost": held_out.true_positives_lost,
+                      "held_out_verdict": held_out.verdict, "targets": len(target_set),
+                      "candidate": candidate["version"] if candidate else None}
         return result | {"model": parent.info(), "candidate": candidate, "message": message}
 
     data = _run_job(settings, "correct", params, work)
     if refusal is not None:
         if json_out:
             sys.stdout.write(json.dumps(refusal, indent=2) + "\n")
-        fail(f"correction refused: {refusal['reason']}", REFUSED)
+        else:
+            if refusal.get("held_out"):
+                for line in _held_out_lines(refusal["held_out"]):
+                    stdout.print(line, highlight=False, markup=False)
+            if refusal.get("split"):
+                stdout.print(_split_line(refusal["split"], name), highlight=False, markup=False)
+        cheapest = refusal.get("alternatives") or []
+        hint = f"; cheapest alternative: {cheapest[0]['description']}" if cheapest else ""
+        fail(f"correction refused: {refusal['reason']} (rule: {refusal['rule']}){hint}", REFUSED)
     if json_out:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return

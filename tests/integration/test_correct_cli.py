@@ -142,7 +142,7 @@ def test_correct_removes_the_false_positive_and_registers_a_verified_candidate(
     assert (_p_effusion(parent, as_read) >= 0.5).all(), "both images are false positives of the active model"
 
     code, data, output = _invoke("correct", "--finding", "Effusion", "--false-positive", str(png),
-                                 "--false-positive", uid, "--count", "200", "--render-size", str(RENDER), "--json")
+                                 "--false-positive", uid, "--count", "300", "--render-size", str(RENDER), "--json")
     assert code == 0, output
     assert data is not None and channel in data["channels"] and len(data["channels"]) <= 5
     v = data["verification"]
@@ -181,42 +181,102 @@ def test_correct_removes_the_false_positive_and_registers_a_verified_candidate(
 
     # the same validation source again: the features come from the cache
     code, again, output = _invoke("correct", "--finding", "Effusion", "--false-positive", str(png), "--count",
-                                  "200", "--render-size", str(RENDER), "--dry-run", "--json")
+                                  "300", "--render-size", str(RENDER), "--dry-run", "--json")
     assert code == 0, output
     assert again["features_from_cache"] is True and again["candidate"] is None
 
 
-def test_a_true_positive_reported_as_false_positive_is_refused_with_exit_3(
-    settings: Settings, grid_model: tuple[Path, int], tmp_path: Path
-) -> None:
-    parent, _ = load_artifact(grid_model[0])
-    samples = [generate(0, i, size=RENDER) for i in phantom_indices("val", 60)]
-    p = _p_effusion(parent, [s.image for s in samples])
-    positives = [i for i, s in enumerate(samples) if s.labels[E] and p[i] >= 0.5]
-    assert positives, "the model finds some effusions"
-    folder = tmp_path / "validation"
+@pytest.fixture(scope="module")
+def validation_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list, np.ndarray]:
+    """300 phantom val images as DICOM files with a labels CSV (patients kept: the split is patient-disjoint). The
+    Effusion positives of the verification part (seed 0) carry grid lines, as if one site's effusions came through
+    a grid: the held-out part has true positives that rely on the grid channel, the selection part has none.
+    Returns (folder, labels CSV, samples, the split's verification mask)."""
+    from model.verification import selection_split
+
+    root = tmp_path_factory.mktemp("validation")
+    folder = root / "dicom"
     folder.mkdir()
-    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+    samples = [generate(0, i, size=RENDER) for i in phantom_indices("val", 300)]
+    parts = selection_split([s.patient_id for s in samples], np.stack([s.labels for s in samples]), seed=0)
+    with open(root / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["file", "Patient ID", "Finding Labels"])
         for i, s in enumerate(samples):
-            _dicom(s.image, folder / f"{i}.dcm", patient=s.patient_id)
+            image = grid_lines(s.image) if parts.verification[i] and s.labels[E] else s.image
+            _dicom(image, folder / f"{i}.dcm", patient=s.patient_id)
             names = [LABELS[c] for c in np.flatnonzero(s.labels)]
             writer.writerow([f"{i}.dcm", s.patient_id, "|".join(names) or "No Finding"])
-    # the "false positive" is one of the validation true positives itself: no edit can remove one and keep the other
-    strongest = max(positives, key=lambda i: p[i])
-    code, data, output = _invoke("correct", "--finding", "Effusion", "--false-positive",
-                                 str(folder / f"{strongest}.dcm"), "--dicom-dir", str(folder), "--labels",
-                                 str(tmp_path / "labels.csv"), "--json")
+    return folder, root / "labels.csv", samples, parts.verification
+
+
+def _refused(settings: Settings, output: str, data: dict | None, code: int) -> dict:
     assert code == correct_cli.REFUSED == 3, output
     assert data is not None and data["refused"] is True and data["candidate"] is None
-    assert "true positive" in data["reason"] and data["validation_images"] == 60
+    assert "correction refused" in output and "rule:" in output and "cheapest alternative" in output
+    assert [v.state for v in list_versions(settings)] == ["active"], "nothing was registered"
+    return data
+
+
+def test_an_edit_that_loses_held_out_true_positives_is_refused_with_exit_3(
+    settings: Settings, grid_model: tuple[Path, int], validation_folder: tuple[Path, Path, list, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    """A selection-part true positive given as a false positive cannot be removed without losing itself: the search
+    refuses. A grid-line false positive can be removed on the selection part at no loss, but the verification
+    part's effusions carry grid lines too: the held-out check sees the lost true positives and refuses."""
+    from model.verification import MIN_POSITIVES
+
+    folder, labels_csv, samples, verification = validation_folder
+    parent, _ = load_artifact(grid_model[0])
+    p = _p_effusion(parent, [decode_file(folder / f"{i}.dcm") for i in range(len(samples))])
+    y = np.array([s.labels[E] for s in samples], bool)
+    assert min((y & ~verification).sum(), (y & verification).sum()) >= MIN_POSITIVES
+    strongest = max(np.flatnonzero(y & (p >= 0.5) & ~verification), key=lambda i: p[i])
+    source = ["--dicom-dir", str(folder), "--labels", str(labels_csv), "--json"]
+
+    code, data, output = _invoke("correct", "--finding", "Effusion", "--false-positive",
+                                 str(folder / f"{strongest}.dcm"), *source)
+    data = _refused(settings, output, data, code)
+    assert "true positive" in data["reason"] and data["validation_images"] == 300
     assert [a["kind"] for a in data["alternatives"]] == ["threshold", "finetune"]
     assert data["alternatives"][0]["true_positives_lost"] >= 1
-    assert "correction refused" in output
-    assert [v.state for v in list_versions(settings)] == ["active"], "nothing was registered"
+    assert data["split"]["selection_images"] + data["split"]["verification_images"] == 300
+    assert data["split"]["kind"] == "patient" and data["held_out"] is None
+
+    negatives = [s for s in (generate(0, i, size=RENDER) for i in phantom_indices("train", 600)[560:])
+                 if s.labels[E] == 0]
+    png = _png(grid_lines(negatives[0].image), tmp_path / "fp.png")
+    code, data, output = _invoke("correct", "--finding", "Effusion", "--false-positive", str(png), *source)
+    data = _refused(settings, output, data, code)
+    assert grid_model[1] in data["channels"]
+    assert data["verification"]["true_positives_lost"] == 0, "on the selection part nothing was lost"
+    held_out = data["held_out"]
+    assert held_out["verdict"] == "tp_loss" and not held_out["passed"]
+    assert held_out["images"] == int(verification.sum()) and held_out["positives"] == int((y & verification).sum())
+    assert held_out["true_positives"] == int((y & verification & (p >= 0.5)).sum())
+    assert held_out["true_positives_lost"] >= 1 and held_out["tp_loss_rate"] > 0.02
+    lo, hi = held_out["tp_loss_ci"]
+    assert lo <= held_out["tp_loss_rate"] <= hi
+    assert "held-out check failed (tp_loss)" in data["reason"] and "2.0%" in data["rule"]
+    assert data["alternatives"][0]["kind"] == "threshold"
+    assert data["features_from_cache"] is True
+    jobs = _jobs(settings)
+    assert [(j.kind, j.state) for j in jobs] == [("correct", "refused")] * 2
+    assert jobs[1].result["refused"] is True and "tp_loss" in jobs[1].result["reason"]
+
+
+def test_too_few_positives_in_a_part_is_refused_as_needing_data(settings: Settings, tmp_path: Path) -> None:
+    samples = [generate(0, i, size=RENDER) for i in phantom_indices("train", 600)[560:]]
+    png = _png(grid_lines(next(s for s in samples if s.labels[E] == 0).image), tmp_path / "fp.png")
+    code, data, output = _invoke("correct", "--finding", "Effusion", "--false-positive", str(png), "--count", "60",
+                                 "--render-size", str(RENDER), "--json")
+    data = _refused(settings, output, data, code)
+    assert data["reason"].startswith("too few positives") and "minimum 10" in data["reason"]
+    assert [a["kind"] for a in data["alternatives"]] == ["needs_data"] and "needs more data" in output
+    assert data["split"]["positives_selection"][E] < 10 or data["split"]["positives_verification"][E] < 10
     (job,) = _jobs(settings)
-    assert job.kind == "correct" and job.state == "refused" and job.result["refused"] is True
+    assert job.state == "refused"
 
 
 def test_radiologist_feedback_supplies_the_false_positives(settings: Settings, tmp_path: Path) -> None:
@@ -236,7 +296,7 @@ def test_radiologist_feedback_supplies_the_false_positives(settings: Settings, t
     record(sessions, uids["clean"], "Effusion", present=False, user="rad1")  # right already: nothing to fix
     record(sessions, uids["other"], "Effusion", present=False, user="rad1")
     record(sessions, uids["other"], "Effusion", present=True, user="rad2")  # the newest verdict counts
-    code, data, output = _invoke("correct", "--finding", "Effusion", "--from-feedback", "--count", "200",
+    code, data, output = _invoke("correct", "--finding", "Effusion", "--from-feedback", "--count", "300",
                                  "--render-size", str(RENDER), "--dry-run", "--json")
     assert code == 0, output
     assert [t["id"] for t in data["verification"]["targets"]] == [uids["marked"]]
