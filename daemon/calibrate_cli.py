@@ -113,7 +113,10 @@ def _print_table(data: dict[str, Any], title: str) -> None:
         return "-" if value is None else f"{value:.3f} (95% CI {_ci(data[name + '_ci'])})"
 
     lines = [
-        f"held-out half: {data['n_report']} images, fit half: {data['n_fit']} images ({data['note']})",
+        f"held-out half: {data['n_report']} images, fit half: {data['n_fit']} images"
+        + (" (first split)" if data.get("n_splits", 1) > 1 else "") + f" ({data['note']})",
+        f"{data.get('n_splits', 1)} patient-disjoint split(s) (seeds {data['seed']}-"
+        f"{data['seed'] + data.get('n_splits', 1) - 1}); thresholds fitted on {data.get('thresholds_source', '')}",
         f"mean F1 {fmt('mean_f1')} vs {fmt('mean_f1_default')} at 0.5",
         f"mean recall {fmt('mean_recall')} vs {fmt('mean_recall_default')} at 0.5",
         f"mean precision {fmt('mean_precision')} vs {fmt('mean_precision_default')} at 0.5",
@@ -158,13 +161,20 @@ def calibrate(
     model: Annotated[Path | None, typer.Option(help="Artifact to calibrate (default: the active model).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the halves and the bootstrap (and of the phantom).")] = 0,
     n_bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the CIs.")] = 200,
+    splits: Annotated[
+        int,
+        typer.Option("--splits", min=1, help="Patient-disjoint fit/held-out splits (seeds seed..seed+N-1): figures "
+                     "are their means and CIs pool their patient bootstraps, so they include split variability; "
+                     "with N > 1 the thresholds written are fitted on all images."),
+    ] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fit and report; register no candidate.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
-    """Fit per-class thresholds on one patient-disjoint half and report F1/recall/precision on the other (bootstrap
-    95% CIs) against the 0.5 threshold. A model run writes a new candidate version; the active model is unchanged."""
+    """Fit per-class thresholds on one patient-disjoint half and report F1/recall/precision on the other (patient
+    bootstrap 95% CIs) against the 0.5 threshold, repeated over --splits patient-disjoint splits (CIs include the
+    split variability). A model run writes a new candidate version; the active model is unchanged."""
     from model.calibrate import OBJECTIVES
 
     if objective not in OBJECTIVES:
@@ -177,11 +187,13 @@ def calibrate(
         if given:
             fail(f"--predictions calibrates a predictions file; {', '.join(given)} do(es) not apply", 2)
         _calibrate_predictions(predictions, labels, objective=objective, seed=seed, n_bootstrap=n_bootstrap,
+                               n_splits=splits,
                                as_json=json_out)
         return
     source = validation_source(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14, split=split,
                                dicom_dir=dicom_dir, labels=labels, default_phantom="val")
-    _calibrate_model(source, model=model, objective=objective, seed=seed, n_bootstrap=n_bootstrap, device=device,
+    _calibrate_model(source, model=model, objective=objective, seed=seed, n_bootstrap=n_bootstrap, n_splits=splits,
+                     device=device,
                      batch_size=batch_size, dry_run=dry_run, as_json=json_out)
 
 
@@ -203,21 +215,23 @@ def _run(settings: Any, params: dict[str, Any], work: Callable[[Any], dict[str, 
 
 def _summary(result: CalibrationResult) -> dict[str, Any]:
     return {k: result.to_dict()[k] for k in ("objective", "f1_ratio", "recall_ratio", "mean_f1", "mean_f1_default",
-                                             "mean_recall", "mean_recall_default", "n_fit", "n_report", "split")}
+                                             "mean_recall", "mean_recall_default", "n_fit", "n_report", "split",
+                                             "n_splits")}
 
 
 def _calibrate_predictions(predictions: Path, labels: Path, *, objective: str, seed: int, n_bootstrap: int,
+                           n_splits: int,
                            as_json: bool) -> None:
     from model.calibrate import calibrate as fit
     from model.scores import read_scored_csv
 
     params = {"mode": "predictions", "predictions": str(predictions), "labels": str(labels), "objective": objective,
-              "seed": seed, "n_bootstrap": n_bootstrap}
+              "seed": seed, "n_bootstrap": n_bootstrap, "n_splits": n_splits}
 
     def work(job: Any) -> dict[str, Any]:
         scored = read_scored_csv(predictions, labels)
         result = fit(scored.scores, scored.labels, scored.patients, objective=objective,  # type: ignore[arg-type]
-                     seed=seed, n_bootstrap=n_bootstrap)
+                     seed=seed, n_bootstrap=n_bootstrap, n_splits=n_splits)
         data = result.to_dict() | {
             "source": scored.source,
             "images": len(scored.ids),
@@ -237,6 +251,7 @@ def _calibrate_predictions(predictions: Path, labels: Path, *, objective: str, s
 
 
 def _calibrate_model(source: LabelledSource, *, model: Path | None, objective: str, seed: int, n_bootstrap: int,
+                     n_splits: int,
                      device: str, batch_size: int, dry_run: bool, as_json: bool) -> None:
     from daemon.maintenance import MaintenanceError, backbone_check, load_parent, write_candidate
     from model.calibrate import calibrate as fit
@@ -248,7 +263,7 @@ def _calibrate_model(source: LabelledSource, *, model: Path | None, objective: s
     except MaintenanceError as exc:
         fail_with(exc)
     network, manifest = parent.network, parent.manifest
-    params = {"mode": "model", "objective": objective, "seed": seed, "n_bootstrap": n_bootstrap,
+    params = {"mode": "model", "objective": objective, "seed": seed, "n_bootstrap": n_bootstrap, "n_splits": n_splits,
               "source": source.description, "images": len(source), "parent_version": manifest.version_id,
               "dry_run": dry_run}
 
@@ -257,7 +272,7 @@ def _calibrate_model(source: LabelledSource, *, model: Path | None, objective: s
             scored = score_source(network, source, recipe=manifest.preprocessing, output_labels=manifest.labels,
                                   device=device, batch_size=batch_size, progress=report)
         result = fit(scored.scores, scored.labels, scored.patients, objective=objective,  # type: ignore[arg-type]
-                     seed=seed, n_bootstrap=n_bootstrap, fallback=manifest.thresholds)
+                     seed=seed, n_bootstrap=n_bootstrap, fallback=manifest.thresholds, n_splits=n_splits)
         calibration = result.to_dict() | {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": source.description,

@@ -73,7 +73,8 @@ def test_predictions_mode_prints_one_json_object_and_changes_no_model(tmp_path: 
     finding = data["findings"][0]
     assert {"f1", "f1_ci", "recall", "recall_ci", "precision_ci", "f1_default", "threshold"} <= set(finding)
     assert data["candidate"] is None and data["model_changed"] is False and "no model was changed" in data["message"]
-    assert data["split"] == "patient"
+    assert data["split"] == "patient" and data["n_splits"] == 5 and len(data["splits"]) == 5
+    assert "5 patient-disjoint splits" in data["note"] and "all 22433 images" in data["thresholds_source"]
     ((kind, state, job_result),) = _jobs(tmp_path)
     assert (kind, state) == ("calibrate", "done") and job_result["f1_ratio"] == data["f1_ratio"]
 
@@ -112,7 +113,7 @@ def test_model_mode_registers_a_candidate_with_the_fitted_thresholds(
 ) -> None:
     parent = read_manifest(model)
     result = invoke(monkeypatch, tmp_path, "calibrate", "--phantom", "val", "--count", "40", "--device", "cpu",
-                    "--n-bootstrap", "20", "--json", model_path=model)
+                    "--n-bootstrap", "20", "--splits", "2", "--json", model_path=model)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert "score images: 40/40" in result.stderr, "plain progress lines when stderr is not a terminal"
@@ -123,6 +124,8 @@ def test_model_mode_registers_a_candidate_with_the_fitted_thresholds(
     assert candidate.provenance[-1]["operation"] == "calibrate"
     assert candidate.provenance[-1]["parent_sha256"] == parent.weights_sha256
     assert candidate.metrics["calibration"]["date"] and candidate.metrics["calibration"]["images"] == 40
+    assert candidate.metrics["calibration"]["n_splits"] == 2 and data["n_splits"] == 2
+    assert candidate.metrics["calibration"]["saved_artifact"]["weights_identical"] is True
     assert candidate.synthetic and candidate.version == "1.0.1"
     for finding in data["findings"]:  # 40 images: rare findings have no positive in the fit half
         if not finding["fitted"]:
@@ -141,6 +144,7 @@ def test_model_mode_table_and_dry_run(tmp_path: Path, model: Path, monkeypatch: 
     assert result.exit_code == 0, result.output
     assert "Cardiomegaly" in result.stdout and "dry run: no candidate was written" in result.stdout
     assert "phantom val split" in result.stdout and "NOT FOR DIAGNOSIS" in result.stdout
+    assert "5 patient-disjoint split(s) (seeds 0-4)" in result.stdout
     assert not (tmp_path / "data" / "models").exists() or not any(
         "1.0.1" in p.read_text() for p in (tmp_path / "data" / "models").rglob("*.json")
     )
