@@ -20,6 +20,7 @@ from daemon import (
     correct_cli,
     exclusions_cli,
     forward_cli,
+    paper_cli,
     phantom_cli,
     queries,
     scu,
@@ -89,6 +90,7 @@ app.command("calibrate")(calibrate_cli.calibrate)
 app.command("correct")(correct_cli.correct)
 app.command("finetune")(correct_cli.finetune)
 app.command("compress")(compress_cli.compress)
+app.command("paper-table")(paper_cli.paper_table)
 
 
 @app.command("feedback")

@@ -76,7 +76,8 @@ def test_row_json_has_the_keys_of_the_table() -> None:
 
 def test_ratio_verdict_rules() -> None:
     assert ratio_verdict(1.7, (1.55, 1.9), 1.6)[0] == "reproduced"  # CI holds the paper's value
-    assert ratio_verdict(1.9, (1.8, 2.0), 1.6)[0] == "reproduced"  # within 25%
+    assert ratio_verdict(1.8, (1.75, 1.85), 1.6)[0] == "reproduced"  # within 15%
+    assert ratio_verdict(1.26, (1.19, 1.39), 1.6)[0] == "not reproduced"  # 21% off, CI misses it
     verdict, reason = ratio_verdict(3.0, (2.8, 3.3), 1.6)
     assert verdict == "not reproduced" and "1.88x" in reason
     assert ratio_verdict(None, None, 7.0)[0] == "not measurable here"
@@ -196,10 +197,26 @@ def test_routing_and_polarized_rows() -> None:
     assert routing_row(None, source="x", reason="no model").verdict == "not measurable here"
     row = routing_row({"threshold": 3, "channel edit": 1, "needs data": 5}, source="phantom")
     assert row.verdict == "true by construction" and "threshold: 3" in str(row.value)
-    base_rate = polarized_row(0.9, 0.93, 0.71, top=100, source="x")
+    assert polarized_row(None, source="x").verdict == "not measurable here"
+
+    def analysis(p_lift: float | None) -> dict[str, object]:
+        return {
+            "observed": {
+                "share_jaccard_below": 0.9,
+                "jaccard_below": 90,
+                "channels": 100,
+                "distinct_pairs": 12,
+                "mean_lift": 0.8,
+            },
+            "base_rate": {"share_jaccard_below": 0.93, "pairs": 91},
+            "null": {"share_mean": 0.92, "p_jaccard": 0.7, "p_lift": p_lift, "mean_lift_mean": 0.85, "draws_used": 99},
+        }
+
+    base_rate = polarized_row(analysis(0.71), source="x")
     assert base_rate.verdict == "not reproduced"  # a high share that the null matches is no evidence
-    assert polarized_row(0.9, 0.5, 0.001, top=100, source="x").verdict == "reproduced"
-    assert polarized_row(0.9, 0.5, None, top=100, source="x").verdict == "not measurable here"
+    assert "base rate over all 91 finding pairs 93%" in base_rate.reason
+    assert polarized_row(analysis(0.001), source="x").verdict == "reproduced"
+    assert polarized_row(analysis(None), source="x").verdict == "not measurable here"
 
 
 def _finetune(delta: float | None, best_ci: tuple[float, float] | None) -> FinetuneStudy:
