@@ -18,6 +18,7 @@ from daemon import (
     channels_cli,
     compress_cli,
     correct_cli,
+    decide_cli,
     exclusions_cli,
     forward_cli,
     paper_cli,
@@ -91,6 +92,7 @@ app.command("correct")(correct_cli.correct)
 app.command("finetune")(correct_cli.finetune)
 app.command("compress")(compress_cli.compress)
 app.command("paper-table")(paper_cli.paper_table)
+app.command("decide")(decide_cli.decide)
 
 
 @app.command("feedback")

@@ -991,7 +991,10 @@ def _needs_data(diagnosis: Diagnosis, tried: Sequence[Option]) -> Option:
             "positives: no intervention can be verified - collect more labelled positives"
         )
     elif tried:
-        reason = "no cheaper intervention met its acceptance rule: collect more labelled data or retrain the network"
+        reason = (
+            "no intervention's effect was verified on the verification part (the selection part's problem may be "
+            "noise, or need more than this model's head): collect more labelled data or retrain the network"
+        )
     else:
         reason = "no intervention applies here"
     return Option(kind="needs_data", accepted=True, rule=RULES["needs_data"], reason=reason)
