@@ -63,9 +63,38 @@ def _rows(tmp_path: Path, table: type) -> list:
         return list(conn.execute(select(table)))
 
 
+def _feedback(tmp_path: Path) -> None:
+    """Two stored phantom images that a radiologist marked absent for Effusion."""
+    import pydicom
+    from pydicom.uid import DigitalXRayImageStorageForProcessing
+
+    from daemon.feedback import record
+    from daemon.intake import inspect
+    from daemon.registry import registry_sessions
+    from daemon.settings import Settings
+    from daemon.spool import Spool
+    from daemon.store import InstanceStore
+    from model.phantom import generate
+    from tests.dicomgen import make_dataset, write_dataset
+
+    settings = Settings(data_dir=tmp_path / "data")
+    sessions = registry_sessions(settings)
+    store = InstanceStore(Spool(settings.spool_dir, settings.quarantine_dir), sessions)
+    for i in range(2):
+        pixel = np.rint(generate(5, i, size=64).image * 65535).astype(np.uint16)
+        ds = make_dataset(
+            sop_class=DigitalXRayImageStorageForProcessing, pixel=pixel, bits=16, patient_id=f"CHEXD-FB-{i}"
+        )
+        path = write_dataset(ds, tmp_path / f"fb{i}.dcm")
+        ds = pydicom.dcmread(path)
+        store.save(inspect(ds, str(ds.file_meta.TransferSyntaxUID)), path.read_bytes(), "TESTSCU")
+        record(sessions, str(ds.SOPInstanceUID), "Effusion", present=False, user="test")
+
+
 def test_decide_routes_and_apply_registers_one_candidate_with_the_routing_table(
     broken: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _feedback(tmp_path)
     result, data = _invoke(
         monkeypatch,
         tmp_path,
@@ -78,6 +107,7 @@ def test_decide_routes_and_apply_registers_one_candidate_with_the_routing_table(
         "64",
         "--n-bootstrap",
         "200",
+        "--feedback",
         "--json",
         "--apply",
     )
@@ -90,6 +120,7 @@ def test_decide_routes_and_apply_registers_one_candidate_with_the_routing_table(
     effect = infiltration["chosen"]["effect"]
     assert effect["metric"] == "F1" and effect["ci"][0] > 0, "the threshold's effect is verified on held-out images"
     assert routes["Hernia"]["intervention"] == "needs_data" and routes["Hernia"]["problem"] == "too_few_positives"
+    assert data["feedback_images"] == 2 and data["settings"]["feedback"] == {"Effusion": 2}
 
     # --apply: one candidate, the routing table in its manifest, each step in its provenance, nothing activated
     candidate = data["candidate"]
