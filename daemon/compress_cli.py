@@ -93,7 +93,7 @@ def compress(
     from daemon.maintenance import MaintenanceError, load_parent, run_job, write_candidate
     from model.complexity import complexity
     from model.compress import compress as run_compression
-    from model.compress import paired_auroc_delta
+    from model.compress import compression_verdict, paired_auroc_delta
     from model.train import predict_scores, render_split
     from model.types import LABELS
 
@@ -137,7 +137,9 @@ def compress(
             test = render_split("test", seed=seed, count=test_images, recipe=recipe, progress=report_progress)
         before = predict_scores(parent, test.x, device)
         after = predict_scores(child, test.x, device)
-        delta = paired_auroc_delta(before, after, test.y, LABELS, n_bootstrap=n_bootstrap, seed=seed)
+        delta = paired_auroc_delta(before, after, test.y, LABELS, n_bootstrap=n_bootstrap, seed=seed,
+                                   patients=test.patients)
+        verdict = compression_verdict(delta)
         latency = _latency(parent, child, recipe.input_size, recipe.channels)
         counts = complexity(child.architecture, recipe.input_size)
         metrics = {
@@ -146,6 +148,7 @@ def compress(
             "input_size": recipe.input_size,
             "compression": report.to_dict(units=False),
             "test": {"split": "test", "images": test_images, "seed": seed} | delta.to_dict(),
+            "verdict": verdict.to_dict(),
             "latency": latency,
         }
 
@@ -164,8 +167,8 @@ def compress(
 
         name = manifest.name if manifest.name.endswith("-compressed") else f"{manifest.name}-compressed"
         written = write_candidate(cfg, child, manifest, operation="compress", params=params,
-                                  report={"method": params["method"]}, check=check, metrics=metrics,
-                                  name=name[:100])
+                                  report={"method": params["method"], "verdict": verdict.to_dict()}, check=check,
+                                  metrics=metrics, name=name[:100])
         summary = {
             "version": written.version,
             "manifest_version": written.manifest_version,
@@ -183,15 +186,20 @@ def compress(
             "mean_auroc_after": delta.mean_after,
             "mean_auroc_delta": delta.mean_delta,
             "mean_auroc_delta_ci": list(delta.mean_delta_ci),
+            "verdict": verdict.verdict,
+            "verdict_reason": verdict.reason,
+            "mean_auroc_delta_judged": verdict.mean_delta,
+            "mean_auroc_delta_judged_ci": list(verdict.mean_delta_ci) if verdict.mean_delta_ci else None,
+            "not_judged": [{"label": label, "positives": n} for label, n in verdict.excluded],
             "latency": latency,
             "saved_artifact": written.report["saved_artifact"],
         }
         job.result = summary
-        return summary, report, delta, metrics
+        return summary, report, (delta, verdict), metrics
 
     try:
-        summary, report, delta, metrics = run_job(cfg, "compress", params | {"parent": manifest.weights_sha256[:16]},
-                                                  work)
+        job_params = params | {"parent": manifest.weights_sha256[:16]}
+        summary, report, (delta, verdict), metrics = run_job(cfg, "compress", job_params, work)
     except MaintenanceError as exc:
         fail_with(exc)
     version, latency = summary, summary["latency"]
@@ -199,22 +207,31 @@ def compress(
         data = summary | {"compression": report.to_dict(), "test": metrics["test"]}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    table = Table("finding", "AUROC before", "after", "Δ", "Δ 95% CI", title=f"phantom test ({test_images} images)")
+    table = Table("finding", "positives", "AUROC before", "after", "Δ", "Δ 95% CI", "judged",
+                  title=f"phantom test ({test_images} images; CIs resample {delta.resampled})")
+    judged = set(verdict.judged)
     for c, label in enumerate(delta.labels):
         ci = delta.delta_ci[c]
         table.add_row(
             label,
+            str(delta.positives[c]),
             _fmt(delta.before[c]),
             _fmt(delta.after[c]),
             _fmt(delta.delta[c], signed=True),
             f"{ci[0]:+.4f} … {ci[1]:+.4f}" if ci else "-",
+            "yes" if label in judged else f"no verdict (< {verdict.min_positives} positives)",
         )
     lo, hi = delta.mean_delta_ci
     table.add_row(
-        "mean", _fmt(delta.mean_before), _fmt(delta.mean_after), _fmt(delta.mean_delta, signed=True),
-        f"{lo:+.4f} … {hi:+.4f}",
+        "mean (all)", "", _fmt(delta.mean_before), _fmt(delta.mean_after), _fmt(delta.mean_delta, signed=True),
+        f"{lo:+.4f} … {hi:+.4f}", "",
     )
+    if verdict.mean_delta is not None:
+        jl, jh = verdict.mean_delta_ci or (float("nan"), float("nan"))
+        table.add_row("mean (judged)", "", "", "", _fmt(verdict.mean_delta, signed=True), f"{jl:+.4f} … {jh:+.4f}",
+                      f"{len(verdict.judged)} findings")
     stdout.print(table)
+    stdout.print(f"verdict: {verdict.verdict} - {verdict.reason}", highlight=False, markup=False)
     stdout.print(
         f"parameters {report.parameters_before:,} -> {report.parameters_after:,} "
         f"({report.parameters_removed:.1%} removed); MACs {report.macs_before / 1e9:.3f} G -> "

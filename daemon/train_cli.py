@@ -189,7 +189,8 @@ def evaluate(
             with progress_reporter(quiet=as_json) as report:
                 scored = score_source(network, source, recipe=manifest.preprocessing, output_labels=manifest.labels,
                                       device=device, batch_size=batch_size, progress=report)
-            result = evaluate_scores(scored.scores, scored.labels, LABELS, thresholds, n_bootstrap=n_bootstrap)
+            result = evaluate_scores(scored.scores, scored.labels, LABELS, thresholds, n_bootstrap=n_bootstrap,
+                                     patients=scored.patients)
         except (DatasetError, ModelError) as exc:
             fail(str(exc))
         phantom = None
@@ -226,9 +227,25 @@ def evaluate(
             f"{c.f1:.3f}",
             f"{c.recall:.3f}",
             f"{c.precision:.3f}",
-            str(c.positives),
+            str(c.positives) + ("" if c.positives >= result.min_positives else "*"),
         )
     stdout.print(table)
-    stdout.print(f"mean AUROC {result.mean_auroc:.4f}" if result.mean_auroc is not None else "mean AUROC -")
+    def mean(value: float | None, ci: tuple[float, float] | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+
+    few = [c.label for c in result.classes if c.positives < result.min_positives]
+    lines = [
+        f"mean AUROC {mean(result.mean_auroc, result.mean_auroc_ci)} over the findings with both outcomes",
+        f"mean AUROC {mean(result.mean_auroc_eligible, result.mean_auroc_eligible_ci)} over the "
+        f"{len(result.eligible)} findings with at least {result.min_positives} positives",
+        f"CIs: bootstrap resampling {result.resampled}"
+        + ("" if result.resampled == "patients" else " (no patient ids: images of one patient count as independent)"),
+    ]
+    if few:
+        lines.append(f"* fewer than {result.min_positives} positives: {', '.join(few)} - reported, no verdict")
+    for line in lines:
+        stdout.print(line, highlight=False, markup=False)
     if manifest.synthetic:
         stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")

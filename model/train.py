@@ -232,11 +232,11 @@ def evaluate_on_phantom(
     n_bootstrap: int = 200,
     progress: Progress | None = None,
 ) -> Evaluation:
-    """Per-class AUROC (bootstrap CI) and threshold metrics of ``model`` on a phantom split."""
+    """Per-class AUROC (patient bootstrap CI) and threshold metrics of ``model`` on a phantom split."""
     from model.engine import pick_device
 
     data = render_split(split, seed=seed, count=count, recipe=recipe, render_size=render_size, progress=progress)
     target = pick_device(device)
     model.to(target, memory_format=torch.channels_last)
     scores = predict_scores(model, data.x, target)
-    return evaluate(scores, data.y, LABELS, thresholds, n_bootstrap=n_bootstrap)
+    return evaluate(scores, data.y, LABELS, thresholds, n_bootstrap=n_bootstrap, patients=data.patients)
