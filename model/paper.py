@@ -85,6 +85,7 @@ PAPER: dict[str, Any] = {
 }
 RATIO_TOLERANCE = 0.15  # a ratio counts as reproduced when its CI holds the paper's value or it is within 15% of it
 MARGINAL_F1 = 0.02  # "marginal": the held-out mean F1 change is at most this in size
+MIN_JUDGED = 7  # ΔAUROC gets a verdict only when at least half of the 14 findings have enough positives
 BEST_CLASSES = 3  # "the best classes": the findings with the highest selection-part AUROC (enough positives)
 
 
@@ -229,6 +230,22 @@ def compression_auroc_row(
             reason=str(verdict.get("reason") or "no finding has enough positives for a verdict"),
             details={"verdict": dict(verdict)},
         )
+    judged = len(verdict.get("judged") or ())
+    if judged < MIN_JUDGED:
+        return _row(
+            section="compression",
+            claim="ΔAUROC +0.0004",
+            value=float(value),
+            ci=tuple(ci) if ci else None,
+            unit="AUROC, compressed - parent",
+            paper_value=paper["delta_auroc"],
+            data=DEMO,
+            source=source,
+            verdict="not measurable here",
+            reason=f"only {judged} of {len(delta.get('findings') or ()) or 14} findings have {MIN_POSITIVES}+ "
+            f"positives among these images (rule: at least {MIN_JUDGED} judged findings) - evaluate on more images",
+            details={"verdict": dict(verdict)},
+        )
     met = verdict.get("verdict") == "met"
     reason = (
         f"{verdict.get('reason', '')} (rule: mean ΔAUROC over findings with enough positives has a CI "
@@ -275,7 +292,7 @@ def latency_row(
     speedup = float(np.median(ratios))
     paper_ratio = paper["latency_before_ms"] / paper["latency_after_ms"]
     measured = (
-        f"{device.upper()} ({threads} threads, batch 1, {input_size} px): {float(np.median(b)):.2f} -> "
+        f"{device.upper()} ({threads} thread(s), batch 1, {input_size} px): {float(np.median(b)):.2f} -> "
         f"{float(np.median(a)):.2f} ms, {speedup:.2f}x"
     )
     if device == "cpu":
@@ -1060,7 +1077,10 @@ def polarized_row(
     if base_rate.get("share_jaccard_below") is not None:
         parts.append(f"base rate over all {base_rate['pairs']} finding pairs {base_rate['share_jaccard_below']:.0%}")
     if null.get("share_mean") is not None:
-        parts.append(f"row-permutation null {null['share_mean']:.0%} (p = {null.get('p_jaccard')})")
+        p_jaccard = null.get("p_jaccard")
+        parts.append(
+            f"row-permutation null {null['share_mean']:.0%}" + (f" (p = {p_jaccard:.3g})" if p_jaccard else "")
+        )
     p_lift = null.get("p_lift")
     if p_lift is None:
         return _row(

@@ -100,7 +100,8 @@ def test_head_parameters_of_densenet121_do_not_match_18k() -> None:
 
 def test_compression_auroc_follows_the_honest_verdict() -> None:
     delta = {"mean_delta": -0.0003, "resampled": "patients"}
-    met = {"verdict": "met", "mean_delta": -0.0002, "mean_delta_ci": [-0.001, 0.0008], "reason": "ok"}
+    judged = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia"]
+    met = {"verdict": "met", "mean_delta": -0.0002, "mean_delta_ci": [-0.001, 0.0008], "reason": "ok", "judged": judged}
     assert compression_auroc_row(delta, met, source="x").verdict == "reproduced"
     failed = met | {"verdict": "not met", "reason": "Mass CI below the floor"}
     row = compression_auroc_row(delta, failed, source="x")
@@ -108,6 +109,8 @@ def test_compression_auroc_follows_the_honest_verdict() -> None:
     assert (
         compression_auroc_row(delta, {"mean_delta": None, "reason": "few"}, source="x").verdict == "not measurable here"
     )
+    few = compression_auroc_row(delta, met | {"judged": judged[:2]}, source="x")  # 'met', but on 2 findings only
+    assert few.verdict == "not measurable here" and "only 2 of 14 findings" in few.reason
 
 
 def test_cpu_latency_is_not_the_papers_gpu_figure() -> None:
