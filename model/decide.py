@@ -896,6 +896,24 @@ def _finetune_option(
     if key not in refits:
         refits[key] = _refit(ctx, ctx.false_positives.get(name) if key else None, key, epochs)
     refit = refits[key]
+    if refit.settings["best_epoch"] == 0:
+        rule = RULES["head_finetune/" + ("ranking" if problem.endswith("ranking") else problem)]
+        cost = Cost(
+            parameters_changed=0,
+            manifest_numbers=0,
+            findings_touched=0,
+            cpu_seconds=0.0 if shared else refit.cpu_seconds,
+            note="the refit changed nothing",
+        )
+        return Option(
+            kind="head_finetune",
+            accepted=False,
+            rule=rule,
+            cost=cost,
+            change={"finding": name, "row": row, "refit": refit.settings},
+            reason=f"no refit epoch beat the current head on the selection part's stopping half "
+            f"({refit.settings['epochs']} epochs): the row would not change",
+        )
     clock = _Clock()
     weight = ctx.weight.copy()
     bias = ctx.bias.copy()

@@ -90,6 +90,7 @@ def case() -> dict:
         verification,
         split,
         false_positives={"Cardiomegaly": feedback},
+        reference_auroc={"Effusion": 0.95, "Mass": 0.9},
         n_bootstrap=200,
         seed=0,
     )
@@ -138,6 +139,7 @@ def test_too_few_positives_is_routed_to_needs_data_without_a_verdict(case: dict)
 
 def test_weak_ranking_goes_past_threshold_and_channel_edit_to_a_head_refit(case: dict) -> None:
     route = case["decision"].route("Effusion")
+    assert route.diagnosis.problems[:2] == ("weak_ranking", "regressed_ranking")  # reference 0.95 on these images
     assert route.diagnosis.problem == "weak_ranking"
     assert route.diagnosis.auroc_ci[1] < AUROC_FLOOR
     assert [o.kind for o in route.rejected] == ["threshold", "channel_edit"]
