@@ -188,7 +188,10 @@ def _held_out_lines(h: dict[str, Any]) -> list[str]:
     def value(v: float | None, fmt: str = "{:.4f}") -> str:
         return "-" if v is None else fmt.format(v)
 
+    few = h["true_positives"] < h["min_positives"]
     return [
+        *([f"note: only {h['true_positives']} held-out {name} true positive(s) at the threshold (fewer than "
+           f"{h['min_positives']}): the loss rate and its CI rest on very few images"] if few else []),
         f"held out: {h['true_positives_lost']} of {h['true_positives']} {name} true positives lost (rate "
         f"{value(h['tp_loss_rate'], '{:.1%}')}, {_ci(h['tp_loss_ci'], '{:.1%}')}; tolerance {h['tolerance']:.1%}) "
         f"on {h['images']} verification images with {h['positives']} positives",
@@ -474,7 +477,8 @@ def correct(
             if refusal.get("split"):
                 stdout.print(_split_line(refusal["split"], name), highlight=False, markup=False)
         cheapest = refusal.get("alternatives") or []
-        hint = f"; cheapest alternative: {cheapest[0]['description']}" if cheapest else ""
+        listed = "Alternatives, cheapest first" in refusal["reason"]  # the search's own refusal lists them already
+        hint = f"; cheapest alternative: {cheapest[0]['description']}" if cheapest and not listed else ""
         fail(f"correction refused: {refusal['reason']} (rule: {refusal['rule']}){hint}", REFUSED)
     if json_out:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
