@@ -193,3 +193,30 @@ def test_bad_inputs_name_the_parameter(case: dict) -> None:
         decide(case["weight"], case["bias"], THRESHOLDS | {"Mass": 1.5}, sel, ver, split)
     with pytest.raises(DecisionError, match="Invalid head"):
         decide(case["weight"][:3], case["bias"], THRESHOLDS, sel, ver, split)
+
+
+def test_one_confirmed_false_positive_is_not_a_recurring_pattern(case: dict) -> None:
+    sel, ver, split = split_features(case["features"])
+    row = slice(CM, CM + 1)  # the Cardiomegaly row alone: a one-finding head
+    decision = decide(
+        case["weight"][row],
+        case["bias"][row],
+        {"Cardiomegaly": 0.5},
+        sel,
+        ver,
+        split,
+        labels=("Cardiomegaly",),
+        false_positives={"Cardiomegaly": case["feedback"].subset([0])},
+        n_bootstrap=100,
+    )
+    route = decision.route("Cardiomegaly")
+    assert route.diagnosis.confirmed_false_positives == 1 and route.diagnosis.shared_channels == ()
+    assert "false_positive_pattern" not in route.diagnosis.problems
+    assert any("no recurring pattern" in line for line in route.diagnosis.evidence)
+
+
+def test_a_decision_composes_only_onto_the_head_it_was_made_for(case: dict) -> None:
+    other = case["weight"].copy()
+    other[CM, ARTEFACT] += 1.0
+    with pytest.raises(DecisionError, match="channel edit does not belong to this head"):
+        compose(case["decision"], other, case["bias"], THRESHOLDS)
