@@ -222,7 +222,7 @@ def test_routing_and_polarized_rows() -> None:
     assert polarized_row(analysis(None), source="x").verdict == "not measurable here"
 
 
-def _finetune(delta: float | None, best_ci: tuple[float, float] | None) -> FinetuneStudy:
+def _finetune(delta: float | None, best_ci: tuple[float, float] | None, best_epoch: int = 5) -> FinetuneStudy:
     per = ({"label": "Edema", "auroc_delta": -0.01, "auroc_delta_ci": best_ci},)
     return FinetuneStudy(
         seconds=1.5,
@@ -230,6 +230,7 @@ def _finetune(delta: float | None, best_ci: tuple[float, float] | None) -> Finet
         stop_images=50,
         verification_images=150,
         epochs=12,
+        best_epoch=best_epoch,
         mean_f1_delta=delta,
         mean_f1_delta_ci=(-0.01, 0.02) if delta is not None else None,
         eligible=("Edema",),
@@ -245,6 +246,8 @@ def test_finetune_rows_verdicts() -> None:
     assert marginal.verdict == "reproduced" and regress.verdict == "reproduced" and regress.value == 1
     _, big, kept = finetune_rows(_finetune(0.08, (-0.02, 0.01)))
     assert big.verdict == "not reproduced" and kept.verdict == "not reproduced"
+    _, kept_original, _ = finetune_rows(_finetune(0.0, (-0.01, 0.01), best_epoch=0))
+    assert kept_original.verdict == "not measurable here" and "kept the original head" in kept_original.reason
     _, none, no_best = finetune_rows(_finetune(None, None))
     assert none.verdict == "not measurable here" and no_best.verdict == "not measurable here"
 
