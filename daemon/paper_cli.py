@@ -224,7 +224,9 @@ def _calibration(preds: Path | None, nih_labels: Path | None, plan: _Plan, seed:
     from model.scores import read_scored_csv
 
     if preds is None or nih_labels is None:
-        return paper.calibration_rows(None, reason="not measurable here: give --chexnet-preds (and --nih-labels)")
+        return paper.calibration_rows(
+            None, reason="give --chexnet-preds (and --nih-labels): the real CheXNet predictions are not bundled"
+        )
     _say(f"calibration: {preds} joined with {nih_labels.name}, {plan.splits} splits")
     scored = read_scored_csv(preds, nih_labels)
     result = calibrate(
