@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.applicability import ApplicabilityError, ApplicabilityModel
 from model.errors import ModelError
 from model.network import Architecture, DenseNet
 from model.types import LABELS, PreprocessRecipe
@@ -128,6 +129,8 @@ class Manifest:
       "synthetic demo model, not for diagnosis".
     - ``weights_sha256``: sha256 (hex) of the safetensors file's bytes; ``dtype``: "float16" or "float32" as stored;
       ``parameters``: trainable parameter count, equal to ``architecture.parameters()``.
+    - ``applicability``: the out-of-domain model fitted on the validation images' pooled features (None for an
+      artifact without one; such manifests omit the field and keep their version ids).
     """
 
     name: str
@@ -143,6 +146,7 @@ class Manifest:
     weights_sha256: str
     dtype: Dtype
     parameters: int
+    applicability: ApplicabilityModel | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -195,6 +199,15 @@ class Manifest:
         expected = self.architecture.parameters()
         if self.parameters != expected:
             raise ValueError(f"Invalid parameters {self.parameters!r} - the architecture has {expected}")
+        if self.applicability is not None:
+            if not isinstance(self.applicability, ApplicabilityModel):
+                raise ValueError(f"Invalid applicability {self.applicability!r} - expected an ApplicabilityModel")
+            width = self.architecture.feature_channels
+            if self.applicability.channels != width:
+                raise ValueError(
+                    f"Invalid applicability: fitted on {self.applicability.channels} feature channels, "
+                    f"the architecture has {width}"
+                )
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "thresholds", {label: float(thresholds[label]) for label in labels})
         object.__setattr__(self, "provenance", provenance)
@@ -207,22 +220,24 @@ class Manifest:
     @property
     def version_id(self) -> str:
         """The model version as results record it: 16 hex digits of a sha256 over the weights' hash and everything
-        that changes outputs or decisions (labels, thresholds, preprocessing). A threshold-only recalibration is a
-        new version; renaming or new metrics are not."""
-        key = json.dumps(
-            {
-                "weights_sha256": self.weights_sha256,
-                "labels": list(self.labels),
-                "thresholds": {k: round(v, 9) for k, v in self.thresholds.items()},
-                "preprocessing": self.preprocessing.to_dict(),
-            },
-            sort_keys=True,
-        )
+        that changes outputs or decisions (labels, thresholds, preprocessing, and the applicability model when there
+        is one: a manifest without one keeps the id it had before the field existed). A threshold-only
+        recalibration is a new version; renaming or new metrics are not."""
+        content: dict[str, Any] = {
+            "weights_sha256": self.weights_sha256,
+            "labels": list(self.labels),
+            "thresholds": {k: round(v, 9) for k, v in self.thresholds.items()},
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+        if self.applicability is not None:
+            content["applicability"] = self.applicability.to_dict()
+        key = json.dumps(content, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as JSON-able values (plus ``"format": "chexd-artifact/1"``)."""
-        return {
+        """The manifest as JSON-able values (plus ``"format": "chexd-artifact/1"``; ``applicability`` only when
+        present)."""
+        data: dict[str, Any] = {
             "format": FORMAT,
             "name": self.name,
             "version": self.version,
@@ -238,6 +253,9 @@ class Manifest:
             "dtype": self.dtype,
             "parameters": self.parameters,
         }
+        if self.applicability is not None:
+            data["applicability"] = self.applicability.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -249,12 +267,18 @@ class Manifest:
         missing = [name for name in _FIELDS if name not in data]
         if missing:
             raise ValueError(f"Invalid manifest - missing fields {missing}")
-        unknown = sorted(set(data) - set(_FIELDS) - {"format"})
+        unknown = sorted(set(data) - set(_FIELDS) - {"format", "applicability"})
         if unknown:
             raise ValueError(f"Invalid manifest - unknown fields {unknown}")
         pre = data["preprocessing"]
         if not isinstance(pre, Mapping):
             raise ValueError(f"Invalid preprocessing {pre!r} - expected an object")
+        applicability = None
+        if data.get("applicability") is not None:
+            try:
+                applicability = ApplicabilityModel.from_dict(data["applicability"])
+            except ApplicabilityError as exc:
+                raise ValueError(f"Invalid applicability: {exc}") from None
         return cls(
             name=data["name"],
             version=data["version"],
@@ -269,6 +293,7 @@ class Manifest:
             weights_sha256=data["weights_sha256"],
             dtype=data["dtype"],
             parameters=data["parameters"],
+            applicability=applicability,
         )
 
 
@@ -342,12 +367,14 @@ def save_artifact(
     metrics: Mapping[str, Any] | None = None,
     synthetic: bool = False,
     dtype: Dtype = "float16",
+    applicability: ApplicabilityModel | None = None,
 ) -> Path:
     """Write ``model`` as an artifact and return the manifest's path.
 
     ``path``: a folder (created; files ``<name>.safetensors`` and ``<name>.json`` inside) or a ``.json`` /
     ``.safetensors`` path (the other file goes beside it). Floating-point tensors are stored as ``dtype``;
-    ``thresholds`` defaults to 0.5 per label. Files are written atomically, weights first.
+    ``thresholds`` defaults to 0.5 per label; ``applicability``: the artifact's out-of-domain model (see
+    :mod:`model.applicability`). Files are written atomically, weights first.
     Raises ArtifactError for non-finite weights (also after a float16 cast) or an invalid manifest field.
     """
     if not isinstance(model, DenseNet):
@@ -378,6 +405,7 @@ def save_artifact(
         synthetic=synthetic,
         dtype=dtype,
         parameters=model.architecture.parameters(),
+        applicability=applicability,
     )
     try:  # validate the manifest before writing anything
         Manifest(weights_sha256="0" * 64, **draft)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.applicability import ApplicabilityModel
 from model.errors import ModelError
 from model.types import LABELS, Prediction, PreprocessRecipe
 
@@ -134,7 +135,9 @@ class Engine:
 
     ``predict(images)`` validates, preprocesses and batches (``batch_size``) the images and returns one Prediction
     per image in order. Thread-safe: calls are serialised. ``freeze=False`` keeps the CPU path eager (see the module
-    doc); the model must not be changed after the engine is built.
+    doc); the model must not be changed after the engine is built. ``applicability`` (the artifact's, e.g.
+    ``manifest.applicability``): each Prediction then carries its out-of-domain verdict, scored on the pooled
+    features of the same forward pass.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class Engine:
         top_k: int = 10,
         cuda_graph_batch_sizes: Sequence[int] = (1, 8, 32),
         freeze: bool = True,
+        applicability: ApplicabilityModel | None = None,
     ) -> None:
         head = getattr(model, "classifier", None)
         if not isinstance(head, nn.Linear) or not hasattr(model, "forward_features"):
@@ -160,6 +164,12 @@ class Engine:
         self.labels = tuple(labels)
         self.recipe = recipe
         self.model_version = model_version
+        if applicability is not None and applicability.channels != head.in_features:
+            raise ModelError(
+                f"the applicability model was fitted on {applicability.channels} feature channels but the model has "
+                f"{head.in_features}"
+            )
+        self.applicability = applicability
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.top_k = min(top_k, head.in_features)
@@ -277,6 +287,8 @@ class Engine:
         probabilities = torch.sigmoid(out.logits)
         if not torch.all(torch.isfinite(out.logits)):
             raise ModelError("the model produced non-finite logits")
+        n = out.logits.shape[0]
+        verdicts = self.applicability.judge_many(out.pooled.numpy()) if self.applicability is not None else [None] * n
         return [
             Prediction(
                 labels=self.labels,
@@ -287,8 +299,9 @@ class Engine:
                 top_contributions=top_values[i].numpy().astype(np.float32),
                 bias=bias.numpy().astype(np.float32),
                 model_version=self.model_version,
+                applicability=verdicts[i],
             )
-            for i in range(out.logits.shape[0])
+            for i in range(n)
         ]
 
     def contributions(self, image: np.ndarray) -> np.ndarray:

@@ -67,6 +67,59 @@ XRV_RECIPE = PreprocessRecipe(channels=1, input_size=224, resize=None, normaliza
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Applicability:
+    """One image's applicability verdict: is it like the images the model was validated on?
+
+    ``score``: distance of the image's pooled features from the artifact's validation images (higher = further; the
+    unit depends on ``method``, e.g. a squared Mahalanobis distance); ``threshold``: the score above which the image
+    is out of domain (chosen so that a stated share of validation images is in domain); ``in_domain``: ``score <=
+    threshold``; ``method``: how the score was computed, e.g. ``"mahalanobis-pca32"``.
+    """
+
+    score: float
+    threshold: float
+    in_domain: bool
+    method: str
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"Invalid threshold {self.threshold!r} - must be finite")
+        if np.isnan(self.score):
+            raise ValueError("Invalid score nan - must be a number (+inf is allowed: infinitely far)")
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"Invalid method {self.method!r} - must be a non-empty string")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "score": float(self.score),
+            "threshold": float(self.threshold),
+            "in_domain": bool(self.in_domain),
+            "method": self.method,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QualityIssue:
+    """A problem with the input image itself, found on its decoded pixels before any resizing.
+
+    ``code``: ``'inverted'`` | ``'constant'`` | ``'saturated'`` | ``'lungs_not_found'`` | ``'too_few_pixels'`` | ...;
+    ``reason``: one sentence for the report, with the measured numbers and the rule.
+    """
+
+    code: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, str) or not self.code:
+            raise ValueError(f"Invalid code {self.code!r} - must be a non-empty string")
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ValueError(f"Invalid reason for {self.code!r} - must be a non-empty sentence")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "reason": self.reason}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Prediction:
     """One image's model output, all from a single forward pass.
 
@@ -77,6 +130,9 @@ class Prediction:
       ``top_contributions``: float32 [n_labels, k] their phi_ck = w_ck * mean(A_k) in logit units.
     - ``bias``: float32 [n_labels]; for every class sum_k phi_ck + bias_c == logit_c (all k, not only the top).
     - ``model_version``: the artifact's content hash (sha256 hex, possibly shortened).
+    - ``applicability``: the image's out-of-domain verdict from the pooled features of the same forward pass, None
+      when the artifact has no applicability model.
+    - ``quality``: input-quality issues found on the decoded pixels (empty: none found or not checked).
     """
 
     labels: tuple[str, ...]
@@ -88,6 +144,8 @@ class Prediction:
     bias: np.ndarray
     model_version: str
     extra: dict[str, object] = field(default_factory=dict)
+    applicability: Applicability | None = None
+    quality: tuple[QualityIssue, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.labels)
