@@ -80,6 +80,7 @@ class ModelProcessor:
             model_version=manifest.version_id,
             device=device,
             batch_size=batch_size,
+            applicability=manifest.applicability,
         )
         self.batcher = DynamicBatcher(self.engine, max_batch=batch_size)
         log.info(
