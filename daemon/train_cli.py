@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -229,7 +230,10 @@ def evaluate(
             f"{c.precision:.3f}",
             str(c.positives) + ("" if c.positives >= result.min_positives else "*"),
         )
-    stdout.print(table)
+    # in a pipe or log rich assumes 80 columns and squeezes the table; there, use the width it needs
+    console = stdout if stdout.is_terminal else Console(file=sys.stdout, width=160)
+    console.print(table)
+
     def mean(value: float | None, ci: tuple[float, float] | None) -> str:
         if value is None:
             return "-"
@@ -246,6 +250,6 @@ def evaluate(
     if few:
         lines.append(f"* fewer than {result.min_positives} positives: {', '.join(few)} - reported, no verdict")
     for line in lines:
-        stdout.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False)
     if manifest.synthetic:
         stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
