@@ -236,6 +236,11 @@ def status(as_json: JsonOption = False) -> None:
     reports = summary.get("reports", {})
     if any(reports.values()):
         out.print("reports: " + ", ".join(f"{k.lower()} {v}" for k, v in reports.items() if v), highlight=False)
+    gate = summary.get("applicability", {})
+    if any(gate.values()):
+        out.print("applicability (images): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in gate.items() if v)
+                  + (" - withheld: outside the model's validated domain, no AI findings" if gate.get("withheld")
+                     else ""), highlight=False)
     disk = summary["disk"]
     warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
     out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
@@ -288,7 +293,10 @@ def show_cmd(uid: str, as_json: JsonOption = False) -> None:
     if as_json:
         emit_json(data)
         return
-    out.print(f"{data['level']} {uid}: {len(data['instances'])} instance(s)", highlight=False)
+    gate = data.get("applicability") or {}
+    counted = ", ".join(f"{gate[k]} {k}" for k in ("withheld", "flagged") if gate.get(k))
+    out.print(f"{data['level']} {uid}: {len(data['instances'])} instance(s)" + (f" ({counted})" if counted else ""),
+              highlight=False)
     if data.get("patient_identified_by"):
         out.print(f"patient identified by: {data['patient_identified_by']} (kept as a keyed fingerprint)",
                   highlight=False)
@@ -342,6 +350,15 @@ def show_cmd(uid: str, as_json: JsonOption = False) -> None:
                     f["region"] or "",
                     f["reason"] or "",
                 )
+            gated = prediction.get("applicability")
+            if gated:
+                score = ("" if gated["score"] is None
+                         else f", score {gated['score']:.4g} (threshold {gated['threshold']:.4g})")
+                note = {"withheld": " - outside the model's validated domain, no AI findings for this image",
+                        "flagged": " - outside the model's validated domain, findings with a warning"}
+                out.print(f"applicability: {gated['status']}{score}{note.get(gated['status'], '')}", highlight=False)
+                for issue in gated["quality"]:
+                    out.print(f"  input quality ({issue['code']}): {issue['reason']}", highlight=False)
             if prediction["findings"]:
                 out.print(findings)
     for report in data["reports"]:

@@ -3,6 +3,11 @@
 The active model is ``settings.model_path`` (an artifact's JSON manifest or its folder) or, when that is empty, the
 demo model bundled with chexd (synthetic, not for diagnosis). With neither, images are decoded and stored but not
 analysed, and the daemon says so at start-up.
+
+The applicability gate (setting ``applicability``: withhold | flag | off) is decided here, once per image, and
+travels with the result (stored with the prediction, archived for the report): the artifact's applicability score
+(Prediction.applicability, from the same forward pass) plus the input-quality checks on the decoded pixels
+(:func:`input_quality`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +27,7 @@ from daemon.settings import Settings
 from daemon.worker import JobResult, PermanentJobError, read_stored_image
 from model.errors import ModelError
 from model.preprocess import DEFAULT_LIMITS, PixelLimits, stats_of
+from model.types import QualityIssue
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,32 @@ def resolve_model_path(settings: Settings) -> Path | None:
     return bundled_demo_model()
 
 
+def input_quality(image: Any, photometric: str) -> tuple[QualityIssue, ...]:
+    """Input-quality issues of a decoded image (float [rows, columns] in [0, 1], bright = dense): the pixel checks of
+    ``model.quality.check_pixels`` (inverted for its photometric interpretation, nearly constant, saturated, too few
+    pixels) and "lungs_not_found" when reporting's lung-field estimate finds no plausible pair of lung fields (the
+    estimate the report's zones come from; it then falls back to a fixed grid)."""
+    from reporting.regions import estimate_lung_fields
+
+    issues: list[QualityIssue] = []
+    try:
+        from model.quality import check_pixels
+    except ImportError:  # a build without the pixel checks: the lung-field check still runs
+        check_pixels = None
+    if check_pixels is not None:
+        issues += check_pixels(image, photometric=photometric)
+    if not any(issue.code in ("lungs_not_found", "constant", "too_few_pixels") for issue in issues):
+        fields = estimate_lung_fields(image)
+        if fields.method == "grid":
+            issues.append(QualityIssue(code="lungs_not_found",
+                                       reason=f"no lung fields found in the image: {fields.note}"))
+    return tuple(issues)
+
+
 class ModelProcessor:
-    """Callable worker step: path of a stored DICOM file -> JobResult with the prediction. Thread-safe; concurrent
-    calls from several worker threads are batched together (DynamicBatcher)."""
+    """Callable worker step: path of a stored DICOM file -> JobResult with the prediction and the applicability
+    gate's verdict under ``policy`` (withhold | flag | off; see reporting.report.domain_check). Thread-safe;
+    concurrent calls from several worker threads are batched together (DynamicBatcher)."""
 
     def __init__(
         self,
@@ -60,8 +90,14 @@ class ModelProcessor:
         batch_size: int = 16,
         threads: int = 0,
         limits: PixelLimits = DEFAULT_LIMITS,
+        policy: str = "withhold",
     ) -> None:
         import torch
+
+        from reporting.report import domain_check
+
+        domain_check(None, (), policy)  # validates the policy before the model is loaded
+        self.policy = policy
 
         from model.artifact import load_artifact
         from model.batcher import DynamicBatcher
@@ -97,12 +133,22 @@ class ModelProcessor:
             prediction = self.batcher.submit(image).result()
         except ModelError as exc:
             raise PermanentJobError(f"the model cannot use this image: {exc}") from exc
+        domain = None
+        if self.policy != "off":
+            from reporting.report import domain_check
+
+            quality = prediction.quality or input_quality(image, str(ds.get("PhotometricInterpretation", "")))
+            domain = domain_check(prediction.applicability, quality, self.policy)
+            if domain.status in ("withheld", "flagged"):
+                log.info("image %s by the applicability gate sop_instance_uid=%s: %s", domain.status,
+                         ds.get("SOPInstanceUID", ""), "; ".join(domain.reasons()))
         return JobResult(
             image_stats=stats_of(ds, image).to_dict(),
             prediction=prediction,
             model_name=self.manifest.name,
             synthetic_model=self.manifest.synthetic,
             manifest=self.manifest,
+            domain=domain,
         )
 
     def close(self) -> None:
@@ -149,6 +195,7 @@ class ActiveModelProcessor:
             batch_size=self.settings.model_batch_size,
             threads=self.settings.effective_model_threads,
             limits=pixel_limits(self.settings),
+            policy=self.settings.applicability,
         )
 
     def _swap(self, processor: ModelProcessor) -> None:

@@ -55,6 +55,7 @@ def queue_summary(
             "instances": session.scalar(select(func.count()).select_from(Instance)),
             "studies": session.scalar(select(func.count()).select_from(Study)),
             "reports": _report_counts(session),
+            "applicability": applicability_counts(session),
             "forwards": forward_summary(sessions, configured=forward_destinations, last_errors=last_errors),
             "last_errors": [
                 {
@@ -108,6 +109,29 @@ def _conflicts_for(session: Session, uid: str) -> list[IdentityConflict]:
     )
 
 
+APPLICABILITY_STATES = ("withheld", "flagged", "in_domain", "unchecked", "off")
+
+
+def applicability_counts(session: Session, instance_ids: Sequence[int] | None = None) -> dict[str, int]:
+    """Images by the applicability gate's verdict on their newest prediction: withheld (no findings: outside the
+    model's validated domain or an input-quality issue), flagged (findings with a warning), in_domain, unchecked (the
+    model has no applicability model) and off (the gate was off: nothing checked). ``instance_ids`` limits the count
+    to those images."""
+    newest = select(func.max(PredictionRow.id)).group_by(PredictionRow.instance_id)
+    if instance_ids is not None:
+        newest = newest.where(PredictionRow.instance_id.in_(list(instance_ids)))
+    counts = dict.fromkeys(APPLICABILITY_STATES, 0)
+    rows = session.execute(
+        select(PredictionRow.applicability_status, func.count())
+        .where(PredictionRow.id.in_(newest))
+        .group_by(PredictionRow.applicability_status)
+    )
+    for status, n in rows:
+        key = status or "off"
+        counts[key] = counts.get(key, 0) + n
+    return counts
+
+
 def _report_counts(session: Session) -> dict[str, int]:
     counts = {state.value: 0 for state in ReportState}
     for state, n in session.execute(select(StudyReportRow.state, func.count()).group_by(StudyReportRow.state)):
@@ -125,6 +149,14 @@ def _predictions(session: Session, instance: Instance) -> list[dict[str, Any]]:
             "model_version": p.model_version,
             "synthetic_model": p.synthetic_model,
             "created_at": _iso(p.created_at),
+            "applicability": None
+            if p.applicability_status is None
+            else {
+                "status": p.applicability_status,
+                "score": p.applicability_score,
+                "threshold": p.applicability_threshold,
+                "quality": list(p.quality_issues or []),
+            },
             "findings": [
                 {
                     "label": f.label,
@@ -278,6 +310,7 @@ def show(sessions: sessionmaker[Session], uid: str) -> dict[str, Any]:
             "level": level,
             "patient_identified_by": _study_identity(session, uid, instances),
             "instances": [_instance_dict(i) | {"predictions": _predictions(session, i)} for i in instances],
+            "applicability": applicability_counts(session, [i.id for i in instances]),
             "conflicts": [_conflict_dict(c) for c in conflicts],
             "reports": _reports(session, {i.series.study_id for i in instances}),
         }

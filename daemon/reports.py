@@ -73,7 +73,8 @@ class ArchivedPrediction:
     """A prediction as archived by the worker plus the facts about the model that made it."""
 
     prediction: Prediction
-    model: dict[str, Any]  # name, version, weights_sha256, synthetic, intended_use, thresholds, calibrated_at
+    model: dict[str, Any]  # name, version, weights_sha256, synthetic, intended_use, thresholds, calibrated_at,
+    # and "domain": the applicability gate's verdict (reporting.report.DomainCheck.to_dict(); absent when it was off)
 
 
 def archive_path(data_dir: Path, sop_instance_uid: str, version: str) -> Path:
@@ -81,6 +82,13 @@ def archive_path(data_dir: Path, sop_instance_uid: str, version: str) -> Path:
 
 
 def _model_facts(result: JobResult) -> dict[str, Any]:
+    facts = _manifest_facts(result)
+    if result.domain is not None:
+        facts["domain"] = result.domain.to_dict()
+    return facts
+
+
+def _manifest_facts(result: JobResult) -> dict[str, Any]:
     manifest = result.manifest
     prediction = result.prediction
     assert prediction is not None

@@ -26,6 +26,7 @@ ENV_PREFIX = "CHEXD_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, no control chars
 _DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}(\+tls)?$")  # +tls: DICOM TLS (daemon.tls)
 _TLS_CLIENT_CERT = ("auto", "none", "optional", "required")
+APPLICABILITY_POLICIES = ("withhold", "flag", "off")
 
 
 class SettingsError(ValueError):
@@ -166,6 +167,10 @@ class Settings:
     report_workers: int = 2  # processes that write report documents in parallel; 0 = in the report thread
     report_top_channels: int = 5  # channel evidence rows per positive finding
     exclusion_margin: float = 2.0  # partner's probability/threshold ratio must exceed the finding's by this factor
+    # an image outside the model's validated domain (its applicability score above the artifact's threshold) or with
+    # an input-quality issue: withhold = no findings, the report says why; flag = findings with a warning; off = no
+    # check (no score stored)
+    applicability: str = "withhold"
     forward_destinations: tuple[str, ...] = ()  # AE@host:port that receive the SR, SC and encapsulated PDF
     forward_max_attempts: int = 8
     forward_backoff_seconds: float = 2.0  # first retry delay; doubles per attempt, capped at 10 minutes
@@ -240,6 +245,10 @@ class Settings:
             raise SettingsError(f"Invalid report_top_channels {self.report_top_channels} - must be >= 1")
         if not math.isfinite(self.exclusion_margin) or self.exclusion_margin < 1:
             raise SettingsError(f"Invalid exclusion_margin {self.exclusion_margin} - must be >= 1")
+        if self.applicability not in APPLICABILITY_POLICIES:
+            raise SettingsError(
+                f"Invalid applicability {self.applicability!r} - expected one of {', '.join(APPLICABILITY_POLICIES)}"
+            )
         if self.forward_max_attempts < 1:
             raise SettingsError(f"Invalid forward_max_attempts {self.forward_max_attempts} - must be >= 1")
         if not math.isfinite(self.forward_backoff_seconds) or self.forward_backoff_seconds <= 0:

@@ -207,6 +207,13 @@ class PredictionRow(Base):
     synthetic_model: Mapped[bool] = mapped_column(default=False)
     probabilities: Mapped[dict[str, float]] = mapped_column(JSON)  # label -> probability in [0, 1]
     logits: Mapped[dict[str, float]] = mapped_column(JSON)  # label -> logit
+    # the applicability gate (revision 0005; all NULL when the policy was off): in_domain | withheld | flagged |
+    # unchecked (no applicability model), the score and its threshold (NULL without an applicability model), the
+    # input-quality issues [{code, reason}]
+    applicability_status: Mapped[str | None] = mapped_column(String(16), index=True)
+    applicability_score: Mapped[float | None] = mapped_column()
+    applicability_threshold: Mapped[float | None] = mapped_column()
+    quality_issues: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")

@@ -36,13 +36,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JobResult:
-    """What processing one instance produced: image statistics and, when a model ran, its prediction."""
+    """What processing one instance produced: image statistics and, when a model ran, its prediction and the
+    applicability gate's verdict on it (``domain``: a reporting.report.DomainCheck, None when the gate is off)."""
 
     image_stats: dict[str, Any]
     prediction: Prediction | None = None
     model_name: str | None = None
     synthetic_model: bool = False
     manifest: Any = None  # model.artifact.Manifest of the model that made the prediction
+    domain: Any = None  # reporting.report.DomainCheck | None
 
 
 class ResultSink(Protocol):
@@ -103,15 +105,22 @@ class ClaimedJob:
 
 
 def store_prediction(session: Session, instance_id: int, result: JobResult) -> None:
-    """Insert or replace the prediction of (instance, model version): reprocessing never duplicates."""
+    """Insert or replace the prediction of (instance, model version): reprocessing never duplicates. With the
+    applicability gate's verdict (``result.domain``) its status, score, threshold and quality issues are stored
+    too (all NULL when the gate was off)."""
     prediction = result.prediction
     if prediction is None:
         raise ValueError("store_prediction needs a result with a prediction")
+    domain = result.domain
     values = {
         "model_name": result.model_name or "unnamed",
         "synthetic_model": result.synthetic_model,
         "probabilities": prediction.as_dict(),
         "logits": {label: float(v) for label, v in zip(prediction.labels, prediction.logits, strict=True)},
+        "applicability_status": None if domain is None else domain.status,
+        "applicability_score": None if domain is None else domain.score,
+        "applicability_threshold": None if domain is None else domain.threshold,
+        "quality_issues": None if domain is None else [issue.to_dict() for issue in domain.quality],
         "created_at": utcnow(),
     }
     row = session.scalar(

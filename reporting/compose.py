@@ -20,7 +20,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 from model.types import Prediction, PreprocessRecipe
 from reporting.exclusions import ExclusionRules
 from reporting.pdf import write_pdf
-from reporting.report import Finding, ModelInfo, SourceImage, StudyReport, assemble, study_report
+from reporting.report import DomainCheck, Finding, ModelInfo, SourceImage, StudyReport, assemble, study_report
 from reporting.sc import build_encapsulated_pdf, build_sc
 from reporting.sr import build_sr
 
@@ -56,6 +56,15 @@ def _recipe(facts: Mapping[str, Any]) -> PreprocessRecipe | None:
     return None
 
 
+def _domain(facts: Mapping[str, Any]) -> DomainCheck | None:
+    value = facts.get("domain")
+    if isinstance(value, DomainCheck):
+        return value
+    if isinstance(value, Mapping):
+        return DomainCheck.from_dict(value)
+    return None
+
+
 def _save(ds: pydicom.Dataset, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     ds.save_as(tmp, enforce_file_format=True)
@@ -87,7 +96,8 @@ def compose_study(
     ``images``: per image of the study, oldest first: (source dataset, decoded image float [Rows, Columns] in [0, 1]
     bright = dense, its Prediction, the model facts archived with it: name, version, weights_sha256, synthetic,
     intended_use, thresholds, calibrated_at, and optionally preprocessing (a PreprocessRecipe dict; without it the
-    CAM is assumed to span the whole, square-padded image)). The report states the last image's model.
+    CAM is assumed to span the whole, square-padded image) and domain (the applicability gate's verdict, a
+    DomainCheck dict; a withheld image gets no findings and no heatmap SC)). The report states the last image's model.
     ``settings``: anything with ``report_top_channels`` and ``exclusion_margin`` (defaults 5 and 2.0).
 
     Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and one sc-<image>-<finding>.dcm per present or
@@ -100,7 +110,7 @@ def compose_study(
     for ds, pixels, prediction, facts in images:
         thresholds = facts.get("thresholds") or {}
         results.append(assemble(prediction, pixels, SourceImage.from_dataset(ds), thresholds=thresholds,
-                                rules=rules, top_k=top_k, recipe=_recipe(facts)))
+                                rules=rules, top_k=top_k, recipe=_recipe(facts), domain=_domain(facts)))
     report = study_report(results, ModelInfo.from_facts(images[-1][3]), revision=revision,
                           predecessors=tuple(predecessors), created_at=created_at)
     sources = [_header_only(ds) for ds, *_ in images]

@@ -30,7 +30,7 @@ from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate
 
 from reporting.regions import outside_share
 from reporting.render import FONT_DIR, colormap, draw_peak, overlay
-from reporting.report import Finding, ImageResult, StudyReport
+from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, Finding, ImageResult, StudyReport
 
 __all__ = ["AI_BANNER", "SYNTHETIC_BANNER", "write_pdf"]
 
@@ -209,6 +209,32 @@ def _findings_table(result: ImageResult, st: dict[str, ParagraphStyle]) -> Table
     return table
 
 
+def _domain_block(result: ImageResult, st: dict[str, ParagraphStyle]) -> list[object]:
+    """What the applicability gate decided for the image: withheld (a red box, the headline "outside the model's
+    validated domain — no AI findings for this image", the score, threshold and quality reasons), flagged (an amber
+    warning with the same reasons; the findings follow), in domain or unchecked (one small line). Nothing when the
+    gate was off."""
+    d = result.domain
+    if d is None:
+        return []
+    if d.status in ("withheld", "flagged"):
+        headline = DOMAIN_HEADLINE if d.withheld else "WARNING: " + FLAG_HEADLINE
+        facts = [d.score_text() or "this model has no applicability model (no score)"]
+        facts += [f"input quality: {issue.reason}" for issue in d.quality]
+        text = "; ".join(f for f in facts if f)
+        sub = (f"{text[:1].upper()}{text[1:]}." if d.withheld else
+               f"{text[:1].upper()}{text[1:]}. Read the findings below with this in mind.")
+        banner = _banner(headline[:1].upper() + headline[1:], sub, st,
+                         _RED if d.withheld else _AMBER, dark_text=not d.withheld)
+        return [banner, Spacer(1, 2 * mm)]
+    if d.status == "in_domain":
+        line = f"Applicability: within the model's validated domain ({d.score_text()})."
+    else:
+        line = ("Applicability: not checked — this model carries no applicability model; no input-quality issue "
+                "was found.")
+    return [_p(_e(line), st["small"]), Spacer(1, 1 * mm)]
+
+
 def _jpeg(img: PILImage.Image) -> io.BytesIO:
     """JPEG (quality 90): reportlab embeds it as is (DCTDecode); a PNG would be decoded and deflated again."""
     buf = io.BytesIO()
@@ -343,7 +369,11 @@ def write_pdf(report: StudyReport, path: str | os.PathLike[str]) -> str:
                   _p(f"SOP Instance UID {_e(src.sop_instance_uid)} · {src.rows} × {src.columns} px · "
                      f"{_e(shown(src.photometric_interpretation, 16)[0])} · zones: {_e(result.lung_fields.note)}",
                      st["small"]),
-                  Spacer(1, 1.5 * mm), _findings_table(result, st)]
+                  Spacer(1, 1.5 * mm)]
+        story += _domain_block(result, st)
+        if result.withheld:
+            continue  # no findings table, no heatmaps: the block above says why
+        story.append(_findings_table(result, st))
         excluded = [f for f in result.findings if f.status == "excluded"]
         if excluded:
             story.append(_p("Excluded findings", st["h3"]))

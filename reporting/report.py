@@ -30,12 +30,14 @@ import numpy as np
 import pydicom
 from pydicom.uid import RE_VALID_UID
 
-from model.types import Prediction, PreprocessRecipe
+from model.types import Applicability, Prediction, PreprocessRecipe, QualityIssue
 from reporting.exclusions import ExclusionRules, apply_exclusions
 from reporting.regions import LungFields, RegionShare, cam_peak, cam_to_image, estimate_lung_fields, region_shares
 
 __all__ = [
+    "DOMAIN_HEADLINE",
     "ChannelEvidence",
+    "DomainCheck",
     "Finding",
     "ImageResult",
     "ModelInfo",
@@ -43,10 +45,16 @@ __all__ = [
     "SourceImage",
     "StudyReport",
     "assemble",
+    "domain_check",
     "study_report",
 ]
 
 Status = Literal["present", "absent", "excluded"]
+DomainStatus = Literal["in_domain", "withheld", "flagged", "unchecked"]
+DOMAIN_HEADLINE = "outside the model's validated domain — no AI findings for this image"
+FLAG_HEADLINE = "outside the model's validated domain — findings shown with this warning, not validated for this image"
+_POLICIES = ("withhold", "flag", "off")
+_DOMAIN_STATUSES = ("in_domain", "withheld", "flagged", "unchecked")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -170,6 +178,117 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DomainCheck:
+    """The applicability gate's verdict on one image, as the documents state it (built by :func:`domain_check`).
+
+    ``status``: "in_domain" (applicability score at or below the artifact's threshold, no input-quality issue);
+    "withheld" (score above the threshold or a quality issue, policy withhold: the image gets NO findings, the
+    documents say why); "flagged" (the same, policy flag: findings kept, with a warning); "unchecked" (the artifact
+    has no applicability model and no quality issue was found). ``score``/``threshold``/``method``: the artifact's
+    applicability score of the image (unit depends on ``method``; +inf allowed), None/"" when it has none.
+    ``quality``: the input-quality issues found (model.types.QualityIssue), each with its reason."""
+
+    status: DomainStatus
+    score: float | None = None
+    threshold: float | None = None
+    method: str = ""
+    quality: tuple[QualityIssue, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in _DOMAIN_STATUSES:
+            raise ValueError(f"Invalid domain status {self.status!r} - expected one of {', '.join(_DOMAIN_STATUSES)}")
+        if (self.score is None) != (self.threshold is None):
+            raise ValueError("Invalid domain check - score and threshold are both given or both None")
+        if self.score is not None and (np.isnan(self.score) or not np.isfinite(self.threshold)):
+            raise ValueError(f"Invalid applicability score {self.score} / threshold {self.threshold} - the score "
+                             "must be a number (+inf allowed), the threshold finite")
+        if self.status == "unchecked" and (self.score is not None or self.quality):
+            raise ValueError("Invalid domain status 'unchecked' - only without a score and without quality issues")
+        if self.status == "in_domain" and (self.out_of_domain or self.quality or self.score is None):
+            raise ValueError("Invalid domain status 'in_domain' - needs a score at or below its threshold and no "
+                             "quality issue")
+        if self.status in ("withheld", "flagged") and not (self.out_of_domain or self.quality):
+            raise ValueError(f"Invalid domain status {self.status!r} - needs a score above its threshold or a "
+                             "quality issue")
+        object.__setattr__(self, "quality", tuple(self.quality))
+
+    @property
+    def out_of_domain(self) -> bool:
+        """The score is above the threshold (False without a score)."""
+        return self.score is not None and self.threshold is not None and self.score > self.threshold
+
+    @property
+    def withheld(self) -> bool:
+        return self.status == "withheld"
+
+    @property
+    def flagged(self) -> bool:
+        return self.status == "flagged"
+
+    def score_text(self) -> str:
+        """E.g. "applicability score 41.2 above the threshold 18.7 (mahalanobis-pca32)"; "" without a score."""
+        if self.score is None or self.threshold is None:
+            return ""
+        relation = "above" if self.out_of_domain else "at or below"
+        method = f" ({self.method})" if self.method else ""
+        return f"applicability score {self.score:.4g} {relation} the threshold {self.threshold:.4g}{method}"
+
+    def reasons(self) -> tuple[str, ...]:
+        """Why the image is outside (withheld/flagged): the score sentence when it is above its threshold, then each
+        quality issue's reason. Empty for in_domain and unchecked."""
+        out = [self.score_text()] if self.out_of_domain else []
+        return tuple(out + [issue.reason for issue in self.quality])
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "status": self.status,
+            "score": None if self.score is None else float(self.score),
+            "threshold": None if self.threshold is None else float(self.threshold),
+            "method": self.method,
+            "quality": [issue.to_dict() for issue in self.quality],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> DomainCheck:
+        """Inverse of :meth:`to_dict`. Raises ValueError for a malformed dict."""
+        quality = data.get("quality") or []
+        if not isinstance(quality, list):
+            raise ValueError(f"Invalid quality {quality!r} - expected a list of {{code, reason}}")
+        score, threshold = data.get("score"), data.get("threshold")
+        return cls(
+            status=str(data.get("status")),  # type: ignore[arg-type]
+            score=None if score is None else float(score),  # type: ignore[arg-type]
+            threshold=None if threshold is None else float(threshold),  # type: ignore[arg-type]
+            method=str(data.get("method") or ""),
+            quality=tuple(QualityIssue(code=str(q["code"]), reason=str(q["reason"])) for q in quality),
+        )
+
+
+def domain_check(
+    applicability: Applicability | None, quality: Sequence[QualityIssue], policy: str
+) -> DomainCheck | None:
+    """The gate: apply ``policy`` ("withhold" | "flag" | "off") to an image's applicability verdict (None when the
+    artifact has no applicability model) and its input-quality issues. Returns None for "off" (nothing checked,
+    nothing stored). Out of domain or any quality issue -> "withheld" (withhold) or "flagged" (flag); else
+    "in_domain", or "unchecked" without an applicability model. Raises ValueError for another policy."""
+    if policy not in _POLICIES:
+        raise ValueError(f"Invalid applicability policy {policy!r} - expected one of {', '.join(_POLICIES)}")
+    if policy == "off":
+        return None
+    quality = tuple(quality)
+    outside = applicability is not None and not applicability.in_domain
+    if outside or quality:
+        status: DomainStatus = "withheld" if policy == "withhold" else "flagged"
+    else:
+        status = "unchecked" if applicability is None else "in_domain"
+    if applicability is None:
+        return DomainCheck(status=status, quality=quality)
+    # the verdict's in_domain is score <= threshold; keep the stored numbers consistent with it
+    return DomainCheck(status=status, score=float(applicability.score), threshold=float(applicability.threshold),
+                       method=applicability.method, quality=quality)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ChannelEvidence:
     """One feature channel's part in a finding's logit: ``contribution`` phi_ck in logit units and ``share`` =
     phi_ck / (logit - bias) (see the module docstring; may be negative or exceed 1)."""
@@ -235,7 +354,9 @@ class ImageResult:
     - ``cams``: float32 [n_labels, h, w], the prediction's CAMs in logit units; ``labels`` their order.
     - ``recipe``: the model's preprocessing (to map CAM cells back to the image); None: the CAM spans the image.
     - ``findings``: one per label, in label order. ``lung_fields``: the zones used for ``regions``.
-    - ``model_version``: the prediction's model version."""
+    - ``model_version``: the prediction's model version.
+    - ``domain``: the applicability gate's verdict (None: the gate was off). A **withheld** image has NO findings
+      (``findings`` is empty); every other image has one finding per label."""
 
     source: SourceImage
     findings: tuple[Finding, ...]
@@ -245,6 +366,7 @@ class ImageResult:
     lung_fields: LungFields
     model_version: str
     recipe: PreprocessRecipe | None = None
+    domain: DomainCheck | None = None
 
     def __post_init__(self) -> None:
         if self.image.shape != (self.source.rows, self.source.columns):
@@ -252,8 +374,16 @@ class ImageResult:
                              f"({self.source.rows}, {self.source.columns})")
         if self.cams.ndim != 3 or self.cams.shape[0] != len(self.labels):
             raise ValueError(f"Invalid cams shape {self.cams.shape} - expected ({len(self.labels)}, h, w)")
-        if tuple(f.label for f in self.findings) != self.labels:
+        if self.withheld:
+            if self.findings:
+                raise ValueError("Invalid findings - an image withheld by the applicability gate has none")
+        elif tuple(f.label for f in self.findings) != self.labels:
             raise ValueError("Invalid findings - expected one per label, in label order")
+
+    @property
+    def withheld(self) -> bool:
+        """Outside the model's validated domain under policy withhold: no findings."""
+        return self.domain is not None and self.domain.withheld
 
     def finding(self, label: str) -> Finding:
         for f in self.findings:
@@ -333,6 +463,7 @@ def assemble(
     top_k: int = 5,
     recipe: PreprocessRecipe | None = None,
     lung_fields: LungFields | None = None,
+    domain: DomainCheck | None = None,
 ) -> ImageResult:
     """One image's findings from its prediction: status against ``thresholds`` (label -> (0, 1)), exclusions by
     ``rules``, zones of each positive finding's heat (lung fields estimated from ``image`` unless given), its peak and
@@ -341,6 +472,8 @@ def assemble(
     ``image``: float [Rows, Columns] in [0, 1], bright = dense (as model.preprocess.decode_image returns it).
     ``recipe``: the model's preprocessing, needed to place the CAM on the image correctly when the model pads,
     resizes or crops (pass the manifest's ``preprocessing``).
+    ``domain``: the applicability gate's verdict (:func:`domain_check`); a withheld image gets NO findings (the
+    probabilities are not turned into statuses at all), a flagged one keeps them.
 
     Raises ValueError for a missing or out-of-range threshold, an image whose shape is not (Rows, Columns), or
     top_k < 1."""
@@ -354,7 +487,7 @@ def assemble(
     excluded = apply_exclusions(probabilities, thresholds, rules)  # validates the thresholds
     fields = lung_fields or estimate_lung_fields(image)
     findings = []
-    for i, label in enumerate(prediction.labels):
+    for i, label in enumerate(() if domain is not None and domain.withheld else prediction.labels):
         p, t = probabilities[label], float(thresholds[label])
         if p < t:
             findings.append(Finding(label=label, probability=p, threshold=t, status="absent"))
@@ -381,6 +514,7 @@ def assemble(
         lung_fields=fields,
         model_version=prediction.model_version,
         recipe=recipe,
+        domain=domain,
     )
 
 

@@ -21,6 +21,19 @@ One measurement group per finding and image:
 - algorithm identification (TID 4019): the model name, version = the model version hash (it covers the weights, the
   thresholds and the preprocessing), parameter: the decision threshold;
 - present and excluded findings: a "Comment" TEXT item with the zone holding most of the heat.
+
+The applicability gate (reporting.report.DomainCheck), when it ran, adds one TID 1501 group per image before its
+findings, tracking identifier "Applicability image <n>": finding type and qualitative evaluation concept
+``99CHEXD APPLICABILITY`` "Applicability of the AI model to the image" with value ``99CHEXD OUT-OF-DOMAIN`` "Outside
+the model's validated domain" (withheld or flagged), ``99CHEXD IN-DOMAIN`` or SCT 373121007 "Not Evaluated" (the
+model has no applicability model). No DCM or SCT code says "outside an algorithm's validated domain", so these are
+in the private scheme (declared in CodingSchemeIdentificationSequence). Input-quality issues add DCM 111029 "Image
+Quality Rating" = DCM 111235 "Unusable - Quality renders image unusable" (withheld) or DCM 111236 "Usable - Does not
+meet the quality control standard" (flagged). The score is a measurement ``99CHEXD APPL-SCORE`` (unit "1",
+referencing the image; left out when infinite), the threshold and method are parameters of its algorithm
+identification, and a "Comment" TEXT item says it in words: "outside the model's validated domain — no AI findings for
+this image: applicability score ... above the threshold ...; input quality: ...". A **withheld** image has that group
+and no finding groups at all.
 """
 
 from __future__ import annotations
@@ -36,10 +49,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, Comprehensive3DSRStorage
 
-from reporting.report import Finding, ImageResult, StudyReport
+from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, DomainCheck, Finding, ImageResult, StudyReport
 from reporting.uids import derived_uid, instance_uid, series_uid
 
-__all__ = ["FINDING_CODES", "PRIVATE_SCHEME", "SR_SERIES_NUMBER", "build_sr"]
+__all__ = ["APPLICABILITY", "FINDING_CODES", "IN_DOMAIN", "OUT_OF_DOMAIN", "PRIVATE_SCHEME", "SR_SERIES_NUMBER",
+           "build_sr"]
 
 PRIVATE_SCHEME = "99CHEXD"
 SR_SERIES_NUMBER = 9001
@@ -66,6 +80,14 @@ IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
+APPLICABILITY = Code("APPLICABILITY", PRIVATE_SCHEME, "Applicability of the AI model to the image")
+OUT_OF_DOMAIN = Code("OUT-OF-DOMAIN", PRIVATE_SCHEME, "Outside the model's validated domain")
+IN_DOMAIN = Code("IN-DOMAIN", PRIVATE_SCHEME, "Within the model's validated domain")
+NOT_EVALUATED = Code("373121007", "SCT", "Not Evaluated")
+APPLICABILITY_SCORE = Code("APPL-SCORE", PRIVATE_SCHEME, "Applicability score")
+IMAGE_QUALITY_RATING = Code("111029", "DCM", "Image Quality Rating")
+QUALITY_UNUSABLE = Code("111235", "DCM", "Unusable - Quality renders image unusable")
+QUALITY_BELOW_STANDARD = Code("111236", "DCM", "Usable - Does not meet the quality control standard")
 
 # Patient/study attributes whose source value may violate its VR (seen in the wild: AS "62"); such values are
 # left out of the SR rather than copied.
@@ -161,6 +183,58 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
     return group
 
 
+def _domain_text(domain: DomainCheck) -> str:
+    if domain.status in ("withheld", "flagged"):
+        reasons = [r for r in (domain.score_text() if domain.out_of_domain else "",) if r]
+        reasons += [f"input quality: {issue.reason}" for issue in domain.quality]
+        headline = DOMAIN_HEADLINE if domain.withheld else FLAG_HEADLINE
+        return f"{headline}: {'; '.join(reasons)}"
+    if domain.status == "in_domain":
+        return f"within the model's validated domain: {domain.score_text()}"
+    return "not checked: the model carries no applicability model"
+
+
+def _domain_group(report: StudyReport, result: ImageResult, n: int, ds: Dataset):  # type: ignore[no-untyped-def]
+    """The applicability gate's verdict on one image as a TID 1501 group (see the module docstring)."""
+    domain = result.domain
+    assert domain is not None
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derived_uid("tracking", "applicability", result.source.sop_instance_uid, result.model_version),
+        identifier=f"Applicability image {n}",
+    )
+    parameters = []
+    if domain.threshold is not None:
+        parameters.append(f"applicability threshold {domain.threshold:.6g}")
+    if domain.method:
+        parameters.append(f"method {domain.method}"[:64])
+    algorithm = hd.sr.AlgorithmIdentification(name=report.model.name[:64], version=report.model.version,
+                                              parameters=parameters or None)
+    value = {"withheld": OUT_OF_DOMAIN, "flagged": OUT_OF_DOMAIN, "in_domain": IN_DOMAIN}.get(domain.status,
+                                                                                              NOT_EVALUATED)
+    evaluations = [hd.sr.QualitativeEvaluation(name=APPLICABILITY, value=value)]
+    if domain.quality:
+        rating = QUALITY_UNUSABLE if domain.withheld else QUALITY_BELOW_STANDARD
+        evaluations.append(hd.sr.QualitativeEvaluation(name=IMAGE_QUALITY_RATING, value=rating))
+    measurements = None
+    if domain.score is not None and np.isfinite(domain.score):
+        measurements = [hd.sr.Measurement(
+            name=APPLICABILITY_SCORE, value=round(float(domain.score), 6), unit=_NO_UNITS,
+            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds)],
+        )]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=APPLICABILITY, algorithm_id=algorithm, measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=_COMMENT, value=_domain_text(domain)[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _image_groups(report: StudyReport, result: ImageResult, n: int, ds: Dataset) -> list:  # type: ignore[type-arg]
+    groups = [] if result.domain is None else [_domain_group(report, result, n, ds)]
+    return groups + [_group(report, result, n, finding, ds) for finding in result.findings]
+
+
 def _without_measurements(root: Dataset) -> Dataset:
     """A shallow copy of a TID 1500 root container without its "Imaging Measurements" container (DCM 126010), the
     subtree that holds the measurement groups; the other items are shared, not copied."""
@@ -210,9 +284,9 @@ def build_sr(
                              f"{result.source.sop_instance_uid} (same order required)")
         evidence.append(_clean_evidence(ds))
     groups = [
-        _group(report, result, n, finding, ds)
+        group
         for n, (result, ds) in enumerate(zip(report.images, evidence, strict=True), start=1)
-        for finding in result.findings
+        for group in _image_groups(report, result, n, ds)
     ]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -140,6 +140,11 @@ class DaemonProcess:
             CHEXD_BIND_ADDRESS="127.0.0.1",
             CHEXD_DISK_RESERVE_MB="0",
             CHEXD_WORKER_POLL_SECONDS="0.2",
+            # The applicability gate is off for the suite's daemons: most send tests/dicomgen.py images (synthetic,
+            # not chest-like) and test other behaviour (storage, reports, forwarding), which a withheld image would
+            # hide. tests/integration/test_applicability.py runs the gate (default withhold, flag, off) end to end;
+            # a test passes applicability="withhold" to running_daemon()/make_daemon() to get it.
+            CHEXD_APPLICABILITY="off",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.extra_env)
