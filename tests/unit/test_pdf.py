@@ -13,11 +13,19 @@ import pytest
 from PIL import Image
 
 from model.preprocess import decode_image
-from model.types import LABELS
+from model.types import LABELS, Applicability, QualityIssue
+from reporting.exclusions import ExclusionRules
 from reporting.pdf import AI_BANNER, SYNTHETIC_BANNER, shown, write_pdf
 from reporting.render import overlay
-from reporting.report import SourceImage, study_report
-from tests.reporting_helpers import demo_model, image_result, make_prediction, phantom_case, phantom_report
+from reporting.report import SourceImage, assemble, domain_check, study_report
+from tests.reporting_helpers import (
+    THRESHOLDS,
+    demo_model,
+    image_result,
+    make_prediction,
+    phantom_case,
+    phantom_report,
+)
 
 REAL_CXR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-cxr"
 FINDINGS = {"Pneumothorax": 0.97, "Edema": 0.6, "Effusion": 0.9, "Cardiomegaly": 0.8}
@@ -192,3 +200,43 @@ def test_hostile_header_values_are_clipped_or_marked_and_the_report_is_written(t
 def test_shown_clips_collapses_and_replaces(value: str, expected: str, replaced: bool) -> None:
     assert shown(value) == (expected, replaced)
     assert len(shown("B" * 10_000, 16)[0]) == 16
+
+
+# --- the applicability gate (issue 14) ---------------------------------------------------------------------------
+
+def _gated_pdf(policy: str, folder: Path) -> str:
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
+    domain = domain_check(Applicability(score=41.2, threshold=18.7, in_domain=False, method="mahalanobis-pca32"),
+                          (QualityIssue(code="inverted", reason="the image looks inverted for MONOCHROME2"),), policy)
+    result = assemble(prediction, image, SourceImage.from_dataset(ds), thresholds=THRESHOLDS, rules=ExclusionRules(),
+                      domain=domain)
+    path = folder / f"{policy}.pdf"
+    write_pdf(study_report([result], demo_model()), path)
+    return " ".join(_text(path).split())  # the banner wraps: compare on single spaces
+
+
+def test_withheld_image_says_outside_the_validated_domain_with_score_threshold_and_reasons(tmp_path: Path) -> None:
+    text = _gated_pdf("withhold", tmp_path)
+    assert "Outside the model's validated domain — no AI findings for this image" in text
+    assert "score 41.2 above the threshold 18.7 (mahalanobis-pca32)" in text
+    assert "the image looks inverted for MONOCHROME2" in text
+    assert "Effusion" not in text and "Main region" not in text and "Heat by zone" not in text  # no findings
+
+
+def test_flagged_image_keeps_its_findings_under_a_warning(tmp_path: Path) -> None:
+    text = _gated_pdf("flag", tmp_path)
+    assert "WARNING: outside the model's validated domain" in text and "no AI findings" not in text
+    assert "score 41.2 above the threshold 18.7" in text
+    assert "Effusion" in text and "Cardiomegaly" in text and "Channel evidence" in text
+
+
+def test_in_domain_image_states_its_score_in_one_line(tmp_path: Path) -> None:
+    _, ds, image, prediction = phantom_case()
+    domain = domain_check(Applicability(score=7.5, threshold=18.7, in_domain=True, method="m"), (), "withhold")
+    result = image_result(ds, image, prediction)
+    result = assemble(prediction, image, result.source, thresholds=THRESHOLDS, rules=ExclusionRules(), domain=domain)
+    write_pdf(study_report([result], demo_model()), tmp_path / "in.pdf")
+    text = " ".join(_text(tmp_path / "in.pdf").split())
+    assert "Applicability: within the model's validated domain (applicability score 7.5 at or below the threshold " \
+           "18.7 (m))" in text
+    assert "no AI findings" not in text and "Effusion" in text

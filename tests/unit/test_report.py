@@ -10,11 +10,20 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from model.types import LABELS
+from model.types import LABELS, Applicability, QualityIssue
 from reporting.compose import compose_study
 from reporting.exclusions import ExclusionRules
 from reporting.regions import ZONES
-from reporting.report import Finding, ModelInfo, SourceImage, assemble, study_report
+from reporting.report import (
+    DomainCheck,
+    Finding,
+    ImageResult,
+    ModelInfo,
+    SourceImage,
+    assemble,
+    domain_check,
+    study_report,
+)
 from reporting.uids import derived_uid, instance_uid, series_uid
 from tests.reporting_helpers import THRESHOLDS, demo_model, image_result, make_prediction, phantom_case
 
@@ -216,3 +225,73 @@ def test_heatmap_covers_the_image_and_is_non_negative() -> None:
     # the reported peak is where the upsampled heat is highest (bilinear heat peaks at a CAM cell centre)
     peak = result.finding("Effusion").peak
     assert heat[peak] == pytest.approx(float(heat.max()), rel=1e-3)
+
+
+# --- the applicability gate (issue 14) ---------------------------------------------------------------------------
+
+OUTSIDE = Applicability(score=41.2, threshold=18.7, in_domain=False, method="mahalanobis-pca32")
+INSIDE = Applicability(score=7.5, threshold=18.7, in_domain=True, method="mahalanobis-pca32")
+INVERTED = QualityIssue(code="inverted", reason="the image looks inverted for MONOCHROME2")
+
+
+def test_domain_check_applies_the_policy() -> None:
+    assert domain_check(OUTSIDE, (), "withhold").status == "withheld"
+    assert domain_check(OUTSIDE, (), "flag").status == "flagged"
+    assert domain_check(OUTSIDE, (INVERTED,), "off") is None  # off: nothing checked, nothing stored
+    assert domain_check(INSIDE, (), "withhold").status == "in_domain"
+    assert domain_check(INSIDE, (INVERTED,), "withhold").status == "withheld"  # a quality issue alone withholds
+    assert domain_check(None, (), "withhold").status == "unchecked"  # no applicability model in the artifact
+    assert domain_check(None, (INVERTED,), "flag").status == "flagged"
+    check = domain_check(OUTSIDE, (INVERTED,), "withhold")
+    assert check is not None and (check.score, check.threshold, check.method) == (41.2, 18.7, "mahalanobis-pca32")
+    assert check.reasons() == ("applicability score 41.2 above the threshold 18.7 (mahalanobis-pca32)",
+                               INVERTED.reason)
+    assert domain_check(INSIDE, (), "withhold").reasons() == ()
+    with pytest.raises(ValueError, match="Invalid applicability policy 'block'"):
+        domain_check(OUTSIDE, (), "block")
+
+
+def test_domain_check_round_trips_and_rejects_contradictions() -> None:
+    for check in (domain_check(OUTSIDE, (INVERTED,), "withhold"), domain_check(None, (), "flag"),
+                  DomainCheck(status="withheld", score=float("inf"), threshold=3.0, method="knn")):
+        assert check is not None and DomainCheck.from_dict(check.to_dict()) == check
+    with pytest.raises(ValueError, match="'in_domain' - needs a score at or below"):
+        DomainCheck(status="in_domain", score=20.0, threshold=18.7)
+    with pytest.raises(ValueError, match="'withheld' - needs a score above its threshold or a quality issue"):
+        DomainCheck(status="withheld", score=1.0, threshold=18.7)
+    with pytest.raises(ValueError, match="both given or both None"):
+        DomainCheck(status="flagged", score=30.0, quality=(INVERTED,))
+    with pytest.raises(ValueError, match="Invalid domain status 'maybe'"):
+        DomainCheck(status="maybe")  # type: ignore[arg-type]
+
+
+def test_a_withheld_image_gets_no_findings_a_flagged_one_keeps_them() -> None:
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
+    source = SourceImage.from_dataset(ds)
+    rules = ExclusionRules()
+    withheld = assemble(prediction, image, source, thresholds=THRESHOLDS, rules=rules,
+                        domain=domain_check(OUTSIDE, (), "withhold"))
+    assert withheld.withheld and withheld.findings == () and withheld.positive == ()
+    flagged = assemble(prediction, image, source, thresholds=THRESHOLDS, rules=rules,
+                       domain=domain_check(OUTSIDE, (), "flag"))
+    assert not flagged.withheld and len(flagged.findings) == len(LABELS)
+    assert {f.label for f in flagged.positive} == {"Effusion", "Cardiomegaly"}
+    plain = image_result(ds, image, prediction)
+    assert [f.status for f in plain.findings] == [f.status for f in flagged.findings]
+    with pytest.raises(ValueError, match="withheld by the applicability gate has none"):
+        ImageResult(source=source, findings=plain.findings, image=plain.image, cams=plain.cams, labels=plain.labels,
+                    lung_fields=plain.lung_fields, model_version=plain.model_version, domain=withheld.domain)
+
+
+def test_compose_study_writes_no_findings_and_no_heatmap_for_a_withheld_image(tmp_path: Path) -> None:
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
+    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
+             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
+    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    withheld = domain_check(OUTSIDE, (INVERTED,), "withhold")
+    assert withheld is not None
+    composed = compose_study(images=[(ds, image, prediction, facts | {"domain": withheld.to_dict()})], revision=1,
+                             predecessors=[], folder=tmp_path / "r1", settings=settings)
+    assert composed.findings == [()]
+    assert sorted(f.kind for f in composed.files) == ["pdf", "pdf-dicom", "sr"]  # no heatmap SC
+    assert composed.report.images[0].domain == withheld

@@ -272,3 +272,11 @@ def test_an_unusable_data_dir_names_the_path_the_reason_and_the_fix(tmp_path: Pa
 def _file(path: Path) -> Path:
     path.write_text("not a folder")
     return path
+
+
+def test_applicability_policy_defaults_to_withhold_and_is_validated(tmp_path: Path) -> None:
+    assert Settings().applicability == "withhold"
+    env = {"CHEXD_DATA_DIR": str(tmp_path)}
+    assert load_settings(environ=env | {"CHEXD_APPLICABILITY": "flag"}).applicability == "flag"
+    with pytest.raises(SettingsError, match="Invalid applicability 'ignore' - expected one of withhold, flag, off"):
+        load_settings(environ=env | {"CHEXD_APPLICABILITY": "ignore"})

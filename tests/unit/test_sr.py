@@ -11,9 +11,10 @@ import pydicom
 import pytest
 
 from model.preprocess import decode_image
-from model.types import LABELS
-from reporting.report import study_report
-from reporting.sr import FINDING_CODES, build_sr
+from model.types import LABELS, Applicability, QualityIssue
+from reporting.exclusions import ExclusionRules
+from reporting.report import SourceImage, assemble, domain_check, study_report
+from reporting.sr import APPLICABILITY, FINDING_CODES, IN_DOMAIN, OUT_OF_DOMAIN, build_sr
 from tests.reporting_helpers import demo_model, image_result, make_prediction, phantom_report
 
 REAL_CXR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-cxr"
@@ -190,3 +191,57 @@ def test_fast_sr_equals_highdicom_full_build() -> None:
     fast, full = build_sr(report, sources), build_sr(report, sources, fast=False)
     assert len(fast.ContentSequence[-1].ContentSequence) == len(LABELS)
     assert _comparable(fast) == _comparable(full)
+
+
+# --- the applicability gate (issue 14) ---------------------------------------------------------------------------
+
+def _gated_sr(policy: str, tmp_path: Path, applicability: Applicability, quality: tuple = ()):  # type: ignore[no-untyped-def]
+    from tests.reporting_helpers import THRESHOLDS, phantom_case
+
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9})
+    result = assemble(prediction, image, SourceImage.from_dataset(ds), thresholds=THRESHOLDS, rules=ExclusionRules(),
+                      domain=domain_check(applicability, quality, policy))
+    sr = build_sr(study_report([result], demo_model()), [ds])
+    path = _write(sr, tmp_path / f"{policy}.dcm")
+    _write(ds, tmp_path / "source.dcm")
+    assert _errors(_run("dciodvfy", str(path))) == []
+    assert _errors(_run("dcentvfy", str(tmp_path / "source.dcm"), str(path))) == []
+    groups = pydicom.dcmread(path).ContentSequence[-1].ContentSequence  # the Imaging Measurements container
+    texts = [item.TextValue for item in groups[0].ContentSequence if item.ValueType == "TEXT"]
+    return groups, _run("dsrdump", str(path)) + "\n".join(texts)
+
+
+def _coded(group: pydicom.Dataset) -> dict[str, str]:
+    """Concept name code value -> coded value code value of the group's CODE items."""
+    return {item.ConceptNameCodeSequence[0].CodeValue: item.ConceptCodeSequence[0].CodeValue
+            for item in group.ContentSequence if item.ValueType == "CODE"}
+
+
+OUTSIDE = Applicability(score=41.2, threshold=18.7, in_domain=False, method="mahalanobis-pca32")
+
+
+def test_withheld_image_is_one_coded_out_of_domain_group_and_no_findings(tmp_path: Path) -> None:
+    quality = (QualityIssue(code="inverted", reason="the image looks inverted for MONOCHROME2"),)
+    groups, dump = _gated_sr("withhold", tmp_path, OUTSIDE, quality)
+    assert len(groups) == 1  # no finding groups at all
+    coded = _coded(groups[0])
+    assert coded[APPLICABILITY.value] == OUT_OF_DOMAIN.value
+    assert coded["111029"] == "111235"  # DCM Image Quality Rating: Unusable - Quality renders image unusable
+    assert "Applicability image 1" in dump and "Effusion" not in dump
+    assert "outside the model's validated domain — no AI findings for this image" in dump
+    assert "41.2" in dump and "18.7" in dump and "inverted for MONOCHROME2" in dump
+    scores = [item for item in groups[0].ContentSequence if item.ValueType == "NUM"]
+    assert float(scores[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(41.2)
+
+
+def test_flagged_image_keeps_its_finding_groups_beside_the_warning(tmp_path: Path) -> None:
+    groups, dump = _gated_sr("flag", tmp_path, OUTSIDE)
+    assert len(groups) == 1 + len(LABELS)
+    assert _coded(groups[0])[APPLICABILITY.value] == OUT_OF_DOMAIN.value and "111029" not in _coded(groups[0])
+    assert "findings shown with this warning" in dump and "Effusion image 1" in dump
+
+
+def test_in_domain_image_is_coded_in_domain(tmp_path: Path) -> None:
+    inside = Applicability(score=7.5, threshold=18.7, in_domain=True, method="mahalanobis-pca32")
+    groups, _ = _gated_sr("withhold", tmp_path, inside)
+    assert len(groups) == 1 + len(LABELS) and _coded(groups[0])[APPLICABILITY.value] == IN_DOMAIN.value
