@@ -68,7 +68,10 @@ def input_quality(image: Any, photometric: str) -> tuple[QualityIssue, ...]:
     except ImportError:  # a build without the pixel checks: the lung-field check still runs
         check_pixels = None
     if check_pixels is not None:
-        issues += check_pixels(image, photometric=photometric)
+        try:
+            issues += check_pixels(image, photometric=photometric if photometric.startswith("MONOCHROME") else "")
+        except ValueError as exc:  # the checks could not judge the image: say so rather than pass it
+            issues.append(QualityIssue(code="unchecked_pixels", reason=f"the pixel checks could not run: {exc}"))
     if not any(issue.code in ("lungs_not_found", "constant", "too_few_pixels") for issue in issues):
         fields = estimate_lung_fields(image)
         if fields.method == "grid":
