@@ -327,7 +327,9 @@ class HeldOutCheck:
       ``pattern_delta_p``: mean change of the finding's probability on them (negative = lower), with its CI.
     - ``auroc_before/after/delta``: the finding's AUROC on the verification images, the delta with a paired CI.
     - ``verdict``: 'too_few_positives' when ``positives`` < ``min_positives`` (no verdict on TP loss is possible),
-      'tp_loss' when ``tp_loss_rate`` (the point estimate) exceeds ``tolerance``, else 'passed'; ``reason`` says why.
+      'tp_loss' when ``tp_loss_rate`` (the point estimate) exceeds ``tolerance``, 'too_few_positives' again when the
+      parent calls fewer than ``min_positives`` of them (a loss rate on 2 true positives bounds nothing), else
+      'passed'; ``reason`` says why.
     CIs resample patients (an image without a patient id is its own patient)."""
 
     finding: str
@@ -443,6 +445,11 @@ def check_held_out(
         verdict = "tp_loss"
         reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, above the "
                   f"tolerance {tolerance:.1%}) - do not apply it; raise the threshold or fine-tune the head instead")
+    elif n_tp < min_positives:
+        # 0 of 2 lost says nothing: the review's accepted Mass edit kept 3 validation TPs and lost 4 of 9 held out
+        verdict = "too_few_positives"
+        reason = (f"the parent calls only {_plural(n_tp, 'held-out ' + name + ' true positive')} (minimum "
+                  f"{min_positives}): no loss among them cannot show the edit is safe - add labelled {name} images")
     else:
         verdict = "passed"
         reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, within the "

@@ -481,6 +481,15 @@ def test_held_out_check_gives_no_verdict_with_too_few_positives() -> None:
     assert check.verdict == "too_few_positives" and "fewer than the minimum 10" in check.reason
     assert check_held_out(weight, bias, edited, bias, THRESHOLDS, small, finding="Effusion", min_positives=3,
                           n_bootstrap=50).verdict == "tp_loss"
+    silent = weight.copy()
+    silent[E, -1] = 0.0  # loses nothing, but 0 of 4 held-out true positives lost bounds nothing either
+    few = check_held_out(weight, bias, silent, bias, THRESHOLDS, small, finding="Effusion", min_positives=3,
+                         n_bootstrap=50)
+    assert few.true_positives_lost == 0 and few.true_positives < 10
+    assert check_held_out(weight, bias, silent, bias, THRESHOLDS, small, finding="Effusion", min_positives=3,
+                          n_bootstrap=50).verdict == ("passed" if few.true_positives >= 3 else "too_few_positives")
+    assert check_held_out(weight, bias, silent, bias, THRESHOLDS, small, finding="Effusion", min_positives=10,
+                          n_bootstrap=50).verdict == "too_few_positives"
     with pytest.raises(CorrectionError, match="tolerance"):
         check_held_out(weight, bias, edited, bias, THRESHOLDS, small, finding="Effusion", tolerance=2.0)
     with pytest.raises(CorrectionError, match="Invalid head"):
