@@ -106,7 +106,7 @@ COMMANDS = [
     ["model", "list"], ["model", "show", "1"], ["model", "activate", "1"], ["model", "rollback"],
     ["model", "import", __file__], ["forward"], ["calibrate"], ["correct", "-f", "Effusion", "--from-feedback"],
     ["finetune"],
-    ["compress"], ["evaluate"],
+    ["compress"], ["evaluate"], ["decide"], ["channels"],
 ]
 
 
