@@ -62,6 +62,7 @@ def train(
     The result is a SYNTHETIC DEMO MODEL, NOT FOR DIAGNOSIS: it has only ever seen phantom images."""
     import torch
 
+    from model.applicability import ApplicabilityModel
     from model.artifact import provenance_entry, save_artifact
     from model.network import Architecture, DenseNet
     from model.train import TrainConfig, evaluate_on_phantom
@@ -96,6 +97,7 @@ def train(
         evaluation = evaluate_on_phantom(
             model, recipe=recipe, split="test", seed=seed, count=test_images, device=device, progress=report
         )
+    applicability = ApplicabilityModel.from_dict(metrics.pop("applicability"))
     metrics["test"] = evaluation.to_dict()
     metrics["hardware"] = {
         "device": metrics["device"],
@@ -113,6 +115,7 @@ def train(
         dtype=dtype,
         metrics=metrics,
         provenance=(provenance_entry("train", config.to_dict() | {"data": "chexd chest phantom (model.phantom)"}),),
+        applicability=applicability,
     )
     stdout.print(
         f"wrote {manifest}: test mean AUROC {evaluation.mean_auroc:.4f} "

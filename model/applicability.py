@@ -47,9 +47,9 @@ __all__ = [
 ]
 
 FORMAT = "chexd-applicability/1"
-DEFAULT_METHOD = "mahalanobis-pca32"
+DEFAULT_METHOD = "mahalanobis-pca64"
 MAX_COMPONENTS = 64
-MIN_IMAGES = 20
+MIN_IMAGES = 10
 _METHOD = re.compile(r"^(?:mahalanobis-pca(?P<k1>\d+)|knn(?P<n>\d+)-pca(?P<k2>\d+))$")
 _EPS = 1e-8
 
@@ -291,7 +291,7 @@ def fit_applicability(
     source: str = "",
     seed: int = 0,
 ) -> ApplicabilityModel:
-    """Fit on validation pooled features [N, C] (float32, N >= 20).
+    """Fit on validation pooled features [N, C] (float32, N >= 10).
 
     The threshold is the ``in_domain_share`` quantile of cross-fitted scores (``folds`` folds; ``folds=1`` uses the
     in-sample scores, whose share on the fit data is then exactly the stated share up to ties). PCA keeps

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.applicability import ApplicabilityModel, fit_applicability
 from model.engine import prepare
 from model.metrics import Evaluation, evaluate
 from model.types import LABELS, PreprocessRecipe
@@ -126,6 +127,31 @@ def predict_scores(model: torch.nn.Module, x: torch.Tensor, device: torch.device
     return torch.cat(out).numpy()
 
 
+@torch.inference_mode()
+def pooled_of(model: torch.nn.Module, x: torch.Tensor, device: torch.device | str = "cpu",
+              batch_size: int = 64) -> np.ndarray:
+    """Pooled final features float32 [N, C] of prepared inputs ``x`` [N, channels, S, S] (what the engine's head and
+    the applicability model see)."""
+    from model.features import pooled_features
+
+    device = torch.device(device)
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size].to(device).float().contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(pooled_features(model, batch).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def fit_applicability_on(model: torch.nn.Module, x: torch.Tensor, *, source: str, device: torch.device | str = "cpu",
+                         in_domain_share: float = 0.95) -> ApplicabilityModel:
+    """The artifact's applicability model (:func:`model.applicability.fit_applicability`, default method) fitted on
+    the pooled features of validation inputs ``x`` [N, channels, S, S] (N >= 10). Raises ApplicabilityError for too
+    few images."""
+    return fit_applicability(pooled_of(model, x, device), in_domain_share=in_domain_share, source=source)
+
+
 def train(
     model: torch.nn.Module,
     config: TrainConfig,
@@ -134,7 +160,8 @@ def train(
     state_path: Path,
     progress: Progress | None = None,
 ) -> tuple[torch.nn.Module, dict[str, object]]:
-    """Train ``model`` in place on phantom data; return it and metrics (val and test evaluation, timings).
+    """Train ``model`` in place on phantom data; return it and metrics (val and test evaluation, timings, and under
+    ``"applicability"`` the applicability model fitted on the val split's pooled features, as ``to_dict()``).
 
     Resumable: after every epoch the model, optimiser and epoch are saved to ``state_path`` (loaded back with
     ``weights_only=True``); a later call with the same config continues from there."""
@@ -208,6 +235,10 @@ def train(
         )
     train_seconds = time.perf_counter() - train_started
     model.eval()
+    applicability = fit_applicability_on(
+        model, val_set.x, device=device,
+        source=f"phantom val split (seed {config.seed}, {len(val_set.x)} images, {config.render_size} px)",
+    )
     metrics: dict[str, object] = {
         "history": history,
         "render_seconds": round(render_seconds, 1),
@@ -215,6 +246,7 @@ def train(
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "train_images": len(train_set.x),
         "val_images": len(val_set.x),
+        "applicability": applicability.to_dict(),  # the caller pops it into the artifact's manifest
     }
     return model.cpu(), metrics
 
