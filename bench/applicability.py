@@ -197,13 +197,14 @@ def run_model(path: Path, fit: list[np.ndarray], sets: dict[str, list[np.ndarray
     from model.engine import Engine
 
     network, manifest = load_artifact(path)
-    engine = Engine(network, recipe=manifest.preprocessing, labels=manifest.labels, model_version="bench",
-                    device="cpu")
+    engine = Engine(network, recipe=manifest.preprocessing, labels=manifest.labels, model_version="bench", device="cpu")
     t0 = time.perf_counter()
     fit_pooled, fit_logits = _outputs(engine, fit)
     outputs = {name: _outputs(engine, images) for name, images in sets.items()}
-    _log(f"{manifest.name}: features of {len(fit) + sum(map(len, sets.values()))} images in "
-         f"{time.perf_counter() - t0:.0f} s")
+    _log(
+        f"{manifest.name}: features of {len(fit) + sum(map(len, sets.values()))} images in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     scorers = _scorers(fit_pooled, fit_logits)
     if manifest.applicability is not None:
         shipped = manifest.applicability
@@ -218,14 +219,24 @@ def run_model(path: Path, fit: list[np.ndarray], sets: dict[str, list[np.ndarray
             if name != reference:
                 y = np.r_[np.zeros(len(base)), np.ones(len(values))]
                 auroc = float(roc_auc_score(y, np.r_[base, values]))
-            rows.append({"model": manifest.name, "method": method, "set": name, "images": len(values),
-                         "flagged": float(np.mean(values > threshold)), "auroc": auroc})
+            rows.append(
+                {
+                    "model": manifest.name,
+                    "method": method,
+                    "set": name,
+                    "images": len(values),
+                    "flagged": float(np.mean(values > threshold)),
+                    "auroc": auroc,
+                }
+            )
     return rows
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | set | images | flagged out of domain | AUROC vs phantom test |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| model | method | set | images | flagged out of domain | AUROC vs phantom test |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         auroc = "—" if r["auroc"] is None else f"{r['auroc']:.3f}"
         lines.append(f"| {r['model']} | {r['method']} | {r['set']} | {r['images']} | {r['flagged']:.0%} | {auroc} |")
@@ -283,8 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         for column in ("model", "method", "set", "images", "flagged", "AUROC"):
             table.add_column(column, justify="right" if column in ("images", "flagged", "AUROC") else "left")
         for r in rows:
-            table.add_row(r["model"], r["method"], r["set"], str(r["images"]), f"{r['flagged']:.0%}",
-                          "—" if r["auroc"] is None else f"{r['auroc']:.3f}")
+            table.add_row(
+                r["model"],
+                r["method"],
+                r["set"],
+                str(r["images"]),
+                f"{r['flagged']:.0%}",
+                "—" if r["auroc"] is None else f"{r['auroc']:.3f}",
+            )
         Console(width=140).print(table)
     if args.markdown:
         args.markdown.write_text(_markdown(rows), encoding="utf-8")
