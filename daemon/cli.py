@@ -353,7 +353,7 @@ def show_cmd(uid: str, as_json: JsonOption = False) -> None:
             gated = prediction.get("applicability")
             if gated:
                 score = ("" if gated["score"] is None
-                         else f", score {gated['score']:.4g} (threshold {gated['threshold']:.4g})")
+                         else f", score {gated['score']:,.6g} (threshold {gated['threshold']:,.6g})")
                 note = {"withheld": " - outside the model's validated domain, no AI findings for this image",
                         "flagged": " - outside the model's validated domain, findings with a warning"}
                 out.print(f"applicability: {gated['status']}{score}{note.get(gated['status'], '')}", highlight=False)

@@ -231,7 +231,7 @@ class DomainCheck:
             return ""
         relation = "above" if self.out_of_domain else "at or below"
         method = f" ({self.method})" if self.method else ""
-        return f"applicability score {self.score:.4g} {relation} the threshold {self.threshold:.4g}{method}"
+        return f"applicability score {_number(self.score)} {relation} the threshold {_number(self.threshold)}{method}"
 
     def reasons(self) -> tuple[str, ...]:
         """Why the image is outside (withheld/flagged): the score sentence when it is above its threshold, then each
@@ -262,6 +262,13 @@ class DomainCheck:
             method=str(data.get("method") or ""),
             quality=tuple(QualityIssue(code=str(q["code"]), reason=str(q["reason"])) for q in quality),
         )
+
+
+def _number(value: float) -> str:
+    """A score for people: "infinite", "120,812" (>= 100: whole numbers with separators) or 3 significant digits."""
+    if not np.isfinite(value):
+        return "infinite"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def domain_check(
