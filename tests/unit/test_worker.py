@@ -333,3 +333,35 @@ def test_expired_lease_on_the_final_attempt_fails_the_job_instead_of_running_it_
     assert job.state is JobState.FAILED
     assert job.attempts == env.settings.job_max_attempts
     assert job.error
+
+
+@pytest.mark.parametrize("score", [41.2, float("inf")])
+def test_the_applicability_verdict_is_stored_with_the_prediction_and_counted(env: Env, score: float) -> None:
+    from daemon.queries import applicability_counts
+    from daemon.tables import PredictionRow
+    from daemon.worker import JobResult
+    from model.types import Applicability, QualityIssue
+    from reporting.report import domain_check
+    from tests.reporting_helpers import make_prediction
+
+    verdicts = {
+        1: domain_check(Applicability(score=score, threshold=18.7, in_domain=False, method="m"),
+                        (QualityIssue(code="inverted", reason="looks inverted"),), "withhold"),
+        2: domain_check(Applicability(score=3.0, threshold=18.7, in_domain=True, method="m"), (), "flag"),
+        3: None,  # the gate was off
+    }
+    jobs = {}
+    for n, domain in verdicts.items():
+        jobs[n] = add_job(env, n)
+        result = JobResult(image_stats={}, prediction=make_prediction({"Effusion": 0.9}), model_name="m", domain=domain)
+        assert env.worker(lambda path, result=result: result).run_one()
+    with env.sessions() as session:
+        rows = {r.instance_id: r for r in session.scalars(select(PredictionRow))}
+        withheld, inside, off = (rows[env.instance_of(jobs[n]).id] for n in (1, 2, 3))
+        assert (withheld.applicability_status, withheld.applicability_score) == ("withheld", score)
+        assert withheld.applicability_threshold == 18.7
+        assert withheld.quality_issues == [{"code": "inverted", "reason": "looks inverted"}]
+        assert (inside.applicability_status, inside.quality_issues) == ("in_domain", [])
+        assert (off.applicability_status, off.applicability_score, off.quality_issues) == (None, None, None)
+        counts = applicability_counts(session)
+    assert {k: v for k, v in counts.items() if v} == {"withheld": 1, "in_domain": 1, "off": 1}
