@@ -57,6 +57,7 @@ def _summary(manifest_file: Path) -> dict[str, Any]:
         "dtype": manifest.dtype,
         "labels": list(manifest.labels),
         "input": manifest.preprocessing.to_dict(),
+        "applicability": manifest.applicability.summary() if manifest.applicability is not None else None,
     }
 
 
@@ -78,13 +79,43 @@ def import_cmd(
         str, typer.Option("--format", help="auto, chexnet, xrv, torchvision or artifact (default: detect).")
     ] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Stored weight precision: float32 or float16.")] = "float32",
+    validation_dicom: Annotated[
+        Path | None,
+        typer.Option("--validation-dicom", help="Folder of DICOM validation images (with --validation-labels): the "
+                     "applicability model is fitted on them."),
+    ] = None,
+    validation_labels: Annotated[
+        Path | None, typer.Option("--validation-labels", help="Label CSV of the --validation-dicom images.")
+    ] = None,
+    validation_chestxray14: Annotated[
+        Path | None,
+        typer.Option("--validation-chestxray14", help="ChestX-ray14 folder whose images fit the applicability model."),
+    ] = None,
+    validation_split: Annotated[
+        str, typer.Option("--validation-split", help="ChestX-ray14 split for --validation-chestxray14.")
+    ] = "test",
+    validation_limit: Annotated[
+        int, typer.Option("--validation-limit", help="At most this many ChestX-ray14 validation images.")
+    ] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Import a CheXNet, torchxrayvision or torchvision DenseNet checkpoint (or a chexd artifact) as an artifact."""
+    """Import a CheXNet, torchxrayvision or torchvision DenseNet checkpoint (or a chexd artifact) as an artifact.
+
+    With validation images (--validation-dicom + --validation-labels, or --validation-chestxray14) the artifact gets
+    an applicability model fitted on them: images unlike them are then withheld or flagged as outside the model's
+    validated domain. Without, a checkpoint gets none (an artifact keeps its own) and the command says so."""
     if fmt not in _FORMATS:
         fail(f"Invalid --format {fmt!r} - expected one of {', '.join(_FORMATS)}", 2)
     if dtype not in ("float32", "float16"):
         fail(f"Invalid --dtype {dtype!r} - expected float32 or float16", 2)
+    if validation_dicom is not None and validation_chestxray14 is not None:
+        fail("--validation-dicom and --validation-chestxray14 are exclusive - give one validation source", 2)
+    if (validation_dicom is None) != (validation_labels is None):
+        fail("--validation-dicom and --validation-labels go together (the folder and its label CSV)", 2)
+    if validation_limit < 10:
+        fail(f"Invalid --validation-limit {validation_limit} - at least 10 validation images are needed", 2)
+    validation = _validation_source(validation_dicom, validation_labels, validation_chestxray14, validation_split,
+                                    validation_limit)
     from model.checkpoints import import_checkpoint
     from model.errors import ModelError
 
@@ -102,8 +133,12 @@ def import_cmd(
     try:
         if out is not None:
             manifest_file = import_checkpoint(path, out, name=name, format=fmt, dtype=dtype)  # type: ignore[arg-type]
+            if validation is not None:
+                fit_validation(manifest_file, validation)
         else:
-            manifest_file = _import_to_registry(path, _data_dir() / "models", name=name, fmt=fmt, dtype=dtype)
+            manifest_file = _import_to_registry(
+                path, _data_dir() / "models", name=name, fmt=fmt, dtype=dtype, validation=validation
+            )
         summary = _summary(manifest_file)
         if out is None:
             from daemon.registry import register_candidate
@@ -114,8 +149,13 @@ def import_cmd(
             summary["registry"] = {"version": info.version, "state": info.state}
     except ModelError as exc:
         fail(str(exc))
+    except ValueError as exc:  # too few validation images, an applicability model that cannot be fitted
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot import {path}: {exc}")
+    applicability = summary["applicability"]
+    if applicability is None:
+        summary["applicability_note"] = NO_VALIDATION
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
@@ -125,10 +165,64 @@ def import_cmd(
         highlight=False,
         markup=False,
     )
+    if applicability is None:
+        stdout.print(f"[bold yellow]warning:[/] {NO_VALIDATION}", highlight=False)
+    else:
+        stdout.print(f"applicability: {_applicability_line(applicability)}", highlight=False, markup=False)
 
 
-def _import_to_registry(path: Path, models_dir: Path, *, name: str | None, fmt: str, dtype: str) -> Path:
-    """Import into ``models_dir/<name>-<hash12>/``; an identical import already there is kept as it is."""
+NO_VALIDATION = (
+    "no validation images were given (--validation-dicom DIR --validation-labels CSV, or --validation-chestxray14 "
+    "DIR), so this model has NO applicability model: chexd cannot tell which images lie outside its validated domain"
+)
+
+
+def _applicability_line(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['method']}, threshold {summary['threshold']:.4g}, fitted on {summary['n_images']} validation "
+        f"images ({summary['source']}); in domain on validation: {summary['validation_in_domain_share']:.1%} "
+        f"(target {summary['in_domain_share']:.0%}, "
+        + (f"{summary['folds']}-fold cross-fitted)" if summary.get("folds", 1) > 1 else "in-sample: few images)")
+    )
+
+
+def _validation_source(  # type: ignore[no-untyped-def]
+    dicom: Path | None, labels: Path | None, chestxray14: Path | None, split: str, limit: int
+):
+    """The labelled source of the --validation-* options, or None; exits 1 for an unusable folder."""
+    from model.datasets import ChestXray14Folder, DatasetError, DicomFolder
+
+    try:
+        if dicom is not None and labels is not None:
+            return DicomFolder(dicom, labels)
+        if chestxray14 is not None:
+            return ChestXray14Folder(chestxray14, split=split, limit=limit)
+    except DatasetError as exc:
+        fail(f"validation images: {exc}")
+    return None
+
+
+def fit_validation(manifest_file: Path, source: Any) -> Path:
+    """Fit the artifact's applicability model on the pooled features of ``source`` (a ``model.datasets``
+    LabelledSource) and rewrite its manifest (weights untouched). Raises ModelError (features) or ValueError (too
+    few images)."""
+    from model.applicability import fit_applicability
+    from model.artifact import load_artifact, set_applicability
+    from model.features import source_features
+
+    if len(source) < 10:
+        raise ValueError(f"validation images: {len(source)} found - at least 10 are needed for an applicability model")
+    network, manifest = load_artifact(manifest_file)
+    features = source_features(network, source, recipe=manifest.preprocessing)
+    model = fit_applicability(features.pooled, source=source.description)
+    return set_applicability(manifest_file, model)
+
+
+def _import_to_registry(
+    path: Path, models_dir: Path, *, name: str | None, fmt: str, dtype: str, validation: Any = None
+) -> Path:
+    """Import into ``models_dir/<name>-<hash12>/`` (fitting the applicability model on ``validation`` when given);
+    an identical import already there is kept as it is."""
     from model.artifact import read_manifest
     from model.checkpoints import import_checkpoint
 
@@ -136,6 +230,8 @@ def _import_to_registry(path: Path, models_dir: Path, *, name: str | None, fmt: 
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=models_dir))
     try:
         staged = import_checkpoint(path, staging, name=name, format=fmt, dtype=dtype)  # type: ignore[arg-type]
+        if validation is not None:
+            fit_validation(staged, validation)
         manifest = read_manifest(staged)
         final = models_dir / f"{manifest.name}-{manifest.short_hash}"
         if not final.exists():
@@ -221,6 +317,7 @@ def show_cmd(
         "input": manifest.preprocessing.to_dict(),
         "intended_use": manifest.intended_use,
         "provenance": [dict(p) for p in manifest.provenance],
+        "applicability": manifest.applicability.summary() if manifest.applicability is not None else None,
     }
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -232,6 +329,10 @@ def show_cmd(
     stdout.print(f"parameters: {manifest.parameters:,}; input {manifest.preprocessing.input_size} px", highlight=False)
     stdout.print("provenance: " + " -> ".join(p["operation"] for p in manifest.provenance), highlight=False)
     stdout.print("thresholds: " + ", ".join(f"{k} {v:.3f}" for k, v in manifest.thresholds.items()), highlight=False)
+    if manifest.applicability is None:
+        stdout.print("applicability: [bold yellow]none[/] - images outside the validated domain cannot be told apart")
+    else:
+        stdout.print(f"applicability: {_applicability_line(data['applicability'])}", highlight=False, markup=False)
 
 
 @model_app.command("activate")

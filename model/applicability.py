@@ -112,7 +112,8 @@ class ApplicabilityModel:
       projected validation points (knn only, else shape [0, k]).
     - ``threshold``: score above which an image is out of domain; ``in_domain_share``: the share of validation images
       the threshold was chosen to accept (cross-fitted); ``validation_in_domain_share``: the share actually accepted
-      by cross-fitted scores; ``n_images``: validation images; ``source``: where they came from.
+      by cross-fitted scores; ``n_images``: validation images; ``source``: where they came from; ``folds``: the
+      cross-fitting folds the threshold came from (1: in-sample scores, used below 20 images).
     """
 
     method: str
@@ -126,6 +127,7 @@ class ApplicabilityModel:
     validation_in_domain_share: float
     n_images: int
     source: str = ""
+    folds: int = 1
 
     def __post_init__(self) -> None:
         kind, k, n = _parse_method(self.method)
@@ -146,6 +148,8 @@ class ApplicabilityModel:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ApplicabilityError(f"Invalid {name} {value!r} - must be in (0, 1]")
+        if self.folds < 1:
+            raise ApplicabilityError(f"Invalid folds {self.folds} - must be >= 1")
         if self.n_images < MIN_IMAGES:
             raise ApplicabilityError(f"Invalid n_images {self.n_images} - need at least {MIN_IMAGES}")
 
@@ -201,6 +205,7 @@ class ApplicabilityModel:
             "n_images": self.n_images,
             "channels": self.channels,
             "source": self.source,
+            "folds": self.folds,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +223,7 @@ class ApplicabilityModel:
             "validation_in_domain_share": float(self.validation_in_domain_share),
             "n_images": int(self.n_images),
             "source": self.source,
+            "folds": int(self.folds),
         }
 
     @classmethod
@@ -239,6 +245,7 @@ class ApplicabilityModel:
                 validation_in_domain_share=float(data["validation_in_domain_share"]),
                 n_images=int(data["n_images"]),
                 source=str(data.get("source", "")),
+                folds=int(data.get("folds", 1)),
             )
         except KeyError as exc:
             raise ApplicabilityError(f"Invalid applicability model - missing field {exc.args[0]!r}") from None
@@ -313,7 +320,7 @@ def fit_applicability(
     if kind == "knn" and neighbours >= fit_size:
         raise ApplicabilityError(f"Invalid method {method!r} - more neighbours than validation images per fold")
     full = _fit_once(x, kind, k_used)
-    common = dict(in_domain_share=float(in_domain_share), n_images=n, source=source)
+    common = dict(in_domain_share=float(in_domain_share), n_images=n, source=source, folds=folds)
     if folds == 1:
         scores = _model(full, method, 0.0, validation_in_domain_share=1.0, **common).score(x)
         if kind == "knn":  # in-sample k-NN: the nearest neighbour of a fit point is itself; skip it

@@ -42,6 +42,7 @@ __all__ = [
     "provenance_entry",
     "read_manifest",
     "save_artifact",
+    "set_applicability",
     "sha256_file",
 ]
 
@@ -413,6 +414,24 @@ def save_artifact(
         raise ArtifactError(f"cannot save {name}: {exc}") from None
     _atomic_write(weights_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     manifest = Manifest(weights_sha256=sha256_file(weights_file), **draft)  # type: ignore[arg-type]
+    text = json.dumps(manifest.to_dict(), sort_keys=True, indent=2) + "\n"
+    _atomic_write(manifest_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return manifest_file
+
+
+def set_applicability(path: str | os.PathLike[str], applicability: ApplicabilityModel | None) -> Path:
+    """Rewrite an artifact's manifest with ``applicability`` (None removes it); the weights are not touched, the
+    version id changes. Returns the manifest's path. Raises ArtifactError for an unreadable manifest or a model of
+    another feature width."""
+    manifest_file = manifest_path(Path(path))
+    data = read_manifest(manifest_file).to_dict()
+    data.pop("applicability", None)
+    if applicability is not None:
+        data["applicability"] = applicability.to_dict()
+    try:
+        manifest = Manifest.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{manifest_file}: {exc}") from None
     text = json.dumps(manifest.to_dict(), sort_keys=True, indent=2) + "\n"
     _atomic_write(manifest_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return manifest_file

@@ -415,6 +415,7 @@ def import_checkpoint(
             intended_use=manifest.intended_use,
             synthetic=manifest.synthetic,
             dtype=manifest.dtype,
+            applicability=manifest.applicability,
         )
     model, fields = _convert_foreign(src, path)
     record = provenance_entry(

@@ -175,3 +175,44 @@ def test_engine_refuses_a_model_of_another_width() -> None:
     wrong = fit_applicability(_gaussian(40, 0), method="mahalanobis-pca4")
     with pytest.raises(Exception, match="feature channels"):
         Engine(tiny(arch=Architecture.tiny()), recipe=SMALL, model_version="v", device="cpu", applicability=wrong)
+
+
+# --- chexd model import ----------------------------------------------------------------------------------------------
+
+
+def test_import_fits_on_a_dicom_validation_folder_and_says_when_none_was_given(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from daemon.model_cli import model_app
+    from daemon.phantom_cli import phantom
+    from tests.unit.test_checkpoints import torchvision_tiny
+
+    app = typer.Typer()
+    app.add_typer(model_app, name="model")
+    torch.save(torchvision_tiny().state_dict(), tmp_path / "random.pt")
+    phantom(tmp_path / "val", count=12, size=64)
+    fitted = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "import",
+            str(tmp_path / "random.pt"),
+            "--out",
+            str(tmp_path / "a"),
+            "--validation-dicom",
+            str(tmp_path / "val"),
+            "--validation-labels",
+            str(tmp_path / "val" / "labels.csv"),
+        ],
+    )
+    assert fitted.exit_code == 0, fitted.output
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest.applicability is not None and manifest.applicability.n_images == 12
+    text = " ".join(fitted.stdout.split())
+    assert "applicability: mahalanobis-pca" in text and "fitted on 12 validation images" in text and "in-sample" in text
+    bare = CliRunner().invoke(app, ["model", "import", str(tmp_path / "random.pt"), "--out", str(tmp_path / "b")])
+    assert bare.exit_code == 0 and read_manifest(tmp_path / "b").applicability is None
+    assert "NO applicability model" in " ".join(bare.stdout.split())
+    half = CliRunner().invoke(app, ["model", "import", str(tmp_path / "random.pt"), "--validation-dicom", "x"])
+    assert half.exit_code == 2 and "--validation-labels" in half.output
