@@ -365,3 +365,16 @@ def test_the_applicability_verdict_is_stored_with_the_prediction_and_counted(env
         assert (off.applicability_status, off.applicability_score, off.quality_issues) == (None, None, None)
         counts = applicability_counts(session)
     assert {k: v for k, v in counts.items() if v} == {"withheld": 1, "in_domain": 1, "off": 1}
+
+
+def test_input_quality_passes_a_phantom_and_names_what_is_wrong_with_an_inverted_or_tiny_one() -> None:
+    from daemon.inference import input_quality
+    from model.phantom import generate, to_dicom
+    from model.preprocess import decode_image
+
+    image = decode_image(to_dicom(generate(0, 1, size=256)))
+    assert input_quality(image, "MONOCHROME2") == ()
+    codes = {issue.code for issue in input_quality(1.0 - image, "MONOCHROME2")}
+    assert "inverted" in codes or "lungs_not_found" in codes, codes
+    assert "too_few_pixels" in {issue.code for issue in input_quality(image[::2, ::2], "MONOCHROME2")}
+    assert [i.code for i in input_quality(image, "PALETTE COLOR")] == []  # an unknown one is judged as unlabelled
