@@ -5,6 +5,11 @@ What crosses to the daemon: :class:`SourceImage` (the DICOM facts a report repea
 :class:`StudyReport` (one study, one revision). :func:`assemble` builds an ImageResult from a
 ``model.types.Prediction``; :func:`study_report` groups them.
 
+**Applicability** (issue 14): :func:`domain_check` applies the policy (withhold | flag | off) to an image's
+applicability verdict and input-quality issues, giving a :class:`DomainCheck`. A *withheld* image gets NO findings
+(``ImageResult.findings`` is empty; the documents say "outside the model's validated domain — no AI findings for this
+image" with the score, the threshold and the quality reasons); a *flagged* one keeps them under a warning.
+
 **Status** of a finding: "present" (probability >= threshold), "excluded" (>= threshold but a mutually exclusive
 finding is present with much higher confidence; see reporting.exclusions — shown with its reason, never hidden), or
 "absent".
