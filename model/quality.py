@@ -12,6 +12,10 @@ Checks (thresholds measured on the phantom and the real radiographs in ../shared
 - ``constant``: the 1st..99th percentile range is below 0.05 of the display range (phantom >= 0.84, real >= 0.72).
 - ``saturated``: more than 25% of pixels clipped white (phantom <= 6%, real <= 0.2%) or more than 60% clipped black
   (phantom <= 27%, real <= 12%).
+- ``noisy``: the pixel noise (MAD of horizontal neighbour differences / sqrt(2), robust to edges) exceeds 0.06 of
+  the image's 5th..95th percentile range (phantom <= 0.024, real <= 0.014; phantom + Gaussian noise sigma 0.1 >=
+  0.076). The model sees the image downsampled, which averages noise away, so the applicability score alone misses
+  heavy noise (bench/README.md); this check does not.
 - ``inverted``: the chest's middle third (mediastinum, spine) is darker than the two lateral lung bands, by more
   than 0.15 of the image's 5th..95th percentile range. On the phantom the cue
   ``(median(centre) - median(lateral)) / range`` is >= 0.15 for 200 of 200 images (<= -0.15 inverted); on 33 real
@@ -33,9 +37,11 @@ __all__ = [
     "INVERTED_CUE",
     "MIN_RANGE",
     "MIN_SIDE",
+    "NOISE_SHARE",
     "WHITE_SHARE",
     "check_pixels",
     "inversion_cue",
+    "noise_level",
 ]
 
 MIN_SIDE = 224
@@ -43,6 +49,7 @@ MIN_RANGE = 0.05
 WHITE_SHARE = 0.25
 BLACK_SHARE = 0.60
 INVERTED_CUE = -0.15
+NOISE_SHARE = 0.06
 _CLIP = 1.0 / 512.0
 _PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "")
 
@@ -65,6 +72,17 @@ def inversion_cue(pixels: np.ndarray) -> float:
     if spread <= 1e-6:
         return 0.0
     return (centre - float(np.median(lateral))) / spread
+
+
+def noise_level(pixels: np.ndarray) -> float:
+    """Noise standard deviation as a share of the image's 5th..95th percentile range: the median absolute deviation
+    of horizontal neighbour differences / 0.6745 / sqrt(2) (edges are rare, so the median ignores them)."""
+    d = np.diff(pixels.astype(np.float64), axis=1)
+    if d.size == 0:
+        return 0.0
+    sigma = float(np.median(np.abs(d - np.median(d)))) / 0.6745 / np.sqrt(2.0)
+    p5, p95 = np.percentile(pixels, [5, 95])
+    return sigma / max(float(p95 - p5), 1e-6)
 
 
 def check_pixels(pixels: np.ndarray, *, photometric: str, min_side: int = MIN_SIDE) -> tuple[QualityIssue, ...]:
@@ -113,6 +131,15 @@ def check_pixels(pixels: np.ndarray, *, photometric: str, min_side: int = MIN_SI
                 code="saturated",
                 reason=f"the image is saturated: {which} (limits {WHITE_SHARE:.0%} white, {BLACK_SHARE:.0%} black); "
                 "detail there is lost",
+            )
+        )
+    noise = noise_level(pixels)
+    if noise > NOISE_SHARE:
+        issues.append(
+            QualityIssue(
+                code="noisy",
+                reason=f"the image is very noisy: pixel noise {noise:.3f} of the image's range (rule: at most "
+                f"{NOISE_SHARE}; radiographs measured <= 0.024)",
             )
         )
     cue = inversion_cue(pixels)

@@ -44,6 +44,13 @@ def test_a_clipped_white_image_is_saturated(chest: np.ndarray) -> None:
     assert "saturated" not in codes(chest)
 
 
+def test_a_very_noisy_image_is_noisy(chest: np.ndarray) -> None:
+    noisy = np.clip(chest + np.random.default_rng(1).normal(0, 0.15, chest.shape), 0, 1).astype(np.float32)
+    assert codes(noisy) == ["noisy"]
+    mild = np.clip(chest + np.random.default_rng(1).normal(0, 0.01, chest.shape), 0, 1).astype(np.float32)
+    assert codes(mild) == []
+
+
 def test_too_few_pixels(chest: np.ndarray) -> None:
     small = chest[::2, ::2]
     assert codes(small) == ["too_few_pixels"]
