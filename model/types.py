@@ -161,6 +161,12 @@ class Prediction:
             raise ValueError(f"Invalid cams shape {self.cams.shape} - expected ({n}, h, w)")
         if self.top_channels.shape != self.top_contributions.shape or self.top_channels.shape[0] != n:
             raise ValueError("Invalid top_channels/top_contributions - shapes must match and be (n_labels, k)")
+        if self.applicability is not None and not isinstance(self.applicability, Applicability):
+            raise ValueError(f"Invalid applicability {self.applicability!r} - expected an Applicability or None")
+        quality = tuple(self.quality)
+        if not all(isinstance(issue, QualityIssue) for issue in quality):
+            raise ValueError(f"Invalid quality {quality!r} - expected QualityIssue values")
+        object.__setattr__(self, "quality", quality)
 
     def as_dict(self) -> dict[str, float]:
         """Label -> probability."""
