@@ -12,7 +12,9 @@ the images ``chexd train`` selects on), then every method's score is computed fo
 - non-chest images: synthetic extremity radiographs (a hand: palm and finger bones) and the CT/MR/NM images that
   pydicom's bundled test files carry (only files present on disk; nothing is downloaded).
 
-Per set and method: the share flagged out of domain (score above the threshold fitted at 95% of the val images,
+Per set: the share of images with at least one input-quality issue (:func:`model.quality.check_pixels` on the
+pixels before resizing; photometric taken as MONOCHROME2, the orientation the pixels are in), and per method: the
+share flagged out of domain (score above the threshold fitted at 95% of the val images,
 cross-fitted) and the AUROC of the score, that set (positive) against the phantom test split (negative).
 Methods: ``mahalanobis-pca{k}`` (subspace distance + residual, chexd's default), the same without the residual term
 (``subspace-pca{k}``), ``knn5-pca{k}`` and the energy score from the logits (``-logsumexp``).
@@ -190,6 +192,16 @@ def _scorers(fit_pooled: np.ndarray, fit_logits: np.ndarray) -> dict[str, tuple[
     return scorers
 
 
+def quality_shares(sets: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """Set name -> share of its images with at least one quality issue."""
+    from model.quality import check_pixels
+
+    return {
+        name: float(np.mean([bool(check_pixels(x, photometric="MONOCHROME2")) for x in images]))
+        for name, images in sets.items()
+    }
+
+
 def run_model(path: Path, fit: list[np.ndarray], sets: dict[str, list[np.ndarray]]) -> list[dict[str, Any]]:
     from sklearn.metrics import roc_auc_score
 
@@ -234,12 +246,15 @@ def run_model(path: Path, fit: list[np.ndarray], sets: dict[str, list[np.ndarray
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | method | set | images | flagged out of domain | AUROC vs phantom test |",
-        "|---|---|---|---:|---:|---:|",
+        "| model | method | set | images | flagged out of domain | AUROC vs phantom test | quality issue |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         auroc = "—" if r["auroc"] is None else f"{r['auroc']:.3f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['set']} | {r['images']} | {r['flagged']:.0%} | {auroc} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['set']} | {r['images']} | {r['flagged']:.0%} | {auroc} "
+            f"| {r['quality_issue']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -281,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     models = args.model or [REPO_ROOT / p for p in DEFAULT_MODELS]
     t0 = time.perf_counter()
     fit, sets = build_sets(args)
+    quality = quality_shares(sets)
     rows = []
     for path in models:
         rows.extend(run_model(path, fit, sets))
+    for row in rows:
+        row["quality_issue"] = quality[row["set"]]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -291,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.table import Table
 
         table = Table(title=f"applicability scores (fit: {len(fit)} phantom val images; threshold at 95%)")
-        for column in ("model", "method", "set", "images", "flagged", "AUROC"):
-            table.add_column(column, justify="right" if column in ("images", "flagged", "AUROC") else "left")
+        for column in ("model", "method", "set", "images", "flagged", "AUROC", "quality issue"):
+            table.add_column(column, justify="left" if column in ("model", "method", "set") else "right")
         for r in rows:
             table.add_row(
                 r["model"],
@@ -301,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(r["images"]),
                 f"{r['flagged']:.0%}",
                 "—" if r["auroc"] is None else f"{r['auroc']:.3f}",
+                f"{r['quality_issue']:.0%}",
             )
         Console(width=140).print(table)
     if args.markdown:
