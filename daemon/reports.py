@@ -134,6 +134,7 @@ def save_archive(path: Path, prediction: Prediction, model: dict[str, Any], *, g
             top_channels=prediction.top_channels,
             top_contributions=prediction.top_contributions,
             bias=prediction.bias,
+            **({} if prediction.evidence_total is None else {"evidence_total": prediction.evidence_total}),
             model=np.array(json.dumps(model)),
         )
         tmp.replace(path)
@@ -155,6 +156,7 @@ def load_archive(path: Path) -> ArchivedPrediction:
             top_contributions=data["top_contributions"],
             bias=data["bias"],
             model_version=model["version"],
+            evidence_total=data["evidence_total"] if "evidence_total" in data.files else None,
         )
     return ArchivedPrediction(prediction=prediction, model=model)
 

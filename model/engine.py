@@ -284,6 +284,7 @@ class Engine:
         contributions = out.pooled[:, None, :] * weight[None]  # [B, n, C]
         top = contributions.abs().topk(self.top_k, dim=2).indices
         top_values = contributions.gather(2, top)
+        totals = contributions.abs().sum(dim=2).numpy().astype(np.float32)  # [B, n]: sum_k |phi_ck|
         probabilities = torch.sigmoid(out.logits)
         if not torch.all(torch.isfinite(out.logits)):
             raise ModelError("the model produced non-finite logits")
@@ -300,6 +301,7 @@ class Engine:
                 bias=bias.numpy().astype(np.float32),
                 model_version=self.model_version,
                 applicability=verdicts[i],
+                evidence_total=totals[i],
             )
             for i in range(n)
         ]

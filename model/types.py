@@ -129,6 +129,8 @@ class Prediction:
     - ``top_channels``: int [n_labels, k] feature channel indices with the largest |phi_ck| per class, and
       ``top_contributions``: float32 [n_labels, k] their phi_ck = w_ck * mean(A_k) in logit units.
     - ``bias``: float32 [n_labels]; for every class sum_k phi_ck + bias_c == logit_c (all k, not only the top).
+    - ``evidence_total``: float32 [n_labels], sum_k |phi_ck| over ALL channels (the total evidence, logit units),
+      so the documents can say what share of it the listed channels carry; None when not recorded (older archives).
     - ``model_version``: the artifact's content hash (sha256 hex, possibly shortened).
     - ``applicability``: the image's out-of-domain verdict from the pooled features of the same forward pass, None
       when the artifact has no applicability model.
@@ -146,9 +148,12 @@ class Prediction:
     extra: dict[str, object] = field(default_factory=dict)
     applicability: Applicability | None = None
     quality: tuple[QualityIssue, ...] = ()
+    evidence_total: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
+        if self.evidence_total is not None and np.shape(self.evidence_total) != (n,):
+            raise ValueError(f"Invalid evidence_total shape {np.shape(self.evidence_total)} - expected ({n},)")
         for name in ("probabilities", "logits", "bias"):
             arr = getattr(self, name)
             if arr.shape != (n,):

@@ -39,11 +39,15 @@ from model.types import PreprocessRecipe
 __all__ = [
     "OUTSIDE",
     "ZONES",
+    "OUTSIDE_TEXT",
     "LungFields",
+    "MainRegion",
     "RegionShare",
     "cam_peak",
     "cam_to_image",
     "estimate_lung_fields",
+    "main_region",
+    "outside_share",
     "peak_zone",
     "region_shares",
 ]
@@ -63,6 +67,7 @@ ZONES: tuple[str, ...] = (
     "cardiac silhouette",
 )
 OUTSIDE = "outside lungs"
+OUTSIDE_TEXT = "outside the lung fields"  # how the documents name OUTSIDE
 _Z = {name: i for i, name in enumerate(ZONES)}
 
 WORKING_SIDE = 128  # px on the long side
@@ -494,6 +499,47 @@ def region_shares(
 def outside_share(shares: Sequence[RegionShare]) -> float:
     """The share of heat outside every zone: 1 - sum of ``shares`` (0 when there is no heat at all)."""
     return max(0.0, 1.0 - sum(s.share for s in shares)) if shares else 0.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MainRegion:
+    """Where most of a finding's heat lies, as every document states it (PDF table, SC label, SR text).
+
+    ``zone``: the zone (a :data:`ZONES` name) or :data:`OUTSIDE` holding the largest share of the heat; ``share``
+    its share of the finding's total heat (ReLU of the CAM over the whole image), in [0, 1]; ``outside`` the share
+    outside every zone; ``lung_zone``: the zone with most heat among :data:`ZONES` (None when no zone has any), so a
+    reader still learns which lung zone leads when most heat lies outside."""
+
+    zone: str
+    share: float
+    outside: float
+    lung_zone: RegionShare | None
+
+    @property
+    def is_outside(self) -> bool:
+        return self.zone == OUTSIDE
+
+    @property
+    def name(self) -> str:
+        """The zone as the documents name it ("outside the lung fields" for :data:`OUTSIDE`)."""
+        return OUTSIDE_TEXT if self.is_outside else self.zone
+
+    @property
+    def text(self) -> str:
+        """E.g. "left lower zone (34% of heat)" or "outside the lung fields (58% of heat)" (at most 64 characters)."""
+        return f"{self.name} ({self.share:.0%} of heat)"
+
+
+def main_region(shares: Sequence[RegionShare]) -> MainRegion | None:
+    """The zone or :data:`OUTSIDE`, whichever holds the largest share of the heat (``shares`` from
+    :func:`region_shares`); None when there is no heat. A tie goes to the lung zone."""
+    if not shares:
+        return None
+    top = max(shares, key=lambda s: s.share)
+    outside = outside_share(shares)
+    if outside > top.share:
+        return MainRegion(zone=OUTSIDE, share=outside, outside=outside, lung_zone=top)
+    return MainRegion(zone=top.zone, share=top.share, outside=outside, lung_zone=top)
 
 
 def peak_zone(
