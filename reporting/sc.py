@@ -24,7 +24,7 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from reporting.render import colour_bar, draw_peak, font, overlay
 from reporting.report import Finding, ImageResult, StudyReport
 from reporting.sr import MANUFACTURER, _clean_evidence
-from reporting.uids import instance_uid, series_uid
+from reporting.uids import content_uid, instance_uid, series_uid
 
 __all__ = ["SC_BANNER", "SC_SERIES_NUMBER", "PDF_SERIES_NUMBER", "build_encapsulated_pdf", "build_sc",
            "render_sc"]
@@ -92,16 +92,18 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
     if str(source.SOPInstanceUID) != result.source.sop_instance_uid:
         raise ValueError(f"Invalid source {source.SOPInstanceUID} - the result is for {result.source.sop_instance_uid}")
     ref = _clean_evidence(source)
+    pixels = render_sc(report, result, finding)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
-        pixel_array=render_sc(report, result, finding),
+        pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=series_uid("sc", report.study_instance_uid),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=instance_uid(f"sc:{finding.label}", [result.source.sop_instance_uid], report.model.version,
-                                      report.revision),
+        # from the content, not the revision: an unchanged heatmap keeps its UID (reporting.uids.content_uid)
+        sop_instance_uid=content_uid(f"sc:{finding.label}", result.source.sop_instance_uid, result.model_version,
+                                     pixels),
         instance_number=number,
         manufacturer=MANUFACTURER,
         patient_orientation=_orientation(source),
@@ -128,6 +130,23 @@ def _reference(ds: Dataset) -> Dataset:
     return item
 
 
+def _study_reference(study: str, series: str, sop_class: str, uids: Sequence[str]) -> Dataset:
+    """A Hierarchical SOP Instance Reference Macro item (PS3.3 Table C.17-3): one study, one series, ``uids``."""
+    refs = []
+    for uid in uids:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = sop_class
+        ref.ReferencedSOPInstanceUID = uid
+        refs.append(ref)
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = series
+    series_item.ReferencedSOPSequence = refs
+    item = Dataset()
+    item.StudyInstanceUID = study
+    item.ReferencedSeriesSequence = [series_item]
+    return item
+
+
 def _stamp(ds: Dataset, report: StudyReport) -> None:
     created = report.created_at
     ds.ContentDate = ds.InstanceCreationDate = created.strftime("%Y%m%d")
@@ -135,8 +154,12 @@ def _stamp(ds: Dataset, report: StudyReport) -> None:
     ds.TimezoneOffsetFromUTC = "+0000"
 
 
-def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[pydicom.Dataset]) -> Dataset:
+def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[pydicom.Dataset],
+                           *, predecessors: Sequence[str] = ()) -> Dataset:
     """The PDF report (its bytes) as an Encapsulated PDF instance in the study; write it with ``save_as``.
+
+    ``predecessors``: SOP Instance UIDs of the Encapsulated PDFs this revision replaces (Predecessor Documents
+    Sequence of the Encapsulated Document module, PS3.3 C.24.2; they are in this study's PDF series).
 
     Raises ValueError for bytes that are not a PDF or no sources."""
     if not pdf.startswith(b"%PDF-"):
@@ -167,6 +190,10 @@ def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[py
     ds.ConceptNameCodeSequence = []
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.SourceInstanceSequence = [_reference(s) for s in sources]
+    if predecessors:
+        ds.PredecessorDocumentsSequence = [_study_reference(report.study_instance_uid,
+                                                            series_uid("pdf", report.study_instance_uid),
+                                                            EncapsulatedPDFStorage, predecessors)]
     data = pdf + (b"\0" if len(pdf) % 2 else b"")  # OB value of even length (PS3.5 7.1.1)
     ds.EncapsulatedDocument = data
     ds.EncapsulatedDocumentLength = len(pdf)
