@@ -15,12 +15,15 @@ finding is present with much higher confidence; see reporting.exclusions — sho
 "absent".
 
 **Channel evidence** (DESIGN.md): the logit of class c is ``b_c + sum_k phi_ck`` with ``phi_ck = w_ck * mean(A_k)``.
-For each present or excluded finding the report lists the ``top_k`` channels with the largest |phi_ck| (from
-``Prediction.top_channels``), each with its contribution phi_ck in logit units and its **share** =
-phi_ck / (logit_c - b_c): the channel's fraction of everything the feature channels add to the bias. Over all
-channels the shares sum to exactly 1; a channel that pushes against the finding has a negative share, and when
-channels largely cancel (logit_c close to b_c) single shares can exceed 1. Undefined (reported as 0) when
-|logit_c - b_c| < 1e-6.
+The **total evidence** of a finding is ``T_c = sum_k |phi_ck|`` over ALL feature channels (logit units;
+``Prediction.evidence_total``), and a channel's **share** is ``|phi_ck| / T_c``: the shares of all channels add up to
+exactly 1, those of any set of channels to that set's part of the evidence. For each present or excluded finding the
+report lists, from ``Prediction.top_channels``, up to ``top_k`` channels that push FOR it (phi_ck > 0, largest first:
+``Finding.evidence``) and, apart, up to ``COUNTER_ROWS`` (3) that push AGAINST it (phi_ck < 0:
+``Finding.counter_evidence``), and says how much of the total the listed rows carry. Since
+``sum_k phi_ck = logit_c - b_c``, the share of all evidence that pushes for the finding is
+``(T_c + logit_c - b_c) / (2 T_c)``. A prediction archived before T_c was recorded
+falls back to the stored top channels as the total (``Finding.evidence_complete`` False; the documents say so).
 """
 
 from __future__ import annotations
@@ -37,7 +40,16 @@ from pydicom.uid import RE_VALID_UID
 
 from model.types import Applicability, Prediction, PreprocessRecipe, QualityIssue
 from reporting.exclusions import ExclusionRules, apply_exclusions
-from reporting.regions import LungFields, RegionShare, cam_peak, cam_to_image, estimate_lung_fields, region_shares
+from reporting.regions import (
+    LungFields,
+    MainRegion,
+    RegionShare,
+    cam_peak,
+    cam_to_image,
+    estimate_lung_fields,
+    main_region,
+    region_shares,
+)
 
 __all__ = [
     "DOMAIN_HEADLINE",
@@ -60,6 +72,7 @@ DOMAIN_HEADLINE = "outside the model's validated domain — no AI findings for t
 FLAG_HEADLINE = "outside the model's validated domain — findings shown with this warning, not validated for this image"
 _POLICIES = ("withhold", "flag", "off")
 _DOMAIN_STATUSES = ("in_domain", "withheld", "flagged", "unchecked")
+COUNTER_ROWS = 3  # counter-evidence rows per finding (at most; the strongest channels against it)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -269,6 +282,15 @@ class DomainCheck:
         )
 
 
+def _pct(value: float) -> str:
+    """A share for people: "12%", "0.4%" below 1%, "<0.1%" for tiny non-zero shares."""
+    if value <= 0:
+        return "0%"
+    if value < 0.001:
+        return "<0.1%"
+    return f"{value:.1%}" if value < 0.01 else f"{value:.0%}"
+
+
 def _number(value: float) -> str:
     """A score for people: "infinite", "120,812" (>= 100: whole numbers with separators) or 3 significant digits."""
     if not np.isfinite(value):
@@ -302,8 +324,9 @@ def domain_check(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChannelEvidence:
-    """One feature channel's part in a finding's logit: ``contribution`` phi_ck in logit units and ``share`` =
-    phi_ck / (logit - bias) (see the module docstring; may be negative or exceed 1)."""
+    """One feature channel's part in a finding's logit: ``contribution`` phi_ck in logit units (positive: pushes the
+    finding's probability up) and ``share`` = |phi_ck| / (sum over all channels of |phi_ck|), in [0, 1] (see the
+    module docstring: the shares of all channels add up to 1)."""
 
     channel: int
     contribution: float
@@ -314,6 +337,9 @@ class ChannelEvidence:
             raise ValueError(f"Invalid channel {self.channel} - must be >= 0")
         if not (np.isfinite(self.contribution) and np.isfinite(self.share)):
             raise ValueError(f"Invalid evidence for channel {self.channel} - contribution and share must be finite")
+        if not 0.0 <= self.share <= 1.0 + 1e-6:
+            raise ValueError(f"Invalid share {self.share} for channel {self.channel} - must be in [0, 1] (|phi| over "
+                             "the total evidence)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -322,8 +348,12 @@ class Finding:
 
     ``probability`` and ``threshold`` in [0, 1] / (0, 1); ``status`` present | absent | excluded; ``reason`` why it
     is excluded (None otherwise); ``regions`` the shares of its heat per zone, largest first (present and excluded
-    findings; empty for absent ones); ``evidence`` the top channels (present and excluded findings); ``peak`` the
-    (row, column) of the heatmap's maximum in source-image pixels (None for absent findings)."""
+    findings; empty for absent ones); ``evidence`` the top channels that push FOR the finding (contribution > 0) and
+    ``counter_evidence`` the top ones that push AGAINST it (contribution < 0), both largest first (present and
+    excluded findings); ``evidence_total`` sum of |phi| over all channels (logit units; 0 for absent findings) and
+    ``evidence_net`` logit - bias (the sum of all phi); ``evidence_complete`` False when the total covers only the
+    stored top channels (an older archive); ``peak`` the (row, column) of the heatmap's maximum in source-image
+    pixels (None for absent findings)."""
 
     label: str
     probability: float
@@ -333,6 +363,10 @@ class Finding:
     regions: tuple[RegionShare, ...] = ()
     evidence: tuple[ChannelEvidence, ...] = ()
     peak: tuple[int, int] | None = None
+    counter_evidence: tuple[ChannelEvidence, ...] = ()
+    evidence_total: float = 0.0
+    evidence_net: float = 0.0
+    evidence_complete: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
@@ -346,6 +380,14 @@ class Finding:
                              f"vs threshold {self.threshold:.4f}")
         if (self.status == "excluded") != bool(self.reason):
             raise ValueError(f"Invalid reason for {self.label!r} - an excluded finding needs a reason, others none")
+        if any(e.contribution <= 0 for e in self.evidence) or any(e.contribution >= 0 for e in self.counter_evidence):
+            raise ValueError(f"Invalid evidence for {self.label!r} - evidence rows push for the finding (contribution "
+                             "> 0), counter-evidence rows against it (< 0)")
+        if not (np.isfinite(self.evidence_total) and self.evidence_total >= 0 and np.isfinite(self.evidence_net)):
+            raise ValueError(f"Invalid evidence_total {self.evidence_total} / evidence_net {self.evidence_net} for "
+                             f"{self.label!r} - must be finite, the total >= 0")
+        if self.shown_share + self.counter_shown_share > 1.0 + 1e-4:
+            raise ValueError(f"Invalid evidence shares for {self.label!r} - the listed rows carry more than the total")
 
     @property
     def positive(self) -> bool:
@@ -353,9 +395,56 @@ class Finding:
         return self.status != "absent"
 
     @property
+    def main_region(self) -> MainRegion | None:
+        """The zone or outside the lung fields, whichever holds most of the heat, with its share (None: no heat)."""
+        return main_region(self.regions)
+
+    @property
     def region(self) -> str | None:
-        """The zone with the largest share of heat, or None."""
-        return self.regions[0].zone if self.regions else None
+        """Where most of the heat lies, as every document says it: "left lower zone (34% of heat)" or "outside the
+        lung fields (58% of heat)"; None without heat. At most 64 characters."""
+        main = self.main_region
+        return main.text if main else None
+
+    @property
+    def shown_share(self) -> float:
+        """The part of the total evidence that the ``evidence`` rows carry, in [0, 1]."""
+        return float(sum(e.share for e in self.evidence))
+
+    @property
+    def counter_shown_share(self) -> float:
+        """The part of the total evidence that the ``counter_evidence`` rows carry, in [0, 1]."""
+        return float(sum(e.share for e in self.counter_evidence))
+
+    @property
+    def share_for(self) -> float | None:
+        """The share of ALL the evidence that pushes for the finding, (T + net) / (2 T); None without evidence or
+        when the total is not complete."""
+        if self.evidence_total <= 0 or not self.evidence_complete:
+            return None
+        return min(1.0, max(0.0, (self.evidence_total + self.evidence_net) / (2 * self.evidence_total)))
+
+    def evidence_summary(self) -> str:
+        """One sentence for the reader, e.g. "These 5 channels carry 12% of the evidence (sum of |contribution| over
+        all channels: 3.41 logit); 3 channels against it carry 4%. Of all the evidence, 63% pushes for the finding,
+        37% against." "" when the finding has no evidence."""
+        if self.evidence_total <= 0:
+            return ""
+        scope = "all channels" if self.evidence_complete else "the stored top channels (the total over all channels "
+        scope += "" if self.evidence_complete else "was not recorded)"
+        n = len(self.evidence)
+        text = (f"{'These' if n != 1 else 'This'} {n} channel{'s' if n != 1 else ''} carr{'y' if n != 1 else 'ies'} "
+                f"{_pct(self.shown_share)} of the evidence (sum of |contribution| over {scope}: "
+                f"{self.evidence_total:.2f} logit)")
+        if self.counter_evidence:
+            k = len(self.counter_evidence)
+            text += (f"; the {k} counter-evidence channel{'s' if k != 1 else ''} carr{'y' if k != 1 else 'ies'} "
+                     f"{_pct(self.counter_shown_share)}")
+        share_for = self.share_for
+        if share_for is not None:
+            text += (f". Of all the evidence, {_pct(share_for)} pushes for the finding, {_pct(1 - share_for)} "
+                     "against")
+        return text + "."
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -454,15 +543,30 @@ class StudyReport:
         return self.source.study_instance_uid
 
 
-def _evidence(prediction: Prediction, index: int, top_k: int) -> tuple[ChannelEvidence, ...]:
-    channel_sum = float(prediction.logits[index]) - float(prediction.bias[index])
-    order = np.argsort(-np.abs(prediction.top_contributions[index]), kind="stable")[:top_k]
-    out = []
-    for j in order:
-        phi = float(prediction.top_contributions[index, j])
-        share = phi / channel_sum if abs(channel_sum) >= 1e-6 else 0.0
-        out.append(ChannelEvidence(channel=int(prediction.top_channels[index, j]), contribution=phi, share=share))
-    return tuple(out)
+def _evidence(prediction: Prediction, index: int, top_k: int) -> dict[str, object]:
+    """Finding keyword arguments: the top ``top_k`` channels for and against class ``index``, the total and net
+    evidence (module docstring)."""
+    phi = np.asarray(prediction.top_contributions[index], dtype=np.float64)
+    channels = np.asarray(prediction.top_channels[index])
+    if prediction.evidence_total is not None:
+        total, complete = float(prediction.evidence_total[index]), True
+        total = max(total, float(np.abs(phi).sum()))  # float32 rounding must not push a share above 1
+    else:
+        total, complete = float(np.abs(phi).sum()), False
+    order = np.argsort(-np.abs(phi), kind="stable")
+
+    def rows(sign: float) -> tuple[ChannelEvidence, ...]:
+        picked = [j for j in order if phi[j] * sign > 0][:top_k]
+        return tuple(ChannelEvidence(channel=int(channels[j]), contribution=float(phi[j]),
+                                     share=float(abs(phi[j]) / total) if total > 0 else 0.0) for j in picked)
+
+    return {
+        "evidence": rows(1.0),
+        "counter_evidence": rows(-1.0)[:COUNTER_ROWS],
+        "evidence_total": total,
+        "evidence_net": float(prediction.logits[index]) - float(prediction.bias[index]),
+        "evidence_complete": complete,
+    }
 
 
 def assemble(
@@ -513,8 +617,8 @@ def assemble(
                 status="excluded" if label in excluded else "present",
                 reason=excluded[label].reason if label in excluded else None,
                 regions=region_shares(cam, fields, recipe),
-                evidence=_evidence(prediction, i, top_k),
                 peak=cam_peak(cam, image.shape, recipe),
+                **_evidence(prediction, i, top_k),  # type: ignore[arg-type]
             )
         )
     return ImageResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,7 @@ from reporting.compose import compose_study
 from reporting.exclusions import ExclusionRules
 from reporting.regions import ZONES
 from reporting.report import (
+    ChannelEvidence,
     DomainCheck,
     Finding,
     ImageResult,
@@ -79,32 +81,50 @@ def test_positive_findings_carry_regions_peak_and_evidence_absent_ones_do_not() 
     _, ds, image, prediction = phantom_case(findings={"Cardiomegaly": 0.8, "Effusion": 0.9})
     result = image_result(ds, image, prediction)
     heart = result.finding("Cardiomegaly")
-    assert heart.region == "cardiac silhouette"  # its CAM is the phantom's heart mask
+    assert heart.main_region.zone == "cardiac silhouette"  # its CAM is the phantom's heart mask
+    assert heart.region == f"cardiac silhouette ({heart.main_region.share:.0%} of heat)"
     assert heart.peak is not None and 0 <= heart.peak[0] < image.shape[0] and 0 <= heart.peak[1] < image.shape[1]
     assert sum(r.share for r in heart.regions) <= 1.0 + 1e-9 and {r.zone for r in heart.regions} <= set(ZONES)
     for f in result.findings:
         if f.status == "absent":
-            assert f.regions == () and f.evidence == () and f.peak is None
+            assert f.regions == () and f.evidence == () and f.counter_evidence == () and f.peak is None
+            assert f.region is None and f.evidence_summary() == ""
         else:
-            assert len(f.evidence) == 5
+            assert len(f.evidence) == 5 and len(f.counter_evidence) == 1  # make_prediction: one channel against
 
 
-def test_channel_evidence_is_exact_and_its_share_is_of_the_channel_sum() -> None:
+def test_evidence_shares_are_of_the_total_evidence_and_counter_evidence_is_apart() -> None:
     prediction = make_prediction({"Effusion": 0.9})
     _, ds, image, _ = phantom_case(findings={"Effusion": 0.9})
     result = assemble(prediction, image, SourceImage.from_dataset(ds), thresholds=THRESHOLDS,
                       rules=ExclusionRules(), top_k=3)
     i = LABELS.index("Effusion")
     effusion = result.finding("Effusion")
-    channel_sum = float(prediction.logits[i] - prediction.bias[i])
-    expected = sorted(zip(prediction.top_channels[i], prediction.top_contributions[i], strict=True),
-                      key=lambda t: -abs(t[1]))[:3]
-    assert [(e.channel, e.contribution) for e in effusion.evidence] == [
-        (int(c), pytest.approx(float(v))) for c, v in expected]
-    for e in effusion.evidence:
-        assert e.share == pytest.approx(e.contribution / channel_sum)
+    total = float(prediction.evidence_total[i])
+    pairs = sorted(zip(prediction.top_channels[i], prediction.top_contributions[i], strict=True),
+                   key=lambda t: -abs(t[1]))
+    expected_for = [(int(c), pytest.approx(float(v))) for c, v in pairs if v > 0][:3]
+    expected_against = [(int(c), pytest.approx(float(v))) for c, v in pairs if v < 0]
+    assert [(e.channel, e.contribution) for e in effusion.evidence] == expected_for
+    assert [(e.channel, e.contribution) for e in effusion.counter_evidence] == expected_against
+    for e in effusion.evidence + effusion.counter_evidence:
+        assert e.share == pytest.approx(abs(e.contribution) / total)
+    # the listed rows carry a part of the total that the summary states
+    assert 0 < effusion.shown_share < 1 and effusion.evidence_complete
+    assert f"carry {effusion.shown_share:.0%} of the evidence" in effusion.evidence_summary()
+    assert "counter-evidence" in effusion.evidence_summary()
+    assert effusion.evidence_net == pytest.approx(float(prediction.logits[i] - prediction.bias[i]))
     with pytest.raises(ValueError, match="top_k"):
         assemble(prediction, image, result.source, thresholds=THRESHOLDS, rules=ExclusionRules(), top_k=0)
+    # an archive without the total: the stored channels stand in for it, and the summary says so
+    older = replace(prediction, evidence_total=None)
+    old_result = assemble(older, image, result.source, thresholds=THRESHOLDS, rules=ExclusionRules(), top_k=3)
+    f = old_result.finding("Effusion")
+    assert not f.evidence_complete and f.share_for is None and "was not recorded" in f.evidence_summary()
+    # a row that pushes against the finding is never listed as evidence for it
+    with pytest.raises(ValueError, match="counter-evidence"):
+        Finding(label="Effusion", probability=0.9, threshold=0.4, status="present",
+                evidence=(ChannelEvidence(channel=3, contribution=-0.2, share=0.1),))
 
 
 def test_evidence_from_a_real_engine_sums_to_the_logit() -> None:
@@ -124,11 +144,14 @@ def test_evidence_from_a_real_engine_sums_to_the_logit() -> None:
                       rules=ExclusionRules(), top_k=1000, recipe=recipe)
     for i, f in enumerate(result.findings):
         assert f.positive
-        # the top-k list covers every channel of the tiny net: contributions sum to logit - bias, shares to 1
-        assert sum(e.contribution for e in f.evidence) == pytest.approx(
-            float(prediction.logits[i] - prediction.bias[i]), abs=1e-3)
-        assert sum(e.share for e in f.evidence) == pytest.approx(1.0, abs=1e-3)
-        assert f.peak is not None
+        # the top-k list covers every channel of the tiny net: every channel for it is listed, and their shares of
+        # the total evidence add up to the share that pushes for the finding; all shares together to 1
+        phi = engine.contributions(image)[i]
+        assert f.evidence_total == pytest.approx(float(abs(phi).sum()), rel=1e-4)
+        assert sum(e.share for e in f.evidence) == pytest.approx(f.share_for, abs=1e-3)
+        assert f.share_for == pytest.approx(float(phi[phi > 0].sum() / abs(phi).sum()), abs=1e-3)
+        assert f.evidence_net == pytest.approx(float(phi.sum()), abs=1e-3)
+        assert len(f.counter_evidence) == min(3, int((phi < 0).sum()))
 
 
 def test_findings_reject_inconsistent_values() -> None:
@@ -205,7 +228,12 @@ def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) ->
     revised = compose_study(images=[(ds, image, prediction, facts)], revision=2,
                             predecessors=[next(f.sop_instance_uid for f in composed.files if f.kind == "sr")],
                             folder=tmp_path / "r2", settings=settings, created_at=when)
-    assert not {f.sop_instance_uid for f in revised.files} & {f.sop_instance_uid for f in composed.files} - {None}
+    # a revision: new SR and PDF; an unchanged heatmap keeps its UID (content, not revision: reporting.uids)
+    def uids(files, kinds):  # type: ignore[no-untyped-def]
+        return {f.sop_instance_uid for f in files if f.kind in kinds}
+
+    assert not uids(revised.files, ("sr", "pdf-dicom")) & uids(composed.files, ("sr", "pdf-dicom"))
+    assert uids(revised.files, ("sc",)) == uids(composed.files, ("sc",))
 
 
 def test_reporting_never_imports_torch() -> None:
