@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import threading
 import time
@@ -51,6 +52,7 @@ from daemon.tables import (
     ReportFile,
     ReportState,
     Series,
+    Study,
     StudyReportRow,
     utcnow,
 )
@@ -63,6 +65,8 @@ REPORT_LEASE = timedelta(minutes=5)
 WRITER_PREFIX = "being written by "  # + host/pid, in study_reports.error while WRITING
 DISK_WAIT_SECONDS = 1.0  # how often a paused loop looks at the free space again
 _KINDS = {"pdf-dicom": "epdf"}  # report_files.kind is at most 8 characters
+_PER_IMAGE_KINDS = ("sc", "pm")  # per (image, finding) objects whose UID comes from their content
+_UID_FOLDER = re.compile(r"(?=.{1,64}$)(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1: digits and dots
 
 
 # --- prediction archive -----------------------------------------------------------------------------------------
@@ -307,11 +311,19 @@ def warm_up() -> int:
 
 
 def compose_files(
-    *, images: list[tuple[Path, Path]], revision: int, predecessors: list[str], folder: Path, settings: Any
+    *,
+    images: list[tuple[Path, Path]],
+    revision: int,
+    predecessors: list[str],
+    folder: Path,
+    settings: Any,
+    pdf_predecessors: list[str] | None = None,
+    earlier: list[Path] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Read each (stored image file, prediction archive) pair and write the study's documents into ``folder`` (a
     staging folder; runs in a report worker process: decoding and the documents are CPU work). Returns the findings
-    per image and the files written.
+    per image and the files written. ``pdf_predecessors`` and ``earlier``: see :func:`reporting.compose.compose_study`
+    (the Encapsulated PDFs this revision replaces; the heatmap files of earlier revisions, reused when unchanged).
 
     Raises PermanentJobError when a stored image cannot be read or decoded, OSError(ENOSPC) when the disk filled up
     (``folder`` is then removed). A worker process whose daemon is gone exits without writing."""
@@ -327,7 +339,13 @@ def compose_files(
         # last line of defence (the store never merges two patients): one report, one patient, one study
         check_one_patient([(str(ds.get("SOPInstanceUID", "")), ds) for ds, *_ in inputs])
         composed = compose_study(
-            images=inputs, revision=revision, predecessors=predecessors, folder=folder, settings=settings
+            images=inputs,
+            revision=revision,
+            predecessors=predecessors,
+            folder=folder,
+            settings=settings,
+            pdf_predecessors=pdf_predecessors or (),
+            earlier=earlier or (),
         )
     except BaseException as exc:
         shutil.rmtree(folder, ignore_errors=True)
@@ -336,6 +354,16 @@ def compose_files(
         raise
     exit_if_orphaned()
     return composed.findings, composed.files
+
+
+def study_folder(data_dir: Path, study_instance_uid: str, study_id: int) -> Path:
+    """Where a study's report revisions are written: ``reports/<Study Instance UID>/`` (a person finds a study by
+    its UID); ``reports/study-<database id>/`` only for a Study Instance UID that is not a safe folder name (not a
+    valid DICOM UID). Folders written before this naming (``study-<id>``) stay where they are and stay readable: each
+    file's path is stored in ``report_files.path``."""
+    if _UID_FOLDER.fullmatch(study_instance_uid or ""):
+        return data_dir / "reports" / study_instance_uid
+    return data_dir / "reports" / f"study-{study_id}"
 
 
 def staging_folder(folder: Path) -> Path:
@@ -358,7 +386,7 @@ def publish(staging: Path, folder: Path, files: list[Any]) -> list[Any]:
 def remove_stale_staging(data_dir: Path) -> int:
     """Delete staging folders of report writers that are gone (a crash mid-report); return how many."""
     count = 0
-    for path in (data_dir / "reports").glob("study-*/.r*.part"):
+    for path in (data_dir / "reports").glob("*/.r*.part"):
         pid = path.name.removesuffix(".part").rpartition(".")[2]
         if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
@@ -634,10 +662,27 @@ class ReportLoop:
                 .limit(1)
             )
             predecessors = [f.sop_instance_uid for f in previous.files if f.kind == "sr"] if previous else []
+            pdf_predecessors = [f.sop_instance_uid for f in previous.files if f.kind == "epdf"] if previous else []
+            # every heatmap object an earlier revision wrote (hence sent): reused when unchanged, numbers kept unique
+            earlier = [
+                self.settings.data_dir / path
+                for path in session.scalars(
+                    select(ReportFile.path)
+                    .join(StudyReportRow, ReportFile.report_id == StudyReportRow.id)
+                    .where(
+                        StudyReportRow.study_id == study_id,
+                        StudyReportRow.revision < revision,
+                        StudyReportRow.state.in_([ReportState.DONE, ReportState.SUPERSEDED]),
+                        ReportFile.kind.in_(_PER_IMAGE_KINDS),
+                    )
+                    .order_by(StudyReportRow.revision, ReportFile.id)
+                )
+            ]
+            study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id)) or ""
             images = study_images(session, self.spool, self.settings.data_dir, study_id)
         if not images:
             raise PermanentJobError("no image of the study has a usable prediction")
-        folder = self.settings.data_dir / "reports" / f"study-{study_id}" / f"r{revision}"
+        folder = study_folder(self.settings.data_dir, study_uid, study_id) / f"r{revision}"
         # The documents (PDF, SR, heatmap SCs) take about as much as the images they show: a rough upper bound.
         estimate = 2**20 + sum(image.path.stat().st_size for image in images if image.path.exists())
         self.guard.check(folder.parent, estimate)
@@ -648,6 +693,8 @@ class ReportLoop:
             "predecessors": predecessors,
             "folder": staging,
             "settings": self.settings,
+            "pdf_predecessors": pdf_predecessors,
+            "earlier": earlier,
         }
         try:
             pool = self._take_pool()
@@ -678,8 +725,8 @@ class ReportLoop:
                 )
                 session.add(row)
                 session.flush()
-                if written.sop_instance_uid:
-                    file_ids.append(row.id)
+                if written.sop_instance_uid and not getattr(written, "unchanged", False):
+                    file_ids.append(row.id)  # an unchanged heatmap was sent with an earlier revision: not again
             if self.settings.forward_destinations and file_ids:
                 from daemon.forward import enqueue
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +25,20 @@ from reporting.report import DomainCheck, Finding, ModelInfo, SourceImage, Study
 from reporting.sc import build_encapsulated_pdf, build_sc
 from reporting.sr import build_sr
 
-__all__ = ["ComposedStudy", "WrittenFile", "compose_study"]
+__all__ = ["ComposedStudy", "EarlierObject", "WrittenFile", "compose_study", "earlier_objects"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WrittenFile:
     """A document written to disk: ``kind`` "pdf" (the PDF file), "sr", "sc" or "pdf-dicom" (Encapsulated PDF);
-    DICOM kinds carry their SOP Instance and Class UIDs (None for the plain PDF)."""
+    DICOM kinds carry their SOP Instance and Class UIDs (None for the plain PDF); ``unchanged``: a per-image object
+    (heatmap) copied from an earlier revision because its content, hence its UID, did not change."""
 
     kind: str
     path: Path
     sop_instance_uid: str | None = None
     sop_class_uid: str | None = None
+    unchanged: bool = False  # the same object (UID and bytes) as in an earlier revision: not to be sent again
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -82,6 +85,61 @@ def _header_only(ds: pydicom.Dataset) -> pydicom.Dataset:
     return header
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EarlierObject:
+    """A per-image DICOM object (heatmap SC or Parametric Map) written by an earlier revision of the study."""
+
+    path: Path
+    series_instance_uid: str
+    instance_number: int
+
+
+def earlier_objects(paths: Sequence[Path]) -> dict[str, EarlierObject]:
+    """SOP Instance UID -> :class:`EarlierObject` for the DICOM files of earlier revisions (headers only); a missing or
+    unreadable file is skipped (it cannot be reused; its instance number may then be given again)."""
+    found: dict[str, EarlierObject] = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber"])
+            found.setdefault(str(ds.SOPInstanceUID), EarlierObject(
+                path=Path(path), series_instance_uid=str(ds.SeriesInstanceUID), instance_number=int(ds.InstanceNumber)))
+        except (OSError, AttributeError, ValueError, TypeError, pydicom.errors.InvalidDicomError):
+            continue
+    return found
+
+
+class _Numbers:
+    """Instance numbers unique within each series over all revisions: an earlier object keeps its number, a new one
+    gets the next number after every number its series has used."""
+
+    def __init__(self, earlier: Mapping[str, EarlierObject]) -> None:
+        self.last: dict[str, int] = {}
+        for obj in earlier.values():
+            self.last[obj.series_instance_uid] = max(self.last.get(obj.series_instance_uid, 0), obj.instance_number)
+
+    def next(self, series: str) -> int:
+        self.last[series] = self.last.get(series, 0) + 1
+        return self.last[series]
+
+
+def _place(ds: pydicom.Dataset, kind: str, path: Path, earlier: Mapping[str, EarlierObject],
+           numbers: _Numbers) -> WrittenFile:
+    """Write a per-image object (kind "sc" or "pm") to ``path``: a copy of the earlier revision's file when its UID
+    (from its content) was written before, else the new object with the next free InstanceNumber of its series."""
+    uid = str(ds.SOPInstanceUID)
+    previous = earlier.get(uid)
+    if previous is not None and previous.path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.copyfile(previous.path, tmp)
+        os.replace(tmp, path)
+        return WrittenFile(kind=kind, path=path, sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID),
+                           unchanged=True)
+    ds.InstanceNumber = numbers.next(str(ds.SeriesInstanceUID))
+    _save(ds, path)
+    return WrittenFile(kind=kind, path=path, sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID))
+
+
 def compose_study(
     *,
     images: Sequence[tuple[pydicom.Dataset, np.ndarray, Prediction, Mapping[str, Any]]],
@@ -90,6 +148,8 @@ def compose_study(
     folder: Path,
     settings: Any = None,
     created_at: dt.datetime | None = None,
+    pdf_predecessors: Sequence[str] = (),
+    earlier: Sequence[Path] = (),
 ) -> ComposedStudy:
     """Assemble and write one study report revision into ``folder`` (created if needed).
 
@@ -101,7 +161,11 @@ def compose_study(
     ``settings``: anything with ``report_top_channels`` and ``exclusion_margin`` (defaults 5 and 2.0).
 
     Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and one sc-<image>-<finding>.dcm per present or
-    excluded finding. Raises ValueError for no images, mixed studies, or thresholds that do not cover the labels."""
+    excluded finding. ``pdf_predecessors``: the Encapsulated PDFs this revision replaces (SOP Instance UIDs; listed
+    in its PredecessorDocumentsSequence). ``earlier``: the per-image DICOM files (SC, PM) of the study's earlier
+    revisions: an object whose UID (from its content: reporting.uids.content_uid) is among them is copied, marked
+    ``unchanged``, and keeps its InstanceNumber; new ones number on after the highest used in their series.
+    Raises ValueError for no images, mixed studies, or thresholds that do not cover the labels."""
     if not images:
         raise ValueError("Invalid images - a study report needs at least one image")
     top_k = int(getattr(settings, "report_top_channels", 5))
@@ -121,7 +185,7 @@ def compose_study(
     write_pdf(report, pdf_path)
     files.append(WrittenFile(kind="pdf", path=pdf_path))
 
-    encapsulated = build_encapsulated_pdf(report, pdf_path.read_bytes(), sources)
+    encapsulated = build_encapsulated_pdf(report, pdf_path.read_bytes(), sources, predecessors=pdf_predecessors)
     path = folder / "report-pdf.dcm"
     _save(encapsulated, path)
     files.append(WrittenFile(kind="pdf-dicom", path=path, sop_instance_uid=str(encapsulated.SOPInstanceUID),
@@ -133,13 +197,10 @@ def compose_study(
     files.append(WrittenFile(kind="sr", path=path, sop_instance_uid=str(sr.SOPInstanceUID),
                              sop_class_uid=str(sr.SOPClassUID)))
 
-    number = 0
+    known = earlier_objects(earlier)
+    numbers = _Numbers(known)
     for n, (result, ds) in enumerate(zip(report.images, sources, strict=True), start=1):
         for finding in result.positive:
-            number += 1
-            sc = build_sc(report, result, finding, ds, number=number)
-            path = folder / f"sc-{n}-{finding.label}.dcm"
-            _save(sc, path)
-            files.append(WrittenFile(kind="sc", path=path, sop_instance_uid=str(sc.SOPInstanceUID),
-                                     sop_class_uid=str(sc.SOPClassUID)))
+            sc = build_sc(report, result, finding, ds)
+            files.append(_place(sc, "sc", folder / f"sc-{n}-{finding.label}.dcm", known, numbers))
     return ComposedStudy(report=report, findings=[r.findings for r in report.images], files=files)

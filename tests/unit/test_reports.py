@@ -110,3 +110,86 @@ def test_worker_processes_start_with_the_first_prediction_not_with_the_daemon(tm
     finally:
         loop.stop()
     assert not (set(multiprocessing.active_children()) - before)
+
+
+# --- revisions without PACS clutter (issue 15) ------------------------------------------------------------------------
+
+
+def test_three_revisions_keep_unchanged_heatmaps_and_number_new_ones_after_the_old(tmp_path: Path) -> None:
+    import datetime as dt
+
+    import pydicom
+
+    from reporting.compose import compose_study
+    from tests.reporting_helpers import THRESHOLDS, phantom_case
+
+    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
+             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
+    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    study = "1.2.826.0.1.3680043.8.498.15"
+    cases = [phantom_case(index, findings={"Effusion": 0.9, "Cardiomegaly": 0.8}, size=128, study_uid=study)[1:]
+             for index in (2, 3, 4)]
+    images, revisions, earlier, pdfs = [], [], [], []
+    for revision, (ds, image, prediction) in enumerate(cases, start=1):
+        images.append((ds, image, prediction, facts))
+        composed = compose_study(images=list(images), revision=revision, predecessors=[],
+                                 folder=tmp_path / f"r{revision}", settings=settings,
+                                 created_at=dt.datetime(2026, 12, revision, tzinfo=dt.UTC),
+                                 pdf_predecessors=pdfs[-1:], earlier=list(earlier))
+        revisions.append(composed.files)
+        earlier += [f.path for f in composed.files if f.kind == "sc"]
+        pdfs.append(next(f.sop_instance_uid for f in composed.files if f.kind == "pdf-dicom"))
+    sent = [[f for f in files if f.sop_instance_uid and not f.unchanged] for files in revisions]
+    # each revision sends only the new image's 2 heatmaps plus its SR and Encapsulated PDF
+    assert [sorted(f.kind for f in s) for s in sent] == [["pdf-dicom", "sc", "sc", "sr"]] * 3
+    all_sc = [f for s in sent for f in s if f.kind == "sc"]
+    assert len({f.sop_instance_uid for f in all_sc}) == 6  # each (image, finding) once
+    numbers = [int(pydicom.dcmread(f.path, stop_before_pixels=True).InstanceNumber) for f in all_sc]
+    assert sorted(numbers) == [1, 2, 3, 4, 5, 6]
+    # an unchanged heatmap is the earlier file, byte for byte (same UID, same number)
+    for files in revisions[1:]:
+        for f in (f for f in files if f.unchanged):
+            first = next(g for g in revisions[0] + revisions[1] if g.sop_instance_uid == f.sop_instance_uid
+                         and not g.unchanged)
+            assert f.path.read_bytes() == first.path.read_bytes()
+    assert sum(f.unchanged for f in revisions[2]) == 4
+    # the Encapsulated PDF of revision 3 references revision 2's
+    epdf = pydicom.dcmread(next(f.path for f in revisions[2] if f.kind == "pdf-dicom"))
+    item = epdf.PredecessorDocumentsSequence[0]
+    assert item.StudyInstanceUID == study
+    assert item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == pdfs[1]
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(
+        next(f.path for f in revisions[0] if f.kind == "pdf-dicom"))
+
+
+def test_a_changed_heatmap_gets_a_new_uid_and_the_next_number(tmp_path: Path) -> None:
+    import pydicom
+
+    from reporting.compose import compose_study
+    from tests.reporting_helpers import THRESHOLDS, phantom_case
+
+    facts = {"name": "chexd-test", "version": "v1", "weights_sha256": "ab" * 32, "synthetic": True,
+             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
+    _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9}, size=128)
+    first = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
+                          folder=tmp_path / "r1")
+    old = [f for f in first.files if f.kind == "sc"]
+    changed = Prediction(labels=prediction.labels, probabilities=prediction.probabilities, logits=prediction.logits,
+                         cams=prediction.cams * 0.5, top_channels=prediction.top_channels,
+                         top_contributions=prediction.top_contributions, bias=prediction.bias,
+                         model_version=prediction.model_version, evidence_total=prediction.evidence_total)
+    second = compose_study(images=[(ds, image, changed, facts)], revision=2, predecessors=[], folder=tmp_path / "r2",
+                           earlier=[f.path for f in old])
+    new = [f for f in second.files if f.kind == "sc"]
+    assert len(old) == len(new) == 1 and not new[0].unchanged
+    assert new[0].sop_instance_uid != old[0].sop_instance_uid
+    assert pydicom.dcmread(new[0].path, stop_before_pixels=True).InstanceNumber == 2
+
+
+def test_report_folders_are_named_by_study_instance_uid(tmp_path: Path) -> None:
+    from daemon.reports import study_folder
+
+    assert study_folder(tmp_path, "1.2.840.113619.2.55.3", 7) == tmp_path / "reports" / "1.2.840.113619.2.55.3"
+    # not a UID (a hostile or broken header): the database id, never a path from the header
+    for bad in ("../../etc", "1.2.3/4", "", "1..2", "01.2", "1." + "2" * 70):
+        assert study_folder(tmp_path, bad, 7) == tmp_path / "reports" / "study-7"
