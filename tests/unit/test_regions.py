@@ -12,10 +12,13 @@ from model.phantom import generate
 from model.types import LABELS, PreprocessRecipe
 from reporting.regions import (
     OUTSIDE,
+    OUTSIDE_TEXT,
     ZONES,
+    RegionShare,
     cam_peak,
     cam_to_image,
     estimate_lung_fields,
+    main_region,
     outside_share,
     peak_zone,
     region_shares,
@@ -196,3 +199,36 @@ def test_peak_zone_is_outside_for_heat_outside_the_chest() -> None:
     assert peak_zone(cam, sample.image) == OUTSIDE
     with pytest.raises(ValueError, match="expected \\[h, w\\]"):
         cam_to_image(np.zeros((1, 4, 4)), (10, 10))
+
+
+def test_heat_at_the_shoulders_is_reported_outside_the_lung_fields_with_its_share() -> None:
+    # issue 15: the red was at the shoulders and the label named a lung zone holding 7-11% of the heat
+    sample = _emphysema(0)
+    fields = estimate_lung_fields(sample.image)
+    assert fields.method == "image", fields.note
+    lungs = fields.lungs_at(sample.image.shape)
+    shoulders = np.zeros((SIZE, SIZE), dtype=bool)
+    shoulders[: SIZE // 8, : SIZE // 4] = shoulders[: SIZE // 8, -SIZE // 4 :] = True
+    assert not (shoulders & lungs).any()
+    lung_spot = np.zeros_like(shoulders)
+    lung_spot[SIZE // 2 : SIZE // 2 + 16, 48:64] = True  # some heat in the right lung too
+    cam = _cam_of(shoulders) + 0.5 * _cam_of(lung_spot & lungs)
+    shares = region_shares(cam, fields)
+    main = main_region(shares)
+    assert main is not None and main.is_outside and main.zone == OUTSIDE
+    assert main.share == pytest.approx(outside_share(shares)) and main.share > 0.6
+    assert main.text == f"{OUTSIDE_TEXT} ({main.share:.0%} of heat)"
+    # the lung zone that leads is still named, with its (smaller) share
+    assert main.lung_zone is not None and main.lung_zone.zone.startswith("right") and main.lung_zone.share < main.share
+
+
+def test_main_region_is_the_largest_share_inside_or_outside() -> None:
+    inside = (RegionShare(zone="left lower zone", share=0.4), RegionShare(zone="left middle zone", share=0.3))
+    main = main_region(inside)
+    assert main is not None and main.zone == "left lower zone" and main.outside == pytest.approx(0.3)
+    assert main.text == "left lower zone (40% of heat)" and not main.is_outside
+    spread = (RegionShare(zone="left lower zone", share=0.2), RegionShare(zone="right apex", share=0.1))
+    main = main_region(spread)  # 70% outside beats 20% in one zone
+    assert main is not None and main.is_outside and main.text == "outside the lung fields (70% of heat)"
+    assert main_region(()) is None
+    assert max(len(main_region((RegionShare(zone=z, share=1.0),)).text) for z in ZONES) <= 64  # a String(64) column
