@@ -67,9 +67,10 @@ def render_sc(report: StudyReport, result: ImageResult, finding: Finding, *, max
     for frac in (1.0, 0.5, 0.0):
         y = y0 + round((1.0 - frac) * (bar_h - 1)) - unit // 3
         draw.text((x0 + unit + 4, y), f"{ov.vmax * frac:.2f}", fill=(255, 255, 255), font=small)
-    if finding.regions:
-        draw.text((w + unit // 2, y0 + bar_h + unit), "main zone:", fill=(255, 255, 255), font=small)
-        for k, word in enumerate(finding.regions[0].zone.split()):
+    main = finding.main_region  # the same words as the PDF and the SR (Finding.region)
+    if main is not None:
+        draw.text((w + unit // 2, y0 + bar_h + unit), "most heat:", fill=(255, 255, 255), font=small)
+        for k, word in enumerate([*main.name.split(), f"{main.share:.0%} of heat"]):
             draw.text((w + unit // 2, y0 + bar_h + unit * (2 + k)), word, fill=(255, 255, 255), font=small)
     return np.asarray(canvas)
 

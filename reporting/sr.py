@@ -135,11 +135,11 @@ def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentifi
 
 
 def _comment(finding: Finding) -> str | None:
-    """What the coded items do not say: the zone with most of the heat (present and excluded findings)."""
-    if not finding.positive or not finding.regions:
+    """What the coded items do not say: the zone (or outside the lung fields) with most of the heat, as the PDF and
+    the SC label say it (Finding.region; present and excluded findings)."""
+    if not finding.positive or not finding.region:
         return None
-    top = finding.regions[0]
-    return f"Main region of the heatmap: {top.zone} ({top.share:.0%} of the heat)"
+    return f"Main region of the heatmap: {finding.region}"
 
 
 def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset):  # type: ignore[no-untyped-def]
