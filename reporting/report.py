@@ -62,6 +62,7 @@ __all__ = [
     "SourceImage",
     "StudyReport",
     "assemble",
+    "display_name",
     "domain_check",
     "study_report",
 ]
@@ -282,6 +283,12 @@ class DomainCheck:
         )
 
 
+def display_name(label: str) -> str:
+    """A finding's name for people: "Pleural_Thickening" -> "Pleural thickening" (CheXNet labels are identifiers)."""
+    words = label.replace("_", " ").split()
+    return " ".join([words[0][:1].upper() + words[0][1:].lower(), *(w.lower() for w in words[1:])]) if words else label
+
+
 def _pct(value: float) -> str:
     """A share for people: "12%", "0.4%" below 1%, "<0.1%" for tiny non-zero shares."""
     if value <= 0:
@@ -393,6 +400,11 @@ class Finding:
     def positive(self) -> bool:
         """At or above its threshold (present or excluded)."""
         return self.status != "absent"
+
+    @property
+    def name(self) -> str:
+        """The finding's display name ("Pleural thickening")."""
+        return display_name(self.label)
 
     @property
     def main_region(self) -> MainRegion | None:
@@ -509,13 +521,17 @@ class StudyReport:
     """One revision of a study's report.
 
     ``images`` (at least one, all of one study, oldest first); ``model``; ``created_at`` (timezone-aware, stored as
-    UTC); ``revision`` >= 1; ``predecessors``: SOP Instance UIDs of the SR documents this revision supersedes."""
+    UTC); ``revision`` >= 1; ``predecessors``: SOP Instance UIDs of the SR documents this revision supersedes;
+    ``superseded_revision`` / ``superseded_at``: the revision number and creation time of the report it replaces (so
+    the PDF can say "supersedes revision 2 of 2026-11-27 09:30 UTC"; None when unknown)."""
 
     images: tuple[ImageResult, ...]
     model: ModelInfo
     created_at: dt.datetime
     revision: int = 1
     predecessors: tuple[str, ...] = field(default_factory=tuple)
+    superseded_revision: int | None = None
+    superseded_at: dt.datetime | None = None
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -532,6 +548,23 @@ class StudyReport:
             if not _valid_uid(uid):
                 raise ValueError(f"Invalid predecessor SOP Instance UID {uid!r}")
         object.__setattr__(self, "predecessors", tuple(self.predecessors))
+        if self.superseded_revision is not None and not 1 <= self.superseded_revision < self.revision:
+            raise ValueError(f"Invalid superseded_revision {self.superseded_revision} - must be in [1, revision "
+                             f"{self.revision})")
+        if self.superseded_at is not None:
+            if self.superseded_at.tzinfo is None:
+                raise ValueError("Invalid superseded_at - must be timezone-aware (UTC)")
+            object.__setattr__(self, "superseded_at", self.superseded_at.astimezone(dt.UTC))
+
+    def supersedes_text(self) -> str | None:
+        """E.g. "revision 2 of 2026-11-27 09:30 UTC"; "the previous revision" when that is not known; None for a
+        first revision."""
+        if self.revision == 1:
+            return None
+        if self.superseded_revision is None:
+            return "the previous revision"
+        when = f" of {self.superseded_at:%Y-%m-%d %H:%M} UTC" if self.superseded_at else ""
+        return f"revision {self.superseded_revision}{when}"
 
     @property
     def source(self) -> SourceImage:
@@ -641,6 +674,8 @@ def study_report(
     revision: int = 1,
     predecessors: Sequence[str] = (),
     created_at: dt.datetime | None = None,
+    superseded_revision: int | None = None,
+    superseded_at: dt.datetime | None = None,
 ) -> StudyReport:
     """Group one study's image results into a report revision (``created_at`` defaults to now, UTC).
 
@@ -651,4 +686,6 @@ def study_report(
         created_at=created_at or dt.datetime.now(dt.UTC),
         revision=revision,
         predecessors=tuple(predecessors),
+        superseded_revision=superseded_revision,
+        superseded_at=superseded_at,
     )
