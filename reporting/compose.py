@@ -150,6 +150,7 @@ def compose_study(
     created_at: dt.datetime | None = None,
     pdf_predecessors: Sequence[str] = (),
     earlier: Sequence[Path] = (),
+    superseded: tuple[int, dt.datetime | None] | None = None,
 ) -> ComposedStudy:
     """Assemble and write one study report revision into ``folder`` (created if needed).
 
@@ -159,6 +160,7 @@ def compose_study(
     CAM is assumed to span the whole, square-padded image) and domain (the applicability gate's verdict, a
     DomainCheck dict; a withheld image gets no findings and no heatmap SC)). The report states the last image's model.
     ``settings``: anything with ``report_top_channels`` and ``exclusion_margin`` (defaults 5 and 2.0).
+    ``superseded``: (revision, created_at) of the report revision this one replaces (the PDF names it), if known.
 
     Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and one sc-<image>-<finding>.dcm per present or
     excluded finding. ``pdf_predecessors``: the Encapsulated PDFs this revision replaces (SOP Instance UIDs; listed
@@ -176,7 +178,9 @@ def compose_study(
         results.append(assemble(prediction, pixels, SourceImage.from_dataset(ds), thresholds=thresholds,
                                 rules=rules, top_k=top_k, recipe=_recipe(facts), domain=_domain(facts)))
     report = study_report(results, ModelInfo.from_facts(images[-1][3]), revision=revision,
-                          predecessors=tuple(predecessors), created_at=created_at)
+                          predecessors=tuple(predecessors), created_at=created_at,
+                          superseded_revision=superseded[0] if superseded else None,
+                          superseded_at=superseded[1] if superseded else None)
     sources = [_header_only(ds) for ds, *_ in images]
     folder.mkdir(parents=True, exist_ok=True)
     files: list[WrittenFile] = []
