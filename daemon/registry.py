@@ -5,8 +5,11 @@ artifact and registers it as a *candidate*; an admin activates it (``chexd model
 switches to it between jobs (see :class:`daemon.inference.ActiveModelProcessor`). Registered artifacts are copied
 under ``<data_dir>/models/<name>-<hash12>/`` so a version stays usable when its source file moves.
 
-Until something has been activated, the active model is ``settings.model_path`` or the bundled demo model; the first
-registration records that model as the active *baseline* row so that rollback always has somewhere to go.
+Until something has been activated, the active model is ``settings.model_path`` or the bundled demo model. The daemon
+records that model as the active *baseline* row when it starts (:func:`register_baseline`: a ``model_versions`` row and
+a ``model_activated`` audit event, then a ``daemon_started`` event naming the model it serves), before any image is
+analysed, reported or forwarded; a registration does the same if it comes first, so rollback always has somewhere to
+go. Reading the registry (``chexd model list``, ``show``, ``diff``) never writes: not even a migration.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.db import create_db_engine, current_revision, head_revision, session_factory, upgrade_to_head
 from daemon.settings import Settings
 from daemon.tables import AdminJob, AuditEvent, ModelState, ModelVersion, utcnow
 
@@ -44,6 +47,7 @@ __all__ = [
     "admin_job",
     "find_version",
     "list_versions",
+    "register_baseline",
     "register_candidate",
     "rollback",
 ]
@@ -117,6 +121,32 @@ def registry_sessions(settings: Settings) -> sessionmaker[Session]:
     if engine is None:
         engine = create_db_engine(url)
         upgrade_to_head(engine)
+        _ENGINES[url] = engine
+    return session_factory(engine)
+
+
+def _reading_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions for reading only: the database must already be at the head revision (nothing is migrated or
+    created). Raises RegistryError naming the database and what to run otherwise."""
+    url = settings.effective_database_url
+    engine = _ENGINES.get(url)
+    if engine is None:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            if not Path(parsed.database).is_file():  # connecting would create the file
+                raise RegistryError(
+                    f"database {settings.masked()['database_url']} does not exist: nothing is registered yet - "
+                    "start 'chexd serve' (it registers its model) or run 'chexd db upgrade'"
+                )
+        engine = create_db_engine(url)
+        current = current_revision(engine)
+        if current != head_revision():
+            engine.dispose()
+            raise RegistryError(
+                f"database {settings.masked()['database_url']} is at revision {current or '(empty)'}, not "
+                f"{head_revision()}: nothing is registered yet - start 'chexd serve' (it registers its model) "
+                "or run 'chexd db upgrade'"
+            )
         _ENGINES[url] = engine
     return session_factory(engine)
 
@@ -295,10 +325,24 @@ def register_candidate(
         return _info(row)
 
 
+def register_baseline(sessions: sessionmaker[Session], settings: Settings) -> ModelVersionInfo | None:
+    """At daemon start, before any job: record the model the daemon will serve as the active baseline when nothing is
+    active yet (a ``model_versions`` row and a ``model_activated`` audit event), then audit ``daemon_started`` with
+    the active version. Returns the active version, or None when no model is configured or bundled.
+
+    Raises RegistryError when the configured artifact is unreadable or its weights do not match its manifest."""
+    with sessions.begin() as session:
+        row = _ensure_baseline(session, settings)
+        info = _info(row) if row is not None else None
+        what = f"model {row.version} ({row.name}, {row.operation}) active" if row is not None else "no model"
+        session.add(AuditEvent(event="daemon_started", detail=f"{what}; by {current_user()}"))
+    return info
+
+
 def list_versions(settings: Settings) -> list[ModelVersionInfo]:
-    """Every registered version, newest first (the baseline is recorded on first use)."""
-    with registry_sessions(settings).begin() as session:
-        _ensure_baseline(session, settings)
+    """Every registered version, newest first; read-only (the daemon records its baseline when it starts).
+    Raises RegistryError when the database is not at the head revision (e.g. nothing ever started)."""
+    with _reading_sessions(settings)() as session:
         rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc()))
         return [_info(row) for row in rows]
 
@@ -328,6 +372,8 @@ def activate(settings: Settings, ref: str, *, reason: str = "activate") -> tuple
     is refused while the current model stays active. Returns (new active, previous active version or None)."""
     from model.artifact import ArtifactError, load_artifact
 
+    with registry_sessions(settings).begin() as session:
+        _ensure_baseline(session, settings)  # a write command: the baseline is recorded if the daemon never ran
     target = find_version(settings, ref)
     try:
         load_artifact(target.path)
@@ -354,6 +400,8 @@ def activate(settings: Settings, ref: str, *, reason: str = "activate") -> tuple
 
 def rollback(settings: Settings) -> tuple[ModelVersionInfo, str | None]:
     """Re-activate the version that was active before the current one. Raises RegistryError when there is none."""
+    with registry_sessions(settings).begin() as session:
+        _ensure_baseline(session, settings)
     versions = list_versions(settings)
     current = next((v for v in versions if v.state == ModelState.ACTIVE.value), None)
     earlier = [

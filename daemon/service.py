@@ -19,7 +19,7 @@ from daemon.reports import ReportLoop, ReportScheduler
 from daemon.scp import StorageSCP
 from daemon.settings import Settings
 from daemon.spool import DiskGuard, Spool
-from daemon.store import InstanceStore
+from daemon.store import InstanceStore, audit
 from daemon.worker import Processor, WorkerPool, decode_statistics
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Daemon:
     def start(self) -> None:
         revision = upgrade_to_head(self.engine)
         log.info("database at revision %s", revision)
+        self._audit_start()  # before any job, report or forward: the model they are made with is on record
         self.recovery = recover(self.spool, self.sessions, self.settings.data_dir, pixel_limits(self.settings))
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.load()
@@ -71,6 +72,16 @@ class Daemon:
         self.reports.start()
         self.forwards.start()
         self.scp.start()
+
+    def _audit_start(self) -> None:
+        """Register the served model as the active baseline when nothing is active yet, and audit the start."""
+        if isinstance(self.processor, ActiveModelProcessor):
+            from daemon.registry import register_baseline
+
+            active = register_baseline(self.sessions, self.settings)
+            log.info("active model %s", active.version if active else "none")
+        else:
+            audit(self.sessions, "daemon_started", detail="no registry model: a fixed processor (tests or no model)")
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Close the port, let running work finish for a few seconds, then stop; returns within about ``timeout``

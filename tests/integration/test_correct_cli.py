@@ -219,7 +219,7 @@ def _refused(settings: Settings, output: str, data: dict | None, code: int) -> d
     assert code == correct_cli.REFUSED == 3, output
     assert data is not None and data["refused"] is True and data["candidate"] is None
     assert "correction refused" in output and "rule:" in output and "cheapest" in output
-    assert [v.state for v in list_versions(settings)] == ["active"], "nothing was registered"
+    assert [v.state for v in list_versions(settings) if v.state != "active"] == [], "nothing was registered"
     return data
 
 

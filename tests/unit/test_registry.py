@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from daemon.registry import (
     RegistryError,
@@ -14,12 +14,13 @@ from daemon.registry import (
     admin_job,
     find_version,
     list_versions,
+    register_baseline,
     register_candidate,
     registry_sessions,
     rollback,
 )
 from daemon.settings import Settings
-from daemon.tables import AdminJob, AuditEvent
+from daemon.tables import AdminJob, AuditEvent, ModelVersion
 from model.artifact import diff_artifacts, load_artifact, provenance_entry, read_manifest, save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.unit.test_network import tiny
@@ -46,11 +47,30 @@ def _save(
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
     base = _save(tmp_path / "base")
-    return Settings(data_dir=tmp_path / "data", database_url=db_url, model_path=str(base))
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, model_path=str(base))
+    registry_sessions(settings)  # the database at head, as 'chexd db upgrade' or 'serve' leave it
+    return settings
 
 
-def test_the_configured_model_becomes_the_active_baseline(settings: Settings) -> None:
+def _counts(settings: Settings) -> tuple[int, int]:
+    with registry_sessions(settings)() as session:
+        return (session.scalar(select(func.count()).select_from(ModelVersion)) or 0,
+                session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
+
+
+def test_the_configured_model_becomes_the_active_baseline_when_the_daemon_starts(settings: Settings) -> None:
+    assert list_versions(settings) == [] and _counts(settings) == (0, 0), "reading registers nothing"
+    started = register_baseline(registry_sessions(settings), settings)
     (only,) = list_versions(settings)
+    assert started is not None and started.version == only.version
+    with registry_sessions(settings)() as session:
+        events = session.scalars(select(AuditEvent.event).order_by(AuditEvent.id)).all()
+    assert events == ["model_activated", "daemon_started"]
+    register_baseline(registry_sessions(settings), settings)  # a second start: one more start event, no new row
+    assert _counts(settings) == (1, 3)
+    # read-only commands write nothing
+    list_versions(settings), find_version(settings, "active"), active_model_path(settings)
+    assert _counts(settings) == (1, 3)
     assert only.state == "active" and only.operation == "baseline"
     assert only.version == read_manifest(settings.model_path).version_id
     assert active_model_path(settings) == only.path and only.path.is_relative_to(settings.data_dir / "models")
@@ -124,3 +144,12 @@ def test_admin_jobs_record_result_duration_and_failure(settings: Settings) -> No
     assert [(r.kind, r.state) for r in rows] == [("calibrate", "done"), ("correct", "failed")]
     assert rows[0].result == {"f1_ratio": 1.3} and rows[0].duration_s is not None and rows[0].user
     assert "boom" in rows[1].error and rows[1].parameters == {"finding": "Mass"}
+
+
+def test_reading_a_database_nothing_started_on_creates_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "fresh" / "chexd.sqlite"
+    db.parent.mkdir()
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{db}", model_path=str(_save(tmp_path)))
+    with pytest.raises(RegistryError, match="start 'chexd serve'"):
+        list_versions(settings)
+    assert not db.exists() or db.stat().st_size == 0
