@@ -168,7 +168,7 @@ def compress(
         name = manifest.name if manifest.name.endswith("-compressed") else f"{manifest.name}-compressed"
         written = write_candidate(cfg, child, manifest, operation="compress", params=params,
                                   report={"method": params["method"], "verdict": verdict.to_dict()}, check=check,
-                                  metrics=metrics, name=name[:100])
+                                  metrics=metrics, name=name[:100], applicability_inputs=test.x)
         summary = {
             "version": written.version,
             "manifest_version": written.manifest_version,

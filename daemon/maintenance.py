@@ -339,6 +339,7 @@ def write_candidate(
     metrics: Mapping[str, Any] | None = None,
     report_key: str | None = None,
     name: str | None = None,
+    applicability_inputs: Any = None,
 ) -> Candidate:
     """Save ``network`` as a child of ``parent_manifest``, reload it, run ``check(reloaded)`` (raises on failure;
     returns what the saved weights showed, stored as ``report["saved_artifact"]``), write it again with that report
@@ -351,6 +352,9 @@ def write_candidate(
       for a job composing several steps), then ``(operation, params)``; each names the parent's weights hash.
     - metrics: ``metrics`` (default: the parent's) plus ``{report_key or operation: report}``; the registry row gets
       the same.
+    - applicability model: fitted on ``applicability_inputs`` (prepared validation inputs [N, channels, S, S] the job
+      already has, pooled by ``network``) when given; else the parent's, which stays exact for a job that leaves the
+      feature extractor alone (thresholds, head edits). A job that changes the architecture must pass inputs.
     Raises ValueError when the check fails or the bytes written twice differ, ArtifactError for unsavable weights,
     RegistryError when registration fails (inside :func:`run_job` these become MaintenanceError)."""
     from daemon.registry import register_candidate
@@ -371,6 +375,7 @@ def write_candidate(
         child_thresholds.update({label: float(value) for label, value in thresholds.items()})
     base = dict(parent_manifest.metrics if metrics is None else metrics)
     artifact_name = name or parent_manifest.name
+    applicability = _child_applicability(network, parent_manifest, applicability_inputs, operation)
 
     def save(model: nn.Module, folder: Path, content: Mapping[str, Any]) -> Path:
         return save_artifact(
@@ -386,6 +391,7 @@ def write_candidate(
             metrics=base | {key: dict(content)},
             synthetic=parent_manifest.synthetic,
             dtype=parent_manifest.dtype,
+            applicability=applicability,
         )
 
     with tempfile.TemporaryDirectory(prefix=f"chexd-{operation}-") as tmp:
@@ -406,6 +412,20 @@ def write_candidate(
     return Candidate(
         id=info.id, version=info.version, manifest_version=version, path=info.path, state=info.state, report=final
     )
+
+
+def _child_applicability(network: nn.Module, parent: Manifest, inputs: Any, operation: str) -> Any:
+    """The child's applicability model (see :func:`write_candidate`). Raises ValueError when the architecture changed
+    and no inputs were given while the parent had one (its feature space is not the child's)."""
+    if inputs is not None:
+        from model.train import fit_applicability_on
+
+        return fit_applicability_on(network, inputs, source=f"{operation} job validation inputs ({len(inputs)} images)")
+    architecture = getattr(network, "architecture", parent.architecture)
+    if parent.applicability is not None and architecture != parent.architecture:
+        raise ValueError(f"{operation} changed the architecture: its applicability model must be fitted again - pass "
+                         "applicability_inputs")
+    return parent.applicability
 
 
 def backbone_check(parent: nn.Module, reloaded: nn.Module) -> tuple[bool, int]:

@@ -216,3 +216,30 @@ def test_import_fits_on_a_dicom_validation_folder_and_says_when_none_was_given(t
     assert "NO applicability model" in " ".join(bare.stdout.split())
     half = CliRunner().invoke(app, ["model", "import", str(tmp_path / "random.pt"), "--validation-dicom", "x"])
     assert half.exit_code == 2 and "--validation-labels" in half.output
+
+
+# --- every artifact chexd makes carries one ------------------------------------------------------------------------
+
+
+def test_write_candidate_carries_the_parents_model_or_fits_one_and_refuses_a_stale_one(tmp_path: Path) -> None:
+    from daemon.maintenance import load_parent, write_candidate
+    from daemon.settings import Settings
+
+    network = tiny(seed=5)
+    model = fit_applicability_on(network, image(batch=24, seed=3), source="parent validation")
+    parent_file = save_artifact(
+        network, tmp_path / "parent", name="tiny", preprocessing=SMALL, intended_use="Research use only.",
+        applicability=model,
+    )  # fmt: skip
+    settings = Settings(data_dir=tmp_path / "data", model_path=str(parent_file))
+    parent = load_parent(settings, None)
+    common = {"params": {}, "report": {}, "check": lambda reloaded: {}}
+    head_only = write_candidate(settings, parent.network, parent.manifest, operation="calibrate", **common)
+    assert read_manifest(head_only.path).applicability.to_dict() == model.to_dict()  # type: ignore[union-attr]
+    refit = write_candidate(settings, parent.network, parent.manifest, operation="correct",
+                            applicability_inputs=image(batch=24, seed=9), **common)  # fmt: skip
+    fitted = read_manifest(refit.path).applicability
+    assert fitted is not None and fitted.to_dict() != model.to_dict() and "correct job" in fitted.source
+    other = tiny(seed=6, arch=Architecture.densenet((2, 2, 2, 1), growth_rate=4, bn_size=2, stem_channels=8))
+    with pytest.raises(ValueError, match="fitted again"):
+        write_candidate(settings, other, parent.manifest, operation="compress", **common)
