@@ -157,3 +157,99 @@ def test_results_are_filed_into_the_original_study_in_orthanc(make_daemon, tmp_p
         assert status["forwards"]["totals"]["DONE"] == len(expected)
     finally:
         pacs.stop()
+
+
+def _series_numbers(pacs: OrthancServer, study_uid: str) -> dict[str, list[tuple[str, int]]]:
+    """Series Instance UID -> [(SOP Instance UID, InstanceNumber)] of every instance Orthanc holds in the study."""
+    study = pacs.find_study(study_uid)
+    out: dict[str, list[tuple[str, int]]] = {}
+    for instance in pacs.get(f"/studies/{study}/instances") if study else []:
+        tags = pacs.get(f"/instances/{instance['ID']}/simplified-tags")
+        out.setdefault(tags["SeriesInstanceUID"], []).append((tags["SOPInstanceUID"], int(tags["InstanceNumber"])))
+    return out
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_three_revisions_put_each_heatmap_in_the_pacs_once_with_unique_numbers(make_daemon, tmp_path: Path) -> None:
+    pacs = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        daemon = make_daemon(report_quiet_seconds="0.5", model_device="cpu", forward_destinations=pacs.destination,
+                             forward_backoff_seconds="0.5")
+        engine = daemon.engine()
+        first = _phantom(tmp_path, 0, "first.dcm")
+        study = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+        sources = [first, _phantom(tmp_path, 3, "second.dcm", study_uid=study),
+                   _phantom(tmp_path, 4, "third.dcm", study_uid=study)]
+        for n, source in enumerate(sources, start=1):
+            assert daemon.storescu(str(source)).returncode == 0
+            rows = _reports(engine, n=n, state="DONE") if n == 1 else _reports(engine, n=n - 1, state="SUPERSEDED")
+        assert [(r.revision, r.state) for r in rows] == [(1, "SUPERSEDED"), (2, "SUPERSEDED"), (3, "DONE")]
+        per_revision = [_files(engine, r.id) for r in rows]
+        # report folders are named by the Study Instance UID
+        assert all(p.startswith(f"reports/{study}/r{r.revision}/") for r, f in zip(rows, per_revision, strict=True)
+                   for paths in f.values() for p in paths)
+
+        def uid(path: str) -> str:
+            return str(pydicom.dcmread(daemon.data_dir / path, stop_before_pixels=True).SOPInstanceUID)
+
+        heatmaps = [{Path(p).name: uid(p) for kind in ("sc", "pm") for p in f.get(kind, [])} for f in per_revision]
+        assert heatmaps[0] and len(heatmaps[2]) > len(heatmaps[1]) > len(heatmaps[0])
+        for earlier, later in zip(heatmaps, heatmaps[1:], strict=False):
+            assert all(later[name] == value for name, value in earlier.items()), "an unchanged heatmap kept its UID"
+        expected = set(heatmaps[2].values()) | {uid(f[k][0]) for f in per_revision for k in ("sr", "epdf")}
+        deadline = time.monotonic() + 60
+        while set(pacs.study_instances(study)) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert set(pacs.study_instances(study)) == expected, daemon.cli("forward", "--json").stdout
+        series = _series_numbers(pacs, study)
+        assert sum(len(v) for v in series.values()) == len(expected), "each (image, finding) heatmap once"
+        for instances in series.values():
+            numbers = [number for _, number in instances]
+            assert len(numbers) == len(set(numbers)), f"instance numbers repeat in a series: {sorted(numbers)}"
+        status = json.loads(daemon.cli("status", "--json").stdout)
+        assert status["forwards"]["totals"]["DONE"] == len(expected), "unchanged heatmaps were not sent again"
+        # the Encapsulated PDF of a revision names the one it replaces
+        epdf = pydicom.dcmread(daemon.data_dir / per_revision[2]["epdf"][0])
+        ref = epdf.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == uid(per_revision[1]["epdf"][0])
+        assert _errors("dciodvfy", daemon.data_dir / per_revision[2]["epdf"][0]) == []
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_daemon_audits_its_model_at_start_and_read_only_commands_write_nothing(make_daemon) -> None:
+    from sqlalchemy import func, inspect
+
+    from daemon.tables import AuditEvent, ModelVersion
+
+    daemon = make_daemon(model_device="cpu")
+    engine = daemon.engine()
+    with engine.connect() as conn:
+        versions = conn.execute(select(ModelVersion.version, ModelVersion.state, ModelVersion.operation)).all()
+        events = conn.execute(select(AuditEvent.event, AuditEvent.detail).order_by(AuditEvent.id)).all()
+    assert [(state, operation) for _, state, operation in versions] == [("active", "baseline")]
+    assert [e for e, _ in events] == ["model_activated", "daemon_started"] and versions[0][0] in events[1][1]
+    daemon.stop()
+
+    def snapshot() -> tuple[dict[str, int], list[tuple[str, int, int]]]:
+        with engine.connect() as conn:
+            counts = {t: conn.execute(select(func.count()).select_from(text_table(t))).scalar_one()
+                      for t in inspect(conn).get_table_names()}
+        db = Path(daemon.database_url.removeprefix("sqlite:///"))
+        return counts, [(db.name, db.stat().st_mtime_ns, db.stat().st_size)]
+
+    def text_table(name: str):  # type: ignore[no-untyped-def]
+        from sqlalchemy import table
+
+        return table(name)
+
+    engine.dispose()
+    before = snapshot()
+    engine.dispose()
+    listed = json.loads(daemon.cli("model", "list", "--json").stdout)
+    assert [v["version"] for v in listed] == [versions[0][0]]
+    daemon.cli("model", "show", "active")
+    daemon.cli("status")
+    daemon.cli("show", "1.2.3.4", check=False)
+    assert snapshot() == before, "a read-only command wrote to the database"
