@@ -3,8 +3,11 @@ the heatmap overlay is drawn on the decoded image (bright = dense, MONOCHROME1 i
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from model.types import LABELS, Applicability, QualityIssue
 from reporting.exclusions import ExclusionRules
 from reporting.pdf import AI_BANNER, SYNTHETIC_BANNER, shown, write_pdf
 from reporting.render import overlay
-from reporting.report import SourceImage, assemble, domain_check, study_report
+from reporting.report import SourceImage, assemble, display_name, domain_check, study_report
 from tests.reporting_helpers import (
     THRESHOLDS,
     demo_model,
@@ -47,13 +50,15 @@ def test_text_lists_every_finding_status_and_the_banners(written: tuple[Path, st
     path, digest = written
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     text = _text(path)
-    for label in LABELS:
-        assert label in text
+    flat = " ".join(text.split())
+    for label in LABELS:  # display names: "Pleural thickening", never the identifier "Pleural_Thickening"
+        assert display_name(label) in flat
+    assert "Pleural_Thickening" not in text and "Pleural thickening" in flat
     assert SYNTHETIC_BANNER in text and AI_BANNER in text
     assert "excluded" in text and "present" in text and "absent" in text
     # the excluded finding's reason names the partner and the NIH lift; channel evidence and zones are listed
-    assert "Pneumothorax present (p=0.97" in text and "0.30x chance" in text
-    assert "Channel evidence" in text and "cardiac silhouette" in text
+    assert "Pneumothorax present (p=0.97" in flat and "0.30x chance" in flat
+    assert "Channel evidence" in flat and "cardiac silhouette" in flat
     assert "chexd-test" in text and "0123456789abcdef" in text and "ab" * 32 in text  # model name, version, hash
     assert "2026-11-01" in text  # calibration date
     assert "Revised report" not in text
@@ -74,14 +79,14 @@ def test_pages_render_to_images(written: tuple[Path, str], tmp_path: Path) -> No
     subprocess.run(["pdftoppm", "-r", "40", "-png", str(written[0]), str(tmp_path / "page")], check=True,
                    timeout=120)
     pages = sorted(tmp_path.glob("page*.png"))
-    assert len(pages) >= 2
+    assert 1 <= len(pages) <= 2  # one image with 4 positive findings: its block and the model section
     first = np.asarray(Image.open(pages[0]).convert("RGB")).astype(int)
     # the red synthetic banner is on the first page
     red = (first[..., 0] > 150) & (first[..., 1] < 60) & (first[..., 2] < 80)
     assert red.sum() > 500
-    # a heatmap page holds saturated colours from the colour map
-    second = np.asarray(Image.open(pages[1]).convert("RGB")).astype(int)
-    assert (second.max(axis=2) - second.min(axis=2) > 150).sum() > 200
+    # the heatmaps are on the first page too (compact layout): saturated colours from the colour map
+    saturated = (first.max(axis=2) - first.min(axis=2) > 150) & ~red
+    assert saturated.sum() > 200
 
 
 def test_the_same_report_writes_the_same_bytes(written: tuple[Path, str], tmp_path: Path) -> None:
@@ -92,10 +97,90 @@ def test_the_same_report_writes_the_same_bytes(written: tuple[Path, str], tmp_pa
 def test_a_real_model_has_no_synthetic_banner_and_a_revision_says_what_it_supersedes(tmp_path: Path) -> None:
     report, _ = phantom_report(synthetic=False, revision=3, predecessors=("1.2.3.4.5", "1.2.3.4.6"),
                                findings={"Effusion": 0.9})
-    write_pdf(report, tmp_path / "r3.pdf")
-    text = _text(tmp_path / "r3.pdf")
+    dated = replace(report, superseded_revision=2, superseded_at=dt.datetime(2026, 11, 26, 17, 5, tzinfo=dt.UTC))
+    write_pdf(dated, tmp_path / "r3.pdf")
+    text = " ".join(_text(tmp_path / "r3.pdf").split())
     assert SYNTHETIC_BANNER not in text and AI_BANNER in text
-    assert "Revised report, revision 3" in text and "1.2.3.4.5" in text and "1.2.3.4.6" in text
+    assert "Revised report, revision 3 of 2026-11-27 09:30 UTC, supersedes revision 2 of 2026-11-26 17:05 UTC" in text
+    assert "1.2.3.4.5" not in text  # a revision and its date, not a bare UID
+    write_pdf(report, tmp_path / "unknown.pdf")  # the daemon did not say which revision it replaces
+    assert "supersedes the previous revision" in " ".join(_text(tmp_path / "unknown.pdf").split())
+
+
+def test_footer_puts_page_and_revision_on_separate_lines_and_counts_pages(written: tuple[Path, str]) -> None:
+    lines = _text(written[0]).splitlines()
+    pages = [line for line in lines if re.search(r"page \d+ of \d+", line)]
+    total = int(re.search(r"of (\d+)", pages[0]).group(1))
+    assert len(pages) == total >= 1 and all(AI_BANNER in line for line in pages)
+    assert not any("revision" in line for line in pages)  # "revision 1" was printed over "page 1"
+    assert sum("revision 1 of 2026-11-27 09:30 UTC" in line for line in lines) == total
+
+
+def test_creation_date_is_the_reports_and_the_bytes_stay_deterministic(tmp_path: Path) -> None:
+    report, _ = phantom_report(findings={"Effusion": 0.9})
+    later = replace(report, created_at=dt.datetime(2026, 12, 2, 8, 15, 30, tzinfo=dt.UTC))
+    for name, r in (("a", report), ("b", later)):
+        write_pdf(r, tmp_path / f"{name}.pdf")
+    info = {name: subprocess.run(["pdfinfo", "-isodates", str(tmp_path / f"{name}.pdf")], check=True,
+                                 capture_output=True, text=True).stdout for name in "ab"}
+    assert "2026-11-27T09:30:00" in info["a"] and "2000-01-01" not in info["a"]
+    assert "2026-12-02T08:15:30" in info["b"]
+    assert write_pdf(later, tmp_path / "b2.pdf") == hashlib.sha256((tmp_path / "b.pdf").read_bytes()).hexdigest()
+
+
+def test_each_image_fits_on_one_page_findings_table_first(tmp_path: Path) -> None:
+    study = "1.2.826.0.1.3680043.8.498.99"
+    cases = [FINDINGS, {"Pleural_Thickening": 0.85, "Effusion": 0.7},
+             {"Nodule": 0.9, "Mass": 0.8, "Infiltration": 0.7, "Atelectasis": 0.75, "Pleural_Thickening": 0.9}]
+    results = []
+    for k, findings in enumerate(cases):
+        _, ds, image, prediction = phantom_case(index=2 + k, findings=findings, study_uid=study)
+        results.append(image_result(ds, image, prediction))
+    path = tmp_path / "three.pdf"
+    write_pdf(study_report(results, demo_model()), path)
+    info = subprocess.run(["pdfinfo", str(path)], check=True, capture_output=True, text=True).stdout
+    count = int(re.search(r"Pages:\s+(\d+)", info).group(1))
+    assert count <= len(cases) + 1  # 7 pages for 3 images before (issue 15)
+    pages = [" ".join(subprocess.run(["pdftotext", "-f", str(n), "-l", str(n), str(path), "-"], check=True,
+                                     capture_output=True, text=True).stdout.split())
+             for n in range(1, count + 1)]
+    for n in range(1, len(cases) + 1):
+        page = next(p for p in pages if f"Image {n} of 3" in p)
+        # the whole block is on that page, the findings table before the heatmaps and the evidence
+        assert page.index("Most heat (share of the heat)") < page.index("Heatmaps:") < page.index("Channels for it")
+
+
+def test_heat_outside_the_lungs_is_named_alike_in_the_pdf_and_the_sr(tmp_path: Path) -> None:
+    from reporting.sr import build_sr
+
+    _, ds, image, prediction = phantom_case(findings={"Pleural_Thickening": 0.85})
+    i = LABELS.index("Pleural_Thickening")
+    cam = np.full(prediction.cams[i].shape, -0.5, np.float32)
+    cam[0, :2] = cam[0, -2:] = 3.0  # the red at the shoulders
+    prediction.cams[i] = cam
+    result = image_result(ds, image, prediction)
+    finding = result.finding("Pleural_Thickening")
+    assert finding.main_region.is_outside and finding.main_region.share > 0.5
+    assert finding.region == f"outside the lung fields ({finding.main_region.share:.0%} of heat)"
+    report = study_report([result], demo_model())
+    write_pdf(report, tmp_path / "r.pdf")
+    assert finding.region in " ".join(_text(tmp_path / "r.pdf").split())
+    sr = build_sr(report, [ds])
+    texts = [str(item.TextValue) for item in sr.ContentSequence.iterall() if "TextValue" in item] if hasattr(
+        sr.ContentSequence, "iterall") else [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    assert any(finding.region in t for t in texts), texts
+
+
+def test_evidence_table_shows_counter_evidence_apart_and_what_the_rows_carry(written: tuple[Path, str]) -> None:
+    raw = subprocess.run(["pdftotext", str(written[0]), "-"], check=True, capture_output=True, text=True).stdout
+    text = " ".join(raw.split())  # reading order, not layout: a table cell's wrapped lines stay together
+    assert "Counter-evidence (against it)" in text and "Listed rows carry" in text
+    assert "of the total" in text and "all channels:" in text
+    report, _ = phantom_report(findings=FINDINGS)
+    effusion = report.images[0].finding("Effusion")
+    against = effusion.counter_evidence[0]
+    assert f"#{against.channel} {against.contribution:+.2f}" in text  # the channel against it is shown, as such
+    assert f"{effusion.shown_share:.1%} (for)" in text
 
 
 def test_overlay_is_on_the_decoded_image_bright_dense_for_both_photometrics() -> None:
@@ -220,7 +305,7 @@ def test_withheld_image_says_outside_the_validated_domain_with_score_threshold_a
     assert "Outside the model's validated domain — no AI findings for this image" in text
     assert "score 41.2 above the threshold 18.7 (mahalanobis-pca32)" in text
     assert "the image looks inverted for MONOCHROME2" in text
-    assert "Effusion" not in text and "Main region" not in text and "Heat by zone" not in text  # no findings
+    assert "Effusion" not in text and "Most heat" not in text and "Channels for it" not in text  # no findings
 
 
 def test_flagged_image_keeps_its_findings_under_a_warning(tmp_path: Path) -> None:
