@@ -21,6 +21,7 @@ from pydicom.uid import EncapsulatedPDFStorage
 from model.types import Prediction, PreprocessRecipe
 from reporting.exclusions import ExclusionRules
 from reporting.pdf import write_pdf
+from reporting.pmap import build_pm
 from reporting.report import DomainCheck, Finding, ModelInfo, SourceImage, StudyReport, assemble, study_report
 from reporting.sc import build_encapsulated_pdf, build_sc
 from reporting.sr import build_sr
@@ -30,7 +31,8 @@ __all__ = ["ComposedStudy", "EarlierObject", "WrittenFile", "compose_study", "ea
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WrittenFile:
-    """A document written to disk: ``kind`` "pdf" (the PDF file), "sr", "sc" or "pdf-dicom" (Encapsulated PDF);
+    """A document written to disk: ``kind`` "pdf" (the PDF file), "sr", "sc", "pm" (Parametric Map) or "pdf-dicom"
+    (Encapsulated PDF);
     DICOM kinds carry their SOP Instance and Class UIDs (None for the plain PDF); ``unchanged``: a per-image object
     (heatmap) copied from an earlier revision because its content, hence its UID, did not change."""
 
@@ -162,9 +164,10 @@ def compose_study(
     ``settings``: anything with ``report_top_channels`` and ``exclusion_margin`` (defaults 5 and 2.0).
     ``superseded``: (revision, created_at) of the report revision this one replaces (the PDF names it), if known.
 
-    Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and one sc-<image>-<finding>.dcm per present or
-    excluded finding. ``pdf_predecessors``: the Encapsulated PDFs this revision replaces (SOP Instance UIDs; listed
-    in its PredecessorDocumentsSequence). ``earlier``: the per-image DICOM files (SC, PM) of the study's earlier
+    Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and per present or excluded finding one
+    sc-<image>-<finding>.dcm (heatmap SC) and one pm-<image>-<finding>.dcm (Parametric Map, referenced by the SR).
+    ``pdf_predecessors``: the Encapsulated PDFs this revision replaces (SOP Instance UIDs; listed in its
+    PredecessorDocumentsSequence). ``earlier``: the per-image DICOM files (SC, PM) of the study's earlier
     revisions: an object whose UID (from its content: reporting.uids.content_uid) is among them is copied, marked
     ``unchanged``, and keeps its InstanceNumber; new ones number on after the highest used in their series.
     Raises ValueError for no images, mixed studies, or thresholds that do not cover the labels."""
@@ -195,7 +198,11 @@ def compose_study(
     files.append(WrittenFile(kind="pdf-dicom", path=path, sop_instance_uid=str(encapsulated.SOPInstanceUID),
                              sop_class_uid=str(EncapsulatedPDFStorage)))
 
-    sr = build_sr(report, sources)
+    # the heatmaps as Parametric Maps first: the SR references them (reporting.pmap)
+    maps = [(n, result.source.sop_instance_uid, finding.label, build_pm(report, result, finding, ds))
+            for n, (result, ds) in enumerate(zip(report.images, sources, strict=True), start=1)
+            for finding in result.positive]
+    sr = build_sr(report, sources, heatmaps={(uid, label): pm for _, uid, label, pm in maps})
     path = folder / "sr.dcm"
     _save(sr, path)
     files.append(WrittenFile(kind="sr", path=path, sop_instance_uid=str(sr.SOPInstanceUID),
@@ -207,4 +214,6 @@ def compose_study(
         for finding in result.positive:
             sc = build_sc(report, result, finding, ds)
             files.append(_place(sc, "sc", folder / f"sc-{n}-{finding.label}.dcm", known, numbers))
+    for n, _, label, pm in maps:
+        files.append(_place(pm, "pm", folder / f"pm-{n}-{label}.dcm", known, numbers))
     return ComposedStudy(report=report, findings=[r.findings for r in report.images], files=files)

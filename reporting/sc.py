@@ -23,7 +23,7 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
 from reporting.render import colour_bar, draw_peak, font, overlay
 from reporting.report import Finding, ImageResult, StudyReport
-from reporting.sr import MANUFACTURER, _clean_evidence
+from reporting.sr import MANUFACTURER, _clean_evidence, set_equipment
 from reporting.uids import content_uid, instance_uid, series_uid
 
 __all__ = ["SC_BANNER", "SC_SERIES_NUMBER", "PDF_SERIES_NUMBER", "build_encapsulated_pdf", "build_sc",
@@ -121,6 +121,7 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
                                 "source image")
     sc.SourceImageSequence = [_reference(source)]
     _stamp(sc, report)
+    set_equipment(sc, report)
     return sc
 
 
@@ -184,6 +185,7 @@ def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[py
     )
     ds.copy_patient_and_study_information(ref)
     _stamp(ds, report)
+    set_equipment(ds, report)
     ds.ConversionType = "WSD"  # SC Equipment module: workstation
     ds.AcquisitionDateTime = report.created_at.strftime("%Y%m%d%H%M%S")
     ds.BurnedInAnnotation = "YES"  # the PDF names the patient

@@ -38,7 +38,8 @@ and no finding groups at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.metadata
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
 
 import highdicom as hd
@@ -48,38 +49,24 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, Comprehensive3DSRStorage
+from scipy import ndimage
 
+from reporting.codes import FINDING_CODES, PRIVATE_SCHEME
 from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, DomainCheck, Finding, ImageResult, StudyReport
 from reporting.uids import derived_uid, instance_uid, series_uid
 
 __all__ = ["APPLICABILITY", "FINDING_CODES", "IN_DOMAIN", "OUT_OF_DOMAIN", "PRIVATE_SCHEME", "SR_SERIES_NUMBER",
-           "build_sr"]
+           "build_sr", "heat_box", "set_equipment", "software_versions"]
 
-PRIVATE_SCHEME = "99CHEXD"
 SR_SERIES_NUMBER = 9001
 MANUFACTURER = "chexd"
 
-FINDING_CODES: dict[str, Code] = {
-    "Atelectasis": Code("46621007", "SCT", "Atelectasis"),
-    "Cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
-    "Effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "Infiltration": Code("112121", "DCM", "Infiltrate"),
-    "Mass": Code("4147007", "SCT", "Mass"),
-    "Nodule": Code("27925004", "SCT", "Nodule"),
-    "Pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "Pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
-    "Consolidation": Code("95436008", "SCT", "Lung consolidation"),
-    "Edema": Code("19242006", "SCT", "Pulmonary edema"),
-    "Emphysema": Code("87433001", "SCT", "Pulmonary emphysema"),
-    "Fibrosis": Code("51615001", "SCT", "Fibrosis of lung"),
-    "Pleural_Thickening": Code("CXR14-PT", PRIVATE_SCHEME, "Pleural thickening"),
-    "Hernia": Code("CXR14-HERNIA", PRIVATE_SCHEME, "Hernia"),
-}
 PROBABILITY = Code("122157", "DCM", "Probability")
 IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
+ILLUSTRATION_OF_ROI = Code("121200", "DCM", "Illustration of ROI")
 APPLICABILITY = Code("APPLICABILITY", PRIVATE_SCHEME, "Applicability of the AI model to the image")
 OUT_OF_DOMAIN = Code("OUT-OF-DOMAIN", PRIVATE_SCHEME, "Outside the model's validated domain")
 IN_DOMAIN = Code("IN-DOMAIN", PRIVATE_SCHEME, "Within the model's validated domain")
@@ -100,6 +87,7 @@ _PROBABILITY = hd.sr.CodedConcept.from_code(PROBABILITY)
 _PRESENT, _ABSENT = hd.sr.CodedConcept.from_code(PRESENT), hd.sr.CodedConcept.from_code(ABSENT)
 _NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 _COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+_ILLUSTRATION = hd.sr.CodedConcept.from_code(ILLUSTRATION_OF_ROI)
 
 
 def _code(label: str) -> hd.sr.CodedConcept:
@@ -122,9 +110,30 @@ def _clean_evidence(ds: Dataset) -> Dataset:
         if keyword not in out:
             setattr(out, keyword, "")
     age = str(out.get("PatientAge", ""))
+    # an invalid age is left out, not repaired: "62" -> "062Y" would differ from the source (dcentvfy: an error)
     if "PatientAge" in out and (len(age) != _AGE_LENGTH or not age[:3].isdigit() or age[3] not in "DWMY"):
         del out.PatientAge
     return out
+
+
+def software_versions(report: StudyReport) -> list[str]:
+    """Software Versions of every object chexd writes: ["chexd <package version>", "model <model version>"]."""
+    try:
+        package = importlib.metadata.version("chexd")
+    except importlib.metadata.PackageNotFoundError:
+        package = "unknown"
+    return [f"chexd {package}"[:64], f"model {report.model.version}"[:64]]
+
+
+def set_equipment(ds: Dataset, report: StudyReport) -> None:
+    """The General Equipment module of every object chexd writes (SR, SC, Parametric Map, Encapsulated PDF):
+    Manufacturer "chexd", Manufacturer's Model Name = the model's name, Software Versions (:func:`software_versions`)
+    and Device Serial Number = the model version id (it identifies the weights, thresholds and preprocessing that
+    made the object; chexd keeps no per-install id)."""
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = report.model.name[:64]
+    ds.SoftwareVersions = software_versions(report)
+    ds.DeviceSerialNumber = report.model.version[:64]
 
 
 def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentification:
@@ -132,6 +141,30 @@ def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentifi
     return hd.sr.AlgorithmIdentification(
         name=m.name[:64], version=m.version, parameters=[f"decision threshold {finding.threshold:.4f}"]
     )
+
+
+_BOX_SIDE = 256  # grid (longer side, px) on which the heat box is found
+_BOX_LEVEL = 0.5  # share of the peak heat that bounds the box
+
+
+def heat_box(result: ImageResult, finding: Finding) -> tuple[float, float, float, float] | None:
+    """The main heat region of a present or excluded finding as a box in source-image pixel coordinates
+    (x0, y0, x1, y1) = (left, top, right, bottom) edges, PS3.3 C.18.6.1.1 (0, 0 = the top left corner of the top
+    left pixel): the bounding box of the connected region (8-neighbours) of heat >= half the peak heat that holds
+    the peak, found on a grid of at most 256 px on the longer side. None for a finding without heat."""
+    rows, columns = result.source.rows, result.source.columns
+    factor = max(1, -(-max(rows, columns) // _BOX_SIDE))
+    shape = (-(-rows // factor), -(-columns // factor))
+    heat = result.heatmap(finding.label, shape)
+    peak = float(heat.max()) if heat.size else 0.0
+    if not peak > 0:
+        return None
+    labels, _ = ndimage.label(heat >= _BOX_LEVEL * peak, structure=np.ones((3, 3), dtype=bool))
+    top = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    r, c = np.nonzero(labels == labels[top])
+    sy, sx = rows / shape[0], columns / shape[1]
+    return (round(c.min() * sx, 2), round(r.min() * sy, 2), round((c.max() + 1) * sx, 2),
+            round((r.max() + 1) * sy, 2))
 
 
 def _comment(finding: Finding) -> str | None:
@@ -142,7 +175,8 @@ def _comment(finding: Finding) -> str | None:
     return f"Main region of the heatmap: {finding.region}"
 
 
-def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset):  # type: ignore[no-untyped-def]
+def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset,  # type: ignore[no-untyped-def]
+           heatmap: Dataset | None = None):
     code = _code(finding.label)
     tracking = hd.sr.TrackingIdentifier(
         uid=derived_uid("tracking", finding.label, result.source.sop_instance_uid, result.model_version),
@@ -151,11 +185,12 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
     algorithm = _algorithm(report, finding)
     evaluation = hd.sr.QualitativeEvaluation(name=code, value=_PRESENT if finding.status == "present" else _ABSENT)
     probability = round(finding.probability, 6)
-    if finding.peak is not None:
-        row, col = finding.peak
+    box = heat_box(result, finding) if finding.positive else None
+    if box is not None:
+        x0, y0, x1, y1 = box
         region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POINT,
-            graphic_data=np.array([[col + 0.5, row + 0.5]]),  # (column, row) of the peak pixel centre, C.18.6.1.1
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: the first point repeated last
+            graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
             source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
         )
         measurement = hd.sr.Measurement(name=_PROBABILITY, value=probability, unit=_NO_UNITS)
@@ -173,6 +208,12 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
             qualitative_evaluations=[evaluation],
         )
     items = group[0].ContentSequence
+    if heatmap is not None and box is not None:
+        items.append(hd.sr.ImageContentItem(
+            name=_ILLUSTRATION, referenced_sop_class_uid=heatmap.SOPClassUID,
+            referenced_sop_instance_uid=heatmap.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ))
     comment = _comment(finding)
     if comment:
         items.append(hd.sr.TextContentItem(name=_COMMENT, value=comment[:1024],
@@ -230,9 +271,12 @@ def _domain_group(report: StudyReport, result: ImageResult, n: int, ds: Dataset)
     return group
 
 
-def _image_groups(report: StudyReport, result: ImageResult, n: int, ds: Dataset) -> list:  # type: ignore[type-arg]
+def _image_groups(report: StudyReport, result: ImageResult, n: int, ds: Dataset,  # type: ignore[type-arg]
+                  heatmaps: Mapping[tuple[str, str], Dataset]) -> list:
     groups = [] if result.domain is None else [_domain_group(report, result, n, ds)]
-    return groups + [_group(report, result, n, finding, ds) for finding in result.findings]
+    uid = result.source.sop_instance_uid
+    return groups + [_group(report, result, n, finding, ds, heatmaps.get((uid, finding.label)))
+                     for finding in result.findings]
 
 
 def _without_measurements(root: Dataset) -> Dataset:
@@ -265,7 +309,8 @@ def sr_instance_uid(report: StudyReport) -> UID:
 
 
 def build_sr(
-    report: StudyReport, sources: Sequence[pydicom.Dataset], *, fast: bool = True
+    report: StudyReport, sources: Sequence[pydicom.Dataset], *, fast: bool = True,
+    heatmaps: Mapping[tuple[str, str], Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report as a Comprehensive 3D SR (see the module docstring); write it with ``sr.save_as(path)``.
 
@@ -274,7 +319,10 @@ def build_sr(
     the returned object's ``content`` property lacks the groups: read the dataset (``ContentSequence``) instead.
 
     ``sources``: the source image datasets, one per ``report.images`` in the same order (pixel data not needed).
+    ``heatmaps``: (source SOP Instance UID, finding label) -> the finding's Parametric Map (reporting.pmap; header
+    suffices): its group references it as "Illustration of ROI" and it joins the SR's evidence.
     Raises ValueError when sources and images do not match (count or SOP Instance UID)."""
+    heatmaps = dict(heatmaps or {})
     if len(sources) != len(report.images):
         raise ValueError(f"Invalid sources - {len(sources)} datasets for {len(report.images)} report images")
     evidence = []
@@ -286,8 +334,13 @@ def build_sr(
     groups = [
         group
         for n, (result, ds) in enumerate(zip(report.images, evidence, strict=True), start=1)
-        for group in _image_groups(report, result, n, ds)
+        for group in _image_groups(report, result, n, ds, heatmaps)
     ]
+    for pm in heatmaps.values():
+        item = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            setattr(item, keyword, pm[keyword].value)
+        evidence.append(item)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -329,6 +382,7 @@ def build_sr(
     )
     if fast:
         sr.ContentSequence = full
+    set_equipment(sr, report)
     created = report.created_at
     sr.ContentDate = created.strftime("%Y%m%d")
     sr.ContentTime = created.strftime("%H%M%S")

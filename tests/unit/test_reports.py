@@ -137,11 +137,11 @@ def test_three_revisions_keep_unchanged_heatmaps_and_number_new_ones_after_the_o
                                  created_at=dt.datetime(2026, 12, revision, tzinfo=dt.UTC),
                                  pdf_predecessors=pdfs[-1:], earlier=list(earlier))
         revisions.append(composed.files)
-        earlier += [f.path for f in composed.files if f.kind == "sc"]
+        earlier += [f.path for f in composed.files if f.kind in ("sc", "pm")]
         pdfs.append(next(f.sop_instance_uid for f in composed.files if f.kind == "pdf-dicom"))
     sent = [[f for f in files if f.sop_instance_uid and not f.unchanged] for files in revisions]
-    # each revision sends only the new image's 2 heatmaps plus its SR and Encapsulated PDF
-    assert [sorted(f.kind for f in s) for s in sent] == [["pdf-dicom", "sc", "sc", "sr"]] * 3
+    # each revision sends only the new image's 2 heatmaps (SC and Parametric Map) plus its SR and Encapsulated PDF
+    assert [sorted(f.kind for f in s) for s in sent] == [["pdf-dicom", "pm", "pm", "sc", "sc", "sr"]] * 3
     all_sc = [f for s in sent for f in s if f.kind == "sc"]
     assert len({f.sop_instance_uid for f in all_sc}) == 6  # each (image, finding) once
     numbers = [int(pydicom.dcmread(f.path, stop_before_pixels=True).InstanceNumber) for f in all_sc]
@@ -152,7 +152,7 @@ def test_three_revisions_keep_unchanged_heatmaps_and_number_new_ones_after_the_o
             first = next(g for g in revisions[0] + revisions[1] if g.sop_instance_uid == f.sop_instance_uid
                          and not g.unchanged)
             assert f.path.read_bytes() == first.path.read_bytes()
-    assert sum(f.unchanged for f in revisions[2]) == 4
+    assert sum(f.unchanged for f in revisions[2]) == 8  # 4 SCs, 4 Parametric Maps
     # the Encapsulated PDF of revision 3 references revision 2's
     epdf = pydicom.dcmread(next(f.path for f in revisions[2] if f.kind == "pdf-dicom"))
     item = epdf.PredecessorDocumentsSequence[0]

@@ -80,7 +80,8 @@ def test_dsrdump_shows_every_finding_with_its_evaluation(phantom_sr) -> None:  #
     assert out.count('(52101004,SCT,"Present")') == 2  # Pneumothorax, Effusion
     assert out.count('(272519000,SCT,"Absent")') == 12  # 11 below threshold + Edema excluded
     assert "Excluded: Pneumothorax present" in out
-    assert out.count("(POINT,") == 3 and out.count('NUM:(,,"Probability")') == len(LABELS)
+    assert out.count("(POLYLINE,") == 3 and out.count('NUM:(,,"Probability")') == len(LABELS)
+    assert "(POINT," not in out
     assert "Verification Flag   : UNVERIFIED" in out
 
 
@@ -95,8 +96,14 @@ def test_groups_carry_probability_region_and_algorithm(phantom_sr) -> None:  # t
         label = next(lbl for lbl, code in FINDING_CODES.items() if code.value == group.finding_type.value)
         finding = result.finding(label)
         assert finding.positive
-        (x, y), = group.roi.value
-        assert (y - 0.5, x - 0.5) == finding.peak  # SCOORD POINT (column, row) at the heatmap peak
+        # SCOORD closed POLYLINE: the box of the main heat region, holding the heatmap peak
+        points = group.roi.value
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE and len(points) == 5
+        assert tuple(points[0]) == tuple(points[-1])
+        (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
+        row, col = finding.peak
+        assert x0 <= col + 0.5 <= x1 and y0 <= row + 0.5 <= y1
+        assert 0 <= x0 < x1 <= report.source.columns and 0 <= y0 < y1 <= report.source.rows
         (measurement,) = group.get_measurements()
         assert measurement.value == pytest.approx(finding.probability, abs=1e-6)
         texts = {item.name.meaning: item.value for item in group[0].ContentSequence
