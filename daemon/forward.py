@@ -11,6 +11,10 @@ that cannot be opened or ends early → retry after ``forward_backoff_seconds * 
 :data:`MAX_BACKOFF_SECONDS`); after ``forward_max_attempts`` tries, or at once when the file itself is unusable →
 DEAD (a dead letter, shown by ``chexd status``/``chexd forward`` and re-queued by ``chexd forward --retry``).
 Resending a file is harmless: result UIDs are deterministic, so a PACS files a duplicate onto the same instance.
+A report revision enqueues only what is new or changed plus its new SR and Encapsulated PDF: a heatmap (SC, Parametric
+Map) whose content did not change keeps its UID (reporting.uids.content_uid) and is recorded for the revision without a
+forwards row (daemon.reports), so the PACS holds each (image, finding) heatmap once; if its earlier delivery went DEAD,
+``chexd forward --retry`` re-queues that earlier row.
 """
 
 from __future__ import annotations

@@ -4,7 +4,15 @@ Each job that produced a prediction archives it (``results/<sop uid>/<version>.n
 and the model facts a report needs) and marks its study *pending*: a ``study_reports`` row that becomes due once no
 new image has arrived for ``report_quiet_seconds``. The :class:`ReportLoop` then writes the study's report from every
 image's newest prediction. An image arriving after a report was written makes a new revision, which supersedes the
-earlier one (SR PredecessorDocumentsSequence, PDF marked as a revision); the superseded files stay on disk.
+earlier one (SR and Encapsulated PDF PredecessorDocumentsSequence, PDF marked as a revision); the superseded files stay
+on disk. A revision does not clutter the PACS: a heatmap object (SC, Parametric Map) whose content did not change
+(same source image, finding, model version, pixels) keeps its SOP Instance UID, is copied byte for byte from the earlier
+revision and is not forwarded again; new ones get InstanceNumbers after the highest their series used
+(reporting.compose). Only new or changed heatmaps and the new SR and PDF are forwarded.
+
+Folders: ``reports/<Study Instance UID>/r<revision>/`` (:func:`study_folder`). Reports written before this naming
+stay in ``reports/study-<database id>/``: nothing is moved, and every file is found through its
+``report_files.path`` (relative to the data dir), which ``chexd show`` and forwarding use.
 
 Disk: archives and documents are written only above the disk reserve (:class:`daemon.spool.DiskGuard`); below it,
 or when a write fails because the disk is full, the report goes back to PENDING and the loop waits (one log line per
@@ -288,7 +296,7 @@ def store_findings(session: Session, prediction_id: int, findings: list[Any]) ->
             threshold=float(finding.threshold),
             status=finding.status,
             reason=finding.reason,
-            region=max(regions, key=regions.__getitem__) if regions else None,
+            region=finding.region,  # "left lower zone (34% of heat)" / "outside the lung fields (58% of heat)"
             regions=regions or None,
             evidence=[
                 EvidenceRow(
@@ -319,6 +327,7 @@ def compose_files(
     settings: Any,
     pdf_predecessors: list[str] | None = None,
     earlier: list[Path] | None = None,
+    superseded: tuple[int, Any] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Read each (stored image file, prediction archive) pair and write the study's documents into ``folder`` (a
     staging folder; runs in a report worker process: decoding and the documents are CPU work). Returns the findings
@@ -346,6 +355,7 @@ def compose_files(
             settings=settings,
             pdf_predecessors=pdf_predecessors or (),
             earlier=earlier or (),
+            superseded=superseded,
         )
     except BaseException as exc:
         shutil.rmtree(folder, ignore_errors=True)
@@ -663,6 +673,8 @@ class ReportLoop:
             )
             predecessors = [f.sop_instance_uid for f in previous.files if f.kind == "sr"] if previous else []
             pdf_predecessors = [f.sop_instance_uid for f in previous.files if f.kind == "epdf"] if previous else []
+            # the PDF says "supersedes revision N of <date>"
+            superseded = (previous.revision, previous.finished_at or previous.created_at) if previous else None
             # every heatmap object an earlier revision wrote (hence sent): reused when unchanged, numbers kept unique
             earlier = [
                 self.settings.data_dir / path
@@ -695,6 +707,7 @@ class ReportLoop:
             "settings": self.settings,
             "pdf_predecessors": pdf_predecessors,
             "earlier": earlier,
+            "superseded": superseded,
         }
         try:
             pool = self._take_pool()
