@@ -211,8 +211,8 @@ def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) ->
     composed = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
                              folder=tmp_path / "r1", settings=settings, created_at=when)
     kinds = sorted(f.kind for f in composed.files)
-    # one SC per present or excluded finding: Pneumothorax, Cardiomegaly, Edema (excluded)
-    assert kinds == ["pdf", "pdf-dicom", "sc", "sc", "sc", "sr"]
+    # one Parametric Map and one SC per present or excluded finding: Pneumothorax, Cardiomegaly, Edema (excluded)
+    assert kinds == ["pdf", "pdf-dicom", "pm", "pm", "pm", "sc", "sc", "sc", "sr"]
     assert all(f.path.is_file() for f in composed.files)
     assert [len(f) for f in composed.findings] == [14]
     assert {f.label for f in composed.findings[0] if f.status == "excluded"} == {"Edema"}
@@ -233,7 +233,7 @@ def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) ->
         return {f.sop_instance_uid for f in files if f.kind in kinds}
 
     assert not uids(revised.files, ("sr", "pdf-dicom")) & uids(composed.files, ("sr", "pdf-dicom"))
-    assert uids(revised.files, ("sc",)) == uids(composed.files, ("sc",))
+    assert uids(revised.files, ("sc", "pm")) == uids(composed.files, ("sc", "pm"))
 
 
 def test_reporting_never_imports_torch() -> None:
