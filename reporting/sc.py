@@ -7,7 +7,9 @@
 - :func:`build_encapsulated_pdf`: the PDF report as Encapsulated PDF Storage (PS3.3 A.45.1), built on highdicom's
   ``SOPClass`` with the patient and study copied from the first source image.
 
-Both are in one series per study and kind, with deterministic SOP Instance UIDs (reporting.uids).
+Both are in one series per study and kind, with deterministic SOP Instance UIDs (reporting.uids), and carry the
+equipment module of every chexd object (reporting.sr.set_equipment). The heatmaps are also written as Parametric Maps
+(reporting.pmap) for viewers that overlay them; the SC stays for viewers that cannot.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def render_sc(report: StudyReport, result: ImageResult, finding: Finding, *, max
     draw.rectangle([0, 0, canvas.width, banner_h - 1], fill=_RED)
     draw.text((unit // 2, unit // 4), SC_BANNER, fill=(255, 255, 255), font=font(round(1.3 * unit), bold=True))
     m = report.model
-    line = (f"{finding.label}: {finding.status}, p={finding.probability:.2f} (threshold {finding.threshold:.2f})"
+    line = (f"{finding.name}: {finding.status}, p={finding.probability:.2f} (threshold {finding.threshold:.2f})"
             f" · model {m.name} {m.version}")
     draw.text((unit // 2, round(1.85 * unit)), line, fill=(255, 255, 255), font=font(round(0.75 * unit)))
     if m.synthetic:
@@ -70,8 +72,15 @@ def render_sc(report: StudyReport, result: ImageResult, finding: Finding, *, max
     main = finding.main_region  # the same words as the PDF and the SR (Finding.region)
     if main is not None:
         draw.text((w + unit // 2, y0 + bar_h + unit), "most heat:", fill=(255, 255, 255), font=small)
-        for k, word in enumerate([*main.name.split(), f"{main.share:.0%} of heat"]):
-            draw.text((w + unit // 2, y0 + bar_h + unit * (2 + k)), word, fill=(255, 255, 255), font=small)
+        lines: list[str] = []
+        for word in main.name.split():  # wrap the zone's name to the panel's width
+            joined = f"{lines[-1]} {word}" if lines else word
+            if lines and small.getlength(joined) <= panel_w - unit:
+                lines[-1] = joined
+            else:
+                lines.append(word)
+        for k, text in enumerate([*lines, f"{main.share:.0%} of heat"]):
+            draw.text((w + unit // 2, y0 + bar_h + unit * (2 + k)), text, fill=(255, 255, 255), font=small)
     return np.asarray(canvas)
 
 
@@ -116,7 +125,7 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
     # General Series Laterality is Type 2C, needed only for a paired body part: say what the body part is
     sc.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = f"AI heatmap of {finding.label} ({finding.status}); not for diagnosis"
+    sc.ImageComments = f"AI heatmap of {finding.name} ({finding.status}); not for diagnosis"
     sc.DerivationDescription = (f"Class activation map of {report.model.name} {report.model.version} over the "
                                 "source image")
     sc.SourceImageSequence = [_reference(source)]

@@ -8,12 +8,15 @@ PredecessorDocumentsSequence. The observer is a device (chexd and the model); pr
 
 One measurement group per finding and image:
 
-- present or excluded findings: TID 1410 Planar ROI group whose region is an SCOORD POINT at the heatmap peak
-  (pixel centre, column/row) referencing the source image; absent findings: TID 1501 group whose measurement
-  references the source image;
-- finding type: the finding's code (:data:`FINDING_CODES`): SNOMED CT where a code is established, DCM 112121
-  "Infiltrate" for Infiltration, and a private scheme ``99CHEXD`` for Pleural_Thickening and Hernia (no SNOMED CT
-  code is shipped for them until one is verified); tracking identifier "<finding> image <n>" with a deterministic UID;
+- present or excluded findings: TID 1410 Planar ROI group whose region is an SCOORD closed POLYLINE, the box of the
+  main heat region (:func:`heat_box`: the bounding box of the connected region of heat >= half its peak that holds
+  the peak, PS3.3 C.18.6.1.1 pixel coordinates) referencing the source image, and — when the caller gives it — an
+  IMAGE item DCM 121200 "Illustration of ROI" referencing the finding's heatmap Parametric Map (reporting.pmap; the
+  PMs are also listed in the evidence); absent findings: TID 1501 group whose measurement references the source image;
+- finding type: the finding's code (reporting.codes, where the table and the sources are): SNOMED CT where a code is
+  established (Hernia: SCT 84089009 "Hiatal hernia"), DCM 112121 "Infiltrate" for Infiltration, and a private scheme
+  ``99CHEXD`` for Pleural_Thickening only (no SNOMED CT id verified); tracking identifier "<finding> image <n>" with a
+  deterministic UID;
 - qualitative evaluation: the finding code = SCT 52101004 "Present" or SCT 272519000 "Absent". An **excluded**
   finding (above its threshold, but mutually exclusive with a much more confident one) is reported **Absent**, with a
   DCM 121106 "Comment" TEXT item "Excluded: <reason>" — the probability stays in the measurement;
@@ -21,6 +24,11 @@ One measurement group per finding and image:
 - algorithm identification (TID 4019): the model name, version = the model version hash (it covers the weights, the
   thresholds and the preprocessing), parameter: the decision threshold;
 - present and excluded findings: a "Comment" TEXT item with the zone holding most of the heat.
+
+Equipment (every object chexd writes, :func:`set_equipment`): Manufacturer "chexd", Manufacturer's Model Name = the
+model name, Software Versions = "chexd <version>" and "model <model version>", Device Serial Number = the model
+version id. Patient's Age is copied when the source's value is valid AS; an invalid one (seen: "62") is left out
+(dcentvfy then warns that it is present in the source only — repairing it to "062Y" would be an error instead).
 
 The applicability gate (reporting.report.DomainCheck), when it ran, adds one TID 1501 group per image before its
 findings, tracking identifier "Applicability image <n>": finding type and qualitative evaluation concept
