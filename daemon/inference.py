@@ -55,23 +55,21 @@ def resolve_model_path(settings: Settings) -> Path | None:
     return bundled_demo_model()
 
 
-def input_quality(image: Any, photometric: str) -> tuple[QualityIssue, ...]:
+def input_quality(image: Any, photometric: str, *, min_side: int = 224) -> tuple[QualityIssue, ...]:
     """Input-quality issues of a decoded image (float [rows, columns] in [0, 1], bright = dense): the pixel checks of
     ``model.quality.check_pixels`` (inverted for its photometric interpretation, nearly constant, saturated, too few
     pixels) and "lungs_not_found" when reporting's lung-field estimate finds no plausible pair of lung fields (the
-    estimate the report's zones come from; it then falls back to a fixed grid)."""
+    estimate the report's zones come from; it then falls back to a fixed grid). ``min_side``: the model's input side
+    in pixels; a shorter image side is "too few pixels"."""
+    from model.quality import check_pixels
     from reporting.regions import estimate_lung_fields
 
     issues: list[QualityIssue] = []
     try:
-        from model.quality import check_pixels
-    except ImportError:  # a build without the pixel checks: the lung-field check still runs
-        check_pixels = None
-    if check_pixels is not None:
-        try:
-            issues += check_pixels(image, photometric=photometric if photometric.startswith("MONOCHROME") else "")
-        except ValueError as exc:  # the checks could not judge the image: say so rather than pass it
-            issues.append(QualityIssue(code="unchecked_pixels", reason=f"the pixel checks could not run: {exc}"))
+        issues += check_pixels(image, photometric=photometric if photometric.startswith("MONOCHROME") else "",
+                               min_side=min_side)
+    except ValueError as exc:  # the checks could not judge the image: say so rather than pass it
+        issues.append(QualityIssue(code="unchecked_pixels", reason=f"the pixel checks could not run: {exc}"))
     if not any(issue.code in ("lungs_not_found", "constant", "too_few_pixels") for issue in issues):
         fields = estimate_lung_fields(image)
         if fields.method == "grid":
@@ -140,7 +138,8 @@ class ModelProcessor:
         if self.policy != "off":
             from reporting.report import domain_check
 
-            quality = prediction.quality or input_quality(image, str(ds.get("PhotometricInterpretation", "")))
+            quality = prediction.quality or input_quality(image, str(ds.get("PhotometricInterpretation", "")),
+                                                          min_side=self.manifest.preprocessing.input_size)
             domain = domain_check(prediction.applicability, quality, self.policy)
             if domain.status in ("withheld", "flagged"):
                 log.info("image %s by the applicability gate sop_instance_uid=%s: %s", domain.status,
