@@ -42,7 +42,7 @@ from reporting.uids import content_uid, derived_uid, series_uid
 __all__ = ["MAX_SIDE", "PM_SERIES_NUMBER", "build_pm", "pm_grid"]
 
 PM_SERIES_NUMBER = 9004
-MAX_SIDE = 512
+MAX_SIDE = 256
 _TOP = 65535
 # patient coordinate axes (PS3.3 C.7.6.2.1.1): x to the patient's left, y posterior, z head
 _AXES = {

@@ -46,6 +46,7 @@ and no finding groups at all.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
@@ -124,13 +125,17 @@ def _clean_evidence(ds: Dataset) -> Dataset:
     return out
 
 
+@functools.cache
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("chexd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def software_versions(report: StudyReport) -> list[str]:
     """Software Versions of every object chexd writes: ["chexd <package version>", "model <model version>"]."""
-    try:
-        package = importlib.metadata.version("chexd")
-    except importlib.metadata.PackageNotFoundError:
-        package = "unknown"
-    return [f"chexd {package}"[:64], f"model {report.model.version}"[:64]]
+    return [f"chexd {_package_version()}"[:64], f"model {report.model.version}"[:64]]
 
 
 def set_equipment(ds: Dataset, report: StudyReport) -> None:
@@ -151,7 +156,7 @@ def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentifi
     )
 
 
-_BOX_SIDE = 256  # grid (longer side, px) on which the heat box is found
+_BOX_SIDE = 128  # grid (longer side, px) on which the heat box is found: the CAM has 7 or 8 cells a side
 _BOX_LEVEL = 0.5  # share of the peak heat that bounds the box
 
 
@@ -159,7 +164,7 @@ def heat_box(result: ImageResult, finding: Finding) -> tuple[float, float, float
     """The main heat region of a present or excluded finding as a box in source-image pixel coordinates
     (x0, y0, x1, y1) = (left, top, right, bottom) edges, PS3.3 C.18.6.1.1 (0, 0 = the top left corner of the top
     left pixel): the bounding box of the connected region (8-neighbours) of heat >= half the peak heat that holds
-    the peak, found on a grid of at most 256 px on the longer side. None for a finding without heat."""
+    the peak, found on a grid of at most 128 px on the longer side. None for a finding without heat."""
     rows, columns = result.source.rows, result.source.columns
     factor = max(1, -(-max(rows, columns) // _BOX_SIDE))
     shape = (-(-rows // factor), -(-columns // factor))

@@ -115,7 +115,7 @@ def test_a_large_source_gets_a_reduced_grid_covering_the_same_extent() -> None:
     assert spacing[1] * pm.Columns == pytest.approx(source_spacing[1] * source.Columns, rel=1e-5)
     ref = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
     assert ref.SpatialLocationsPreserved == "NO"
-    assert pm_grid(3000, 2500) == (500, 417) and pm_grid(512, 300) == (512, 300)
+    assert pm_grid(3000, 2500) == (250, 209) and pm_grid(256, 100) == (256, 100)
     with pytest.raises(ValueError, match="0x5"):
         pm_grid(0, 5)
 
@@ -199,12 +199,13 @@ def test_the_sr_region_is_the_box_of_the_main_heat() -> None:
     heat = result.heatmap("Effusion")
     row, col = finding.peak
     assert x0 <= col < x1 and y0 <= row < y1
-    # on a 256 px source the box is exact: the bounding box of the half-peak region that holds the peak
+    # the bounding box of the half-peak region that holds the peak, to one box-grid cell (2 px on this 256 px image)
     from scipy import ndimage
 
     labels, _ = ndimage.label(heat >= 0.5 * heat.max(), structure=np.ones((3, 3), dtype=bool))
     rows, cols = np.nonzero(labels == labels[np.unravel_index(np.argmax(heat), heat.shape)])
-    assert (x0, y0, x1, y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    expected = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    assert np.abs(np.array([x0, y0, x1, y1]) - np.array(expected)).max() <= 2
     assert (x1 - x0) * (y1 - y0) < 0.5 * heat.size  # a region, not the whole image
 
 
