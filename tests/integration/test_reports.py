@@ -64,15 +64,17 @@ def test_a_phantom_with_effusion_gets_pdf_sr_and_sc_that_validate(make_daemon, t
     (report,) = _reports(engine)
     assert report.state == "DONE" and report.revision == 1, report.error
     files = _files(engine, report.id)
-    assert sorted(files) == ["epdf", "pdf", "sc", "sr"]
+    assert sorted(files) == ["epdf", "pdf", "pm", "sc", "sr"]
     data = daemon.data_dir
     sr_path, pdf_path = data / files["sr"][0], data / files["pdf"][0]
     sc_paths = [data / p for p in files["sc"]]
     assert any("Effusion" in p.name for p in sc_paths), "a heatmap SC for the finding that is present"
+    pm_paths = [data / p for p in files["pm"]]  # the same heatmaps as Parametric Maps (reporting.pmap)
+    assert sorted(p.name.replace("pm-", "") for p in pm_paths) == sorted(p.name.replace("sc-", "") for p in sc_paths)
 
-    for path in [sr_path, data / files["epdf"][0], *sc_paths]:
+    for path in [sr_path, data / files["epdf"][0], *sc_paths, *pm_paths]:
         assert _errors("dciodvfy", path) == [], path.name
-    assert _errors("dcentvfy", source, sr_path, data / files["epdf"][0], *sc_paths) == []
+    assert _errors("dcentvfy", source, sr_path, data / files["epdf"][0], *sc_paths, *pm_paths) == []
 
     dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, check=True).stdout
     assert "Pleural effusion" in dump or "Effusion" in dump
@@ -143,7 +145,7 @@ def test_results_are_filed_into_the_original_study_in_orthanc(make_daemon, tmp_p
         files = _files(daemon.engine(), report.id)
         expected = {
             str(pydicom.dcmread(daemon.data_dir / p, stop_before_pixels=True).SOPInstanceUID)
-            for kind in ("sr", "sc", "epdf")
+            for kind in ("sr", "sc", "pm", "epdf")
             for p in files[kind]
         }
         study = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
@@ -153,6 +155,7 @@ def test_results_are_filed_into_the_original_study_in_orthanc(make_daemon, tmp_p
         filed = pacs.study_instances(study)
         assert set(filed) == expected, daemon.cli("forward", "--json").stdout
         assert "1.2.840.10008.5.1.4.1.1.88.34" in filed.values(), "the Comprehensive 3D SR is in the study"
+        assert "1.2.840.10008.5.1.4.1.1.30" in filed.values(), "the heatmap Parametric Map is in the study"
         status = json.loads(daemon.cli("status", "--json").stdout)
         assert status["forwards"]["totals"]["DONE"] == len(expected)
     finally:
