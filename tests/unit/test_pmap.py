@@ -222,3 +222,22 @@ def test_codes_table_documents_every_code_and_claims_sct_only_where_given() -> N
         assert FINDING_CODES[label].value[-3:-1] == "00"  # partition identifier of a concept id (short form)
     assert FINDING_CODES["Hernia"] == FINDING_CODES["Hernia"].__class__("84089009", "SCT", "Hiatal hernia")
     assert [k for k, c in FINDING_CODES.items() if c.scheme_designator == PRIVATE_SCHEME] == ["Pleural_Thickening"]
+
+
+def test_fast_sr_with_parametric_maps_equals_highdicom_full_build() -> None:
+    """highdicom, handed the whole tree, checks every referenced instance is in the evidence: the PMs are."""
+    import io
+
+    report, sources = phantom_report(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
+    result = report.images[0]
+    pms = {(result.source.sop_instance_uid, f.label): build_pm(report, result, f, sources[0]) for f in result.positive}
+
+    def written(ds: pydicom.Dataset) -> bytes:
+        for item in ds.get("ContributingEquipmentSequence", []):
+            item.ContributionDateTime = "20000101000000"  # highdicom's build timestamp
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    fast = build_sr(report, sources, heatmaps=pms)
+    assert written(fast) == written(build_sr(report, sources, heatmaps=pms, fast=False))
