@@ -370,7 +370,9 @@ def _evidence_table(result: ImageResult, st: dict[str, ParagraphStyle]) -> list[
             carry += f"; all channels: {f.share_for:.0%} for, {1 - f.share_for:.0%} against"
         incomplete |= not f.evidence_complete
         rows.append([_p(f"<b>{_e(f.name)}</b>", st["caption"]), _p(_channels(f.evidence), st["caption"]),
-                     _p(_channels(f.counter_evidence), st["caption"]), _p(carry, st["caption"])])
+                     _p(_channels(f.counter_evidence) if f.counter_evidence else
+                        "none among the strongest channels (the stored top channels by |contribution|)",
+                        st["caption"]), _p(carry, st["caption"])])
     table = _grid(rows, [28 * mm, 62 * mm, 44 * mm, 46 * mm])
     table.setStyle(TableStyle([("FONTSIZE", (0, 0), (-1, 0), 7), ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     note = ("<b>Channel evidence</b>: #channel, its contribution to the finding's logit (logit units) and its share "
