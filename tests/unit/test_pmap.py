@@ -73,6 +73,15 @@ def test_parametric_maps_pass_dciodvfy_without_warnings(written) -> None:  # typ
         assert _lines(out, "Error") == [] and _lines(out, "Warning") == [], out
 
 
+def test_sr_sc_and_encapsulated_pdf_have_no_avoidable_warnings(written) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, paths = written
+    for name in ("sr", "pdf-dicom", "sc-Effusion"):
+        out = _run("dciodvfy", str(paths[name]))
+        assert _lines(out, "Error") == [], out
+        # the one private code (Pleural thickening, 99CHEXD) is the only thing dciodvfy questions
+        assert [w for w in _lines(out, "Warning") if "<99CHEXD>" not in w] == [], f"{name}: {out}"
+
+
 def test_every_object_is_one_consistent_patient_and_study(written) -> None:  # type: ignore[no-untyped-def]
     _, _, _, paths = written
     out = _run("dcentvfy", *(str(p) for p in paths.values()))
