@@ -128,12 +128,15 @@ class LungFields:
 # ------------------------------------------------------------------------------------------- CAM -> image geometry
 
 
-def _axis_weights(n_out: int, n_src: int, full: int, n_cells: int, recipe: PreprocessRecipe | None) -> np.ndarray:
-    """Bilinear weights [n_out, n_cells] from CAM cells to output pixels along one axis.
+def _axis_taps(
+    n_out: int, n_src: int, full: int, n_cells: int, recipe: PreprocessRecipe | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps from CAM cells to output pixels along one axis: (i0, i1, w0, w1), each [n_out]; output pixel
+    k = w0[k] * cell i0[k] + w1[k] * cell i1[k].
 
     Inverts model.engine.prepare: the source axis of ``n_src`` px is zero-padded (centred) to ``full`` (the square
     side), resized to ``side`` and centre-cropped to ``input_size``; CAM cell k covers the crop's k-th 1/n_cells.
-    Pixels outside the crop get no heat."""
+    Pixels outside the crop get no heat (both weights 0)."""
     side = (recipe.resize or recipe.input_size) if recipe else full
     input_size = recipe.input_size if recipe else full
     top = (side - input_size) // 2
@@ -141,13 +144,19 @@ def _axis_weights(n_out: int, n_src: int, full: int, n_cells: int, recipe: Prepr
     src = (np.arange(n_out) + 0.5) * n_src / n_out  # source coordinate of each output pixel centre
     v = (src + pad) * side / full - top
     q = np.clip(v * n_cells / input_size - 0.5, 0.0, n_cells - 1)
-    i0 = np.floor(q).astype(int)
+    i0 = np.floor(q).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_cells - 1)
     frac = q - i0
+    inside = (v >= 0) & (v <= input_size)
+    return i0, i1, np.where(inside, 1.0 - frac, 0.0), np.where(inside, frac, 0.0)
+
+
+def _axis_weights(n_out: int, n_src: int, full: int, n_cells: int, recipe: PreprocessRecipe | None) -> np.ndarray:
+    """The taps of :func:`_axis_taps` as a dense matrix [n_out, n_cells] (float64)."""
+    i0, i1, w0, w1 = _axis_taps(n_out, n_src, full, n_cells, recipe)
     weights = np.zeros((n_out, n_cells), dtype=np.float64)
-    np.add.at(weights, (np.arange(n_out), i0), 1.0 - frac)
-    np.add.at(weights, (np.arange(n_out), i1), frac)
-    weights[(v < 0) | (v > input_size)] = 0.0
+    np.add.at(weights, (np.arange(n_out), i0), w0)
+    np.add.at(weights, (np.arange(n_out), i1), w1)
     return weights
 
 
@@ -172,10 +181,15 @@ def cam_to_image(
     if min(rows, cols, src_rows, src_cols) < 1:
         raise ValueError(f"Invalid shape {shape} / source_shape {source_shape} - sides must be >= 1")
     full = max(src_rows, src_cols)
-    wr = _axis_weights(rows, src_rows, full, cam.shape[0], recipe)
-    wc = _axis_weights(cols, src_cols, full, cam.shape[1], recipe)
-    heat = wr @ np.maximum(cam.astype(np.float64), 0.0) @ wc.T
-    return heat.astype(np.float32)
+    # Separable and sparse (two taps per output pixel and axis): interpolate the columns of the small CAM first, then
+    # combine two of its rows per output row. No BLAS: a threaded matrix product of these shapes cost 5-15 ms of CPU
+    # on a busy 2-core machine, this costs about 0.5 ms for a 256 x 256 grid.
+    r0, r1, a0, a1 = _axis_taps(rows, src_rows, full, cam.shape[0], recipe)
+    c0, c1, b0, b1 = _axis_taps(cols, src_cols, full, cam.shape[1], recipe)
+    relu = np.maximum(cam.astype(np.float64), 0.0)
+    across = (relu[:, c0] * b0 + relu[:, c1] * b1).astype(np.float32)  # [h, cols]
+    heat = across[r0] * a0[:, None].astype(np.float32) + across[r1] * a1[:, None].astype(np.float32)
+    return heat.astype(np.float32, copy=False)
 
 
 def cam_peak(cam: np.ndarray, shape: tuple[int, int], recipe: PreprocessRecipe | None = None) -> tuple[int, int]:
