@@ -196,6 +196,8 @@ def serve() -> None:
         fail(f"cannot start: {exc}{where}")
     except SQLAlchemyError as exc:
         fail(f"database error at start-up: {exc}")
+    except LookupError as exc:  # daemon.registry.RegistryError: the model to serve cannot be registered
+        fail(f"cannot start: {exc}")
 
 
 @app.command("config")

@@ -153,3 +153,13 @@ def test_reading_a_database_nothing_started_on_creates_nothing(tmp_path: Path) -
     with pytest.raises(RegistryError, match="start 'chexd serve'"):
         list_versions(settings)
     assert not db.exists() or db.stat().st_size == 0
+
+
+def test_a_start_with_a_broken_configured_model_is_refused_and_records_nothing(settings: Settings) -> None:
+    weights = Path(settings.model_path).with_suffix(".safetensors")
+    if not weights.is_file():  # model_path names the folder
+        (weights,) = Path(settings.model_path).glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(RegistryError, match="does not match the manifest's sha256"):
+        register_baseline(registry_sessions(settings), settings)
+    assert _counts(settings) == (0, 0)
