@@ -23,11 +23,19 @@ from reporting.report import (
     ModelInfo,
     SourceImage,
     assemble,
+    display_name,
     domain_check,
     study_report,
 )
 from reporting.uids import derived_uid, instance_uid, series_uid
-from tests.reporting_helpers import THRESHOLDS, demo_model, image_result, make_prediction, phantom_case
+from tests.reporting_helpers import (
+    THRESHOLDS,
+    demo_model,
+    image_result,
+    make_prediction,
+    phantom_case,
+    phantom_report,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -323,3 +331,17 @@ def test_compose_study_writes_no_findings_and_no_heatmap_for_a_withheld_image(tm
     assert composed.findings == [()]
     assert sorted(f.kind for f in composed.files) == ["pdf", "pdf-dicom", "sr"]  # no heatmap SC
     assert composed.report.images[0].domain == withheld
+
+
+def test_display_names_and_what_a_revision_supersedes() -> None:
+    assert display_name("Pleural_Thickening") == "Pleural thickening" and display_name("Effusion") == "Effusion"
+    assert all("_" not in display_name(label) for label in LABELS)
+    report, _ = phantom_report(revision=3)
+    assert report.supersedes_text() == "the previous revision"  # not known: no guess, no bare UID
+    dated = replace(report, superseded_revision=2, superseded_at=dt.datetime(2026, 11, 26, 18, 5, tzinfo=dt.UTC))
+    assert dated.supersedes_text() == "revision 2 of 2026-11-26 18:05 UTC"
+    assert phantom_report()[0].supersedes_text() is None
+    with pytest.raises(ValueError, match="superseded_revision"):
+        replace(report, superseded_revision=3)
+    with pytest.raises(ValueError, match="superseded_at"):
+        replace(report, superseded_revision=2, superseded_at=dt.datetime(2026, 11, 26))
