@@ -59,7 +59,8 @@ def test_bad_inputs_get_their_status_and_nothing_leaves_the_spool(daemon, tmp_pa
     assert sorted(p.name for p in daemon.data_dir.iterdir()) == sorted(
         p.name
         for p in daemon.data_dir.iterdir()
-        if p.name in {"spool", "quarantine", "identity.key"} or p.name.startswith("chexd.db")
+        # models/: the registry's copy of the baseline model the daemon registers at start
+        if p.name in {"spool", "quarantine", "identity.key", "models"} or p.name.startswith("chexd.db")
     )
     assert _tree(tmp_path, daemon.data_dir) == before, "nothing was written outside the data directory"
     assert not Path("/etc/chexd").exists() and not (daemon.data_dir / "etc").exists()
