@@ -181,6 +181,9 @@ def build_pm(
             hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [round(float(v), 6) for v in origin])
         ],
         derived_pixel_contrast="NONE",
+        # UTF-8 like the SR and SC: highdicom would copy the source's SpecificCharacterSet, which may be empty,
+        # multi-valued or unknown to it (a hostile or old sender) and then refuses the whole report
+        specific_character_set="ISO_IR 192",
     )
     pm.SeriesDescription = "chexd AI heatmaps, Parametric Map (not for diagnosis)"
     pm.copy_patient_and_study_information(geo)

@@ -129,6 +129,15 @@ def test_a_large_source_gets_a_reduced_grid_covering_the_same_extent() -> None:
         pm_grid(0, 5)
 
 
+@pytest.mark.parametrize("charset", ["", ["", "ISO 2022 IR 87"], "ISO_IR 100"])
+def test_a_source_character_set_highdicom_would_refuse_still_gives_a_utf8_map(charset: object) -> None:
+    report, sources = phantom_report(findings={"Effusion": 0.9})
+    result, source = report.images[0], sources[0]
+    source.SpecificCharacterSet = charset  # an empty or multi-valued one came from a hostile sender (test_phi_logs)
+    pm = build_pm(report, result, result.finding("Effusion"), source)
+    assert pm.SpecificCharacterSet == "ISO_IR 192" and pm.PatientID == source.PatientID
+
+
 def test_pm_uid_comes_from_the_content() -> None:
     report, sources = phantom_report(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
     result, source = report.images[0], sources[0]
