@@ -28,10 +28,19 @@ def _rejections(daemon) -> list[AuditEvent]:
         return list(conn.execute(select(AuditEvent).where(AuditEvent.event == "association_rejected")))
 
 
+def _rejections_when(daemon, count: int) -> list[AuditEvent]:
+    """The rejection rows once there are ``count`` of them: the edge writes audit rows from its own thread, after the
+    peer has its answer (10 s at most, then what there is)."""
+    deadline = time.monotonic() + 10
+    while len(rows := _rejections(daemon)) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return rows
+
+
 def test_wrong_called_ae_is_rejected_and_audited(daemon) -> None:
     assert not _echo(daemon, aec="NOTCHEXD")
     assert _echo(daemon)
-    (event,) = _rejections(daemon)
+    (event,) = _rejections_when(daemon, 1)
     assert event.called_ae == "NOTCHEXD" and "called AE" in event.detail and event.peer_address == "127.0.0.1"
 
 
@@ -46,7 +55,7 @@ def test_calling_ae_allow_list_with_source_ip(make_daemon) -> None:
     assert _echo(daemon, aet="PACS")
     assert not _echo(daemon, aet="INTRUDER")
     assert not _echo(daemon, aet="FARAWAY"), "right AE title from the wrong address"
-    details = sorted(e.calling_ae for e in _rejections(daemon))
+    details = sorted(e.calling_ae for e in _rejections_when(daemon, 2))
     assert details == ["FARAWAY", "INTRUDER"]
 
 

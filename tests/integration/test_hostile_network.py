@@ -136,6 +136,7 @@ def test_silent_connections_never_block_real_peers_and_are_closed(chexd, tmp_pat
         assert answers == [b""] * 30, "every silent connection is closed, none held"
     finally:
         close_all(socks)
+    assert wait_for(lambda: audit_rows(chexd, "connection_dropped", "127.0.0.3"))  # written by the edge's thread
     rows = audit_rows(chexd, "connection_dropped", "127.0.0.3")
     assert 1 <= len(rows) <= 3, "one row per cause and address, not one per connection"
 
@@ -290,11 +291,10 @@ def test_calling_ae_off_the_allow_list_is_a_permanent_reject(chexd, tmp_path) ->
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr, result.stderr
     assert request_rejection(chexd.port, chexd.ae_title, "INTRUDER2", "127.0.0.15") == (0x01, 0x01, 0x03)
-    rows = audit_rows(chexd, "association_rejected")
     assert wait_for(
         lambda: {"INTRUDER", "INTRUDER2"} <= {r.calling_ae for r in audit_rows(chexd, "association_rejected")}
     )
-    assert all(r.peer_address for r in rows)
+    assert all(r.peer_address for r in audit_rows(chexd, "association_rejected"))
     assert_healthy(chexd, tmp_path)
 
 
