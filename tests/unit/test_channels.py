@@ -72,7 +72,6 @@ def test_pair_statistics_match_a_hand_computation() -> None:
     assert len(pairs.to_dict()["pairs"]) == 6 and pairs.to_dict()["pairs"][2]["lift"] is None
 
 
-@pytest.mark.skipif(not NIH_LABELS.is_file(), reason="NIH label file not available")
 def test_pair_statistics_reproduce_the_shipped_nih_table() -> None:
     from model.datasets import read_label_csv
 

@@ -66,7 +66,6 @@ def test_bad_arrays_are_refused() -> None:
         check_pixels(np.full((8, 8), 2.0), photometric="MONOCHROME2")
 
 
-@pytest.mark.skipif(not (REAL / "Fake_MONOHR1.dcm").is_file(), reason="../shared/data/real-cxr not present")
 def test_a_real_film_mislabelled_monochrome1_is_inverted_and_the_real_films_are_not() -> None:
     from model.preprocess import decode_file
 
