@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -217,30 +218,16 @@ def compression_auroc_row(
     above, no such finding with its CI entirely below the floor). 'reproduced' when that verdict is 'met'."""
     value = verdict.get("mean_delta")
     ci = verdict.get("mean_delta_ci")
+    row = partial(_row, section="compression", claim="ΔAUROC +0.0004", paper_value=paper["delta_auroc"], data=DEMO,
+                  source=source)
     if value is None:
-        return _row(
-            section="compression",
-            claim="ΔAUROC +0.0004",
-            value=None,
-            ci=None,
-            paper_value=paper["delta_auroc"],
-            data=DEMO,
-            source=source,
-            verdict="not measurable here",
-            reason=str(verdict.get("reason") or "no finding has enough positives for a verdict"),
-            details={"verdict": dict(verdict)},
-        )
+        return row(value=None, ci=None, verdict="not measurable here",
+                   reason=str(verdict.get("reason") or "no finding has enough positives for a verdict"),
+                   details={"verdict": dict(verdict)})
+    measured = partial(row, value=float(value), ci=tuple(ci) if ci else None, unit="AUROC, compressed - parent")
     judged = len(verdict.get("judged") or ())
     if judged < MIN_JUDGED:
-        return _row(
-            section="compression",
-            claim="ΔAUROC +0.0004",
-            value=float(value),
-            ci=tuple(ci) if ci else None,
-            unit="AUROC, compressed - parent",
-            paper_value=paper["delta_auroc"],
-            data=DEMO,
-            source=source,
+        return measured(
             verdict="not measurable here",
             reason=f"only {judged} of {len(delta.get('findings') or ()) or 14} findings have {MIN_POSITIVES}+ "
             f"positives among these images (rule: at least {MIN_JUDGED} judged findings) - evaluate on more images",
@@ -251,15 +238,7 @@ def compression_auroc_row(
         f"{verdict.get('reason', '')} (rule: mean ΔAUROC over findings with enough positives has a CI "
         "containing 0 or above, and no such finding has its CI entirely below the floor)"
     )
-    return _row(
-        section="compression",
-        claim="ΔAUROC +0.0004",
-        value=float(value),
-        ci=tuple(ci) if ci else None,
-        unit="AUROC, compressed - parent",
-        paper_value=paper["delta_auroc"],
-        data=DEMO,
-        source=source,
+    return measured(
         verdict="reproduced" if met else "not reproduced",
         reason=reason.strip(),
         details={
