@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -210,3 +212,28 @@ def test_a_folder_without_exactly_one_manifest_is_refused(tmp_path: Path) -> Non
 def test_full_size_recipe_is_checked_by_the_dummy_forward(tmp_path: Path) -> None:
     loaded, manifest = load_artifact(save(tiny(), tmp_path, preprocessing=CHEXNET_RECIPE))
     assert manifest.preprocessing.input_size == 224 and loaded.architecture.num_classes == 14
+
+
+def test_the_manifest_is_read_without_torch(tmp_path: Path) -> None:
+    """model.manifest is the torch-free door: a fresh interpreter reads and validates a manifest without torch."""
+    manifest_file = save(tiny(seed=1), tmp_path / "out")
+    expected = read_manifest(manifest_file).version_id
+    code = (
+        "import sys\n"
+        "from model.manifest import Manifest, read_manifest\n"
+        f"manifest = read_manifest({str(manifest_file)!r})\n"
+        "assert isinstance(manifest, Manifest)\n"
+        "print(manifest.version_id)\n"
+        "sys.exit(3 if 'torch' in sys.modules else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr or "model.manifest loaded torch"
+    assert result.stdout.strip() == expected
+
+
+def test_the_artifact_module_re_exports_the_manifest_door() -> None:
+    import model.manifest
+
+    assert Manifest is model.manifest.Manifest
+    assert ArtifactError is model.manifest.ArtifactError
+    assert read_manifest is model.manifest.read_manifest
