@@ -215,7 +215,7 @@ def echo(port: int) -> bool:
 def job_states(database: Path, uids: list[str]) -> dict[str, tuple[str, str | None]]:
     from sqlalchemy import create_engine, select
 
-    from daemon.tables import Instance, Job
+    from daemon.store.tables import Instance, Job
 
     engine = create_engine(f"sqlite:///{database}")
     try:

@@ -85,7 +85,7 @@ def _load(model_path: Path | None):
     from model.artifact import load_artifact
 
     if model_path is None:
-        from daemon.inference import bundled_demo_model
+        from daemon.store.registry import bundled_demo_model
 
         model_path = bundled_demo_model("full")
         if model_path is None:

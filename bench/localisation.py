@@ -132,7 +132,7 @@ def run(*, model_path: Path | None, count: int, seed: int, render_size: int, tol
 
     torch.set_num_threads(2)
     if model_path is None:
-        from daemon.inference import bundled_demo_model
+        from daemon.store.registry import bundled_demo_model
 
         model_path = bundled_demo_model("full")
         if model_path is None:

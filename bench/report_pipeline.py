@@ -289,7 +289,7 @@ def _model(path: Path | None, input_size: int | None, work: Path) -> Path:
     """The artifact to run: ``path`` or the bundled demo, re-saved with ``input_size`` when one is given."""
     import dataclasses
 
-    from daemon.inference import bundled_demo_model
+    from daemon.work.inference import bundled_demo_model
     from model.artifact import load_artifact, save_artifact
 
     chosen = path or bundled_demo_model("full")

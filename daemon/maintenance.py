@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from daemon.errors import ERROR_EXIT, SETTINGS_EXIT, DaemonError
+
 if TYPE_CHECKING:
     from torch import nn
 
-    from daemon.registry import AdminJobHandle
     from daemon.settings import Settings
+    from daemon.store.registry import AdminJobHandle
     from model.artifact import Manifest
     from model.datasets import LabelledSource
     from model.features import FeatureSet
@@ -54,7 +56,7 @@ MAJOR_OPERATIONS = frozenset({"compress"})
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:[-+][0-9A-Za-z.+-]+)?$")
 
 
-class MaintenanceError(Exception):
+class MaintenanceError(DaemonError):
     """A maintenance job cannot run or cannot finish; the message names the value and what to do.
 
     ``usage`` is True when the options themselves are wrong (the CLI exits 2), False otherwise (exit 1)."""
@@ -62,6 +64,7 @@ class MaintenanceError(Exception):
     def __init__(self, message: str, *, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
+        self.exit_code = SETTINGS_EXIT if usage else ERROR_EXIT
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
@@ -111,7 +114,7 @@ class Parent:
 def load_parent(settings: Settings, model: Path | None) -> Parent:
     """The artifact ``model`` (a folder, .json or .safetensors), else the active model (registry, ``model_path`` or
     the bundled demo). Raises MaintenanceError when there is none or it fails verification on load."""
-    from daemon.registry import active_model_path
+    from daemon.store.registry import active_model_path
     from model.artifact import load_artifact
     from model.errors import ModelError
 
@@ -281,7 +284,7 @@ def run_job(settings: Settings, kind: str, params: Mapping[str, Any], work: Call
     ValueError) are re-raised as MaintenanceError with an actionable message; the job row says ``failed``."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from daemon.registry import RegistryError, admin_job
+    from daemon.store.registry import RegistryError, admin_job
     from model.errors import ModelError
 
     try:
@@ -357,7 +360,7 @@ def write_candidate(
       feature extractor alone (thresholds, head edits). A job that changes the architecture must pass inputs.
     Raises ValueError when the check fails or the bytes written twice differ, ArtifactError for unsavable weights,
     RegistryError when registration fails (inside :func:`run_job` these become MaintenanceError)."""
-    from daemon.registry import register_candidate
+    from daemon.store.registry import register_candidate
     from model.artifact import load_artifact, provenance_entry, read_manifest, save_artifact
 
     key = report_key or operation

@@ -10,17 +10,18 @@ import time
 from types import FrameType
 
 from daemon import logsafety
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.forward import ForwardLoop
-from daemon.inference import ActiveModelProcessor, resolve_model_path
-from daemon.intake import pixel_limits
-from daemon.recovery import RecoveryReport, recover
-from daemon.reports import ReportLoop, ReportScheduler
-from daemon.scp import StorageSCP
+from daemon.edge.intake import pixel_limits
+from daemon.edge.scp import StorageSCP
 from daemon.settings import Settings
-from daemon.spool import DiskGuard, Spool
-from daemon.store import InstanceStore, audit
-from daemon.worker import Processor, WorkerPool, decode_statistics
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import InstanceStore, audit
+from daemon.store.recovery import RecoveryReport, recover
+from daemon.store.registry import resolve_model_path
+from daemon.store.spool import DiskGuard, Spool
+from daemon.work.forward import ForwardLoop
+from daemon.work.inference import ActiveModelProcessor
+from daemon.work.reports import ReportLoop, ReportScheduler
+from daemon.work.worker import Processor, WorkerPool, decode_statistics
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Daemon:
     def _audit_start(self) -> None:
         """Register the served model as the active baseline when nothing is active yet, and audit the start."""
         if isinstance(self.processor, ActiveModelProcessor):
-            from daemon.registry import register_baseline
+            from daemon.store.registry import register_baseline
 
             active = register_baseline(self.sessions, self.settings)
             log.info("active model %s", active.version if active else "none")

@@ -22,15 +22,19 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from daemon.errors import DaemonError
+
 ENV_PREFIX = "CHEXD_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no backslash, no control chars
-_DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}(\+tls)?$")  # +tls: DICOM TLS (daemon.tls)
+_DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}(\+tls)?$")  # +tls: DICOM TLS (daemon.edge.tls)
 _TLS_CLIENT_CERT = ("auto", "none", "optional", "required")
 APPLICABILITY_POLICIES = ("withhold", "flag", "off")
 
 
-class SettingsError(ValueError):
+class SettingsError(DaemonError, ValueError):
     """A setting has a value chexd cannot use; the message names the setting, the value and the rule."""
+
+    exit_code = 2  # daemon.errors.SETTINGS_EXIT
 
 
 class DataDirError(SettingsError):
@@ -174,7 +178,7 @@ class Settings:
     forward_destinations: tuple[str, ...] = ()  # AE@host:port that receive the SR, SC and encapsulated PDF
     forward_max_attempts: int = 8
     forward_backoff_seconds: float = 2.0  # first retry delay; doubles per attempt, capped at 10 minutes
-    # DICOM TLS (daemon.tls, BCP 195 profile): PEM paths; tls_cert + tls_key turn TLS on for the SCP (TLS only)
+    # DICOM TLS (daemon.edge.tls, BCP 195 profile): PEM paths; tls_cert + tls_key turn TLS on for the SCP (TLS only)
     tls_cert: str = ""  # this node's certificate (chain); also the client certificate for '+tls' destinations
     tls_key: str = ""  # its private key (unencrypted PEM; protect it with file permissions)
     tls_ca: str = ""  # CA bundle that peers' certificates must chain to (clients at the SCP, '+tls' destinations)
@@ -269,7 +273,7 @@ class Settings:
     def _check_tls(self) -> None:
         """TLS settings: cert and key both or neither, readable PEM files, the key matches the certificate, a
         client-certificate mode that the other settings can honour."""
-        from daemon.tls import TLSFileError, TLSPaths, check_files
+        from daemon.edge.tls import TLSFileError, TLSPaths, check_files
 
         if self.tls_client_cert not in _TLS_CLIENT_CERT:
             raise SettingsError(

@@ -3,7 +3,7 @@
 
 from alembic import context
 
-from daemon.tables import Base
+from daemon.store.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -12,8 +12,8 @@ target_metadata = Base.metadata
 def _engine():
     engine = config.attributes.get("engine")
     if engine is None:
-        from daemon.db import create_db_engine
         from daemon.settings import load_settings
+        from daemon.store.db import create_db_engine
 
         engine = create_db_engine(load_settings().effective_database_url)
     return engine

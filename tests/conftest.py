@@ -209,7 +209,7 @@ class DaemonProcess:
         )
 
     def engine(self):  # type: ignore[no-untyped-def]
-        from daemon.db import create_db_engine
+        from daemon.store.db import create_db_engine
 
         return create_db_engine(self.database_url)
 

@@ -12,7 +12,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import Engine, func, select
 
-from daemon.tables import Instance, Job, JobState
+from daemon.store.tables import Instance, Job, JobState
 
 
 def dataset_bytes(path: Path) -> bytes:

@@ -10,7 +10,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from daemon.tables import AuditEvent
+from daemon.store.tables import AuditEvent
 from tests.dicomgen import make_dataset, write_dataset
 
 

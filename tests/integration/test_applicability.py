@@ -19,9 +19,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from daemon import queries
-from daemon.db import session_factory
-from daemon.tables import StudyReportRow
+from daemon.store import queries
+from daemon.store.db import session_factory
+from daemon.store.tables import StudyReportRow
 from model.phantom import generate, to_dicom
 from reporting.report import DomainCheck
 from tests.conftest import REAL_CXR, DaemonProcess, running_daemon

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, select
 from typer.testing import CliRunner, Result
 
 from daemon.cli import app
-from daemon.tables import AdminJob, ModelVersion
+from daemon.store.tables import AdminJob, ModelVersion
 from model.artifact import read_manifest, save_artifact
 from model.phantom import generate, to_dicom
 from model.types import LABELS, PreprocessRecipe

@@ -180,20 +180,20 @@ def test_an_actionable_error_escaping_any_command_is_one_line_and_an_exit_status
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception,
     code: int, message: str,
 ) -> None:
-    """The top-level handler (daemon.cli._App) for what a command does not catch itself."""
-    from daemon import cli
+    """The top-level handler (daemon.cli.root._App, daemon.cli.exits) for what a command does not catch itself."""
+    from daemon.cli import studies
 
     def raise_it(*_args: object, **_kwargs: object) -> None:
         raise error
 
     monkeypatch.setenv("CHEXD_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(cli.queries, "list_studies", raise_it)
-    monkeypatch.setattr(cli, "sessions", lambda *_a, **_k: None)
+    monkeypatch.setattr(studies.queries, "list_studies", raise_it)
+    monkeypatch.setattr(studies, "sessions", lambda *_a, **_k: None)
     with pytest.raises(SystemExit) as info:
         app(["studies"], prog_name="chexd")
     assert info.value.code == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    monkeypatch.setattr(cli.queries, "list_studies", lambda *_a, **_k: 1 / 0)
+    monkeypatch.setattr(studies.queries, "list_studies", lambda *_a, **_k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         app(["studies"], prog_name="chexd")

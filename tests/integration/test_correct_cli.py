@@ -21,14 +21,14 @@ from pydicom.uid import DigitalXRayImageStorageForProcessing
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from daemon import correct_cli
-from daemon.intake import inspect
-from daemon.registry import list_versions, registry_sessions
+from daemon.cli import correct as correct_cli
+from daemon.edge.intake import inspect
 from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.store import InstanceStore
-from daemon.tables import AdminJob
-from daemon.worker import read_stored_image
+from daemon.store.instances import InstanceStore
+from daemon.store.registry import list_versions, registry_sessions
+from daemon.store.spool import Spool
+from daemon.store.tables import AdminJob
+from daemon.work.worker import read_stored_image
 from model.artifact import diff_artifacts, load_artifact, read_manifest, save_artifact
 from model.engine import Engine
 from model.phantom import generate
@@ -285,7 +285,7 @@ def test_too_few_positives_in_a_part_is_refused_as_needing_data(settings: Settin
 
 
 def test_radiologist_feedback_supplies_the_false_positives(settings: Settings, tmp_path: Path) -> None:
-    from daemon.feedback import record
+    from daemon.store.feedback import record
 
     samples = [generate(0, i, size=RENDER) for i in phantom_indices("train", 600)[560:]]
     negatives = [s for s in samples if s.labels[E] == 0][2:5]

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from daemon.tables import StudyReportRow
+from daemon.store.tables import StudyReportRow
 from model.phantom import generate, to_dicom
 from tests.dicomgen import make_folder
 from tests.integration.peers import counts, job_states, spool_files, temp_files

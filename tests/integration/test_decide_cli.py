@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, select
 from typer.testing import CliRunner, Result
 
 from daemon.cli import app
-from daemon.tables import AdminJob, ModelVersion
+from daemon.store.tables import AdminJob, ModelVersion
 from model.artifact import load_artifact, read_manifest, save_artifact
 from model.types import LABELS
 
@@ -68,12 +68,12 @@ def _feedback(tmp_path: Path) -> None:
     import pydicom
     from pydicom.uid import DigitalXRayImageStorageForProcessing
 
-    from daemon.feedback import record
-    from daemon.intake import inspect
-    from daemon.registry import registry_sessions
+    from daemon.edge.intake import inspect
     from daemon.settings import Settings
-    from daemon.spool import Spool
-    from daemon.store import InstanceStore
+    from daemon.store.feedback import record
+    from daemon.store.instances import InstanceStore
+    from daemon.store.registry import registry_sessions
+    from daemon.store.spool import Spool
     from model.phantom import generate
     from tests.dicomgen import make_dataset, write_dataset
 

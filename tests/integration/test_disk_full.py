@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from daemon.service import Daemon
 from daemon.settings import Settings
-from daemon.tables import Instance, Study, StudyReportRow
-from daemon.worker import decode_statistics
+from daemon.store.tables import Instance, Study, StudyReportRow
+from daemon.work.worker import decode_statistics
 from model.phantom import generate, to_dicom
 from tests.conftest import DaemonProcess, free_port, running_daemon
 from tests.dicomgen import make_dataset, write_dataset

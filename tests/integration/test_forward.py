@@ -30,12 +30,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from daemon import scu
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver, enqueue, forward_summary
-from daemon.forward_cli import forward
+from daemon.cli.forward import forward
+from daemon.edge import scu
 from daemon.settings import Settings
-from daemon.tables import Forward, ForwardState, ReportFile, ReportState, Study, StudyReportRow
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.tables import Forward, ForwardState, ReportFile, ReportState, Study, StudyReportRow
+from daemon.work.forward import ClaimedForward, Destination, ForwardLoop, deliver, enqueue, forward_summary
 from tests.conftest import free_port
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.orthanc import OrthancServer
@@ -201,7 +201,7 @@ def test_results_are_filed_into_the_original_study_in_orthanc(db_url: str, tmp_p
 
 
 def invoke_forward(env: dict[str, str], *args: str) -> str:
-    """``chexd forward ARGS`` through typer (the command the lead registers on daemon.cli.app)."""
+    """``chexd forward ARGS`` through typer (the command the lead registers on daemon.cli.root.app)."""
     app = typer.Typer()
     app.command()(forward)
     result = CliRunner().invoke(app, list(args), env=env)
@@ -212,7 +212,7 @@ def invoke_forward(env: dict[str, str], *args: str) -> str:
 def test_down_destination_backs_off_goes_dead_and_retry_delivers_once_up(
     db_url: str, tmp_path: Path, started: list, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="daemon.forward")
+    caplog.set_level(logging.INFO, logger="daemon.work.forward")
     pacs = OrthancServer(tmp_path / "orthanc")  # ports chosen, not running yet
     started.append(pacs)
     data_dir = tmp_path / "data"
@@ -230,7 +230,7 @@ def test_down_destination_backs_off_goes_dead_and_retry_delivers_once_up(
     wait_for(lambda: {s for s, _ in study.states().values()} == {ForwardState.DEAD}, 30, "both results DEAD")
     assert set(study.states().values()) == {(ForwardState.DEAD, 3)}
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "daemon.forward"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "daemon.work.forward"]
     for uid in study.results:
         tries = [m for m in messages if uid in m]
         assert [("attempt 1 of 3" in m, "attempt 2 of 3" in m, "DEAD" in m) for m in tries] == [

@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from daemon.tables import Instance, Job
+from daemon.store.tables import Instance, Job
 from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset
 from tests.hostilegen import (

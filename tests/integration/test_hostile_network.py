@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from daemon.tables import AuditEvent
+from daemon.store.tables import AuditEvent
 from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 from tests.rawpeer import connect, pdu_header, read_until_closed, request_rejection, wait_for

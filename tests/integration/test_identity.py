@@ -15,10 +15,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 from typer.testing import CliRunner, Result
 
-from daemon import queries
 from daemon.cli import app
-from daemon.db import session_factory
-from daemon.tables import AuditEvent, IdentityConflict, Instance, ReportFile, Series, Study, StudyReportRow
+from daemon.store import queries
+from daemon.store.db import session_factory
+from daemon.store.tables import AuditEvent, IdentityConflict, Instance, ReportFile, Series, Study, StudyReportRow
 from tests.conftest import DaemonProcess, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 from sqlalchemy import func, select
 
-from daemon.tables import Instance, PredictionRow
+from daemon.store.tables import Instance, PredictionRow
 from model.artifact import save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.dicomgen import make_dataset, write_dataset

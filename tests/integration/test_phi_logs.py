@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from daemon.logsafety import REDACTED
-from daemon.tables import ReportFile, StudyReportRow
+from daemon.store.tables import ReportFile, StudyReportRow
 from model.phantom import generate, to_dicom
 from tests.conftest import phi_in_log
 from tests.integration.peers import wait_until_processed

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from daemon.tables import FindingRow, ReportFile, StudyReportRow
+from daemon.store.tables import FindingRow, ReportFile, StudyReportRow
 from model.phantom import generate, to_dicom
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.orthanc import OrthancServer
@@ -224,7 +224,7 @@ def test_three_revisions_put_each_heatmap_in_the_pacs_once_with_unique_numbers(m
 def test_the_daemon_audits_its_model_at_start_and_read_only_commands_write_nothing(make_daemon) -> None:
     from sqlalchemy import func, inspect
 
-    from daemon.tables import AuditEvent, ModelVersion
+    from daemon.store.tables import AuditEvent, ModelVersion
 
     daemon = make_daemon(model_device="cpu")
     engine = daemon.engine()

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-import daemon.spool
-import daemon.store
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.scp import Status, StorageSCP
+import daemon.store.instances
+import daemon.store.spool
+from daemon.edge.scp import Status, StorageSCP
 from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.store import InstanceStore
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import InstanceStore
+from daemon.store.spool import Spool
 from tests.conftest import free_port
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.peers import counts, send_raw, spool_files, temp_files
@@ -41,7 +41,7 @@ def test_database_failure_answers_out_of_resources_and_removes_the_file(scp, tmp
     def broken(*args, **kwargs):
         raise OperationalError("INSERT INTO instances", {}, Exception("database is gone"))
 
-    monkeypatch.setattr(daemon.store, "record_instance", broken)
+    monkeypatch.setattr(daemon.store.instances, "record_instance", broken)
     path = write_dataset(make_dataset(seed=1), tmp_path / "a.dcm")
     assert send_raw(scp.port, path) == Status.OUT_OF_RESOURCES
     data_dir = scp.settings.data_dir
@@ -57,7 +57,7 @@ def test_disk_failure_answers_out_of_resources_and_leaves_nothing(scp, tmp_path,
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(daemon.spool.os, "fsync", broken_fsync)
+    monkeypatch.setattr(daemon.store.spool.os, "fsync", broken_fsync)
     path = write_dataset(make_dataset(seed=2), tmp_path / "a.dcm")
     assert send_raw(scp.port, path) == Status.OUT_OF_RESOURCES
     data_dir = scp.settings.data_dir

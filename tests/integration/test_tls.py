@@ -20,11 +20,11 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from daemon import scu
-from daemon.forward import ClaimedForward, Destination, ForwardLoop, deliver
+from daemon.edge import scu
+from daemon.edge.tls import client_context, forward_context
 from daemon.settings import Settings
-from daemon.tables import AuditEvent, Instance
-from daemon.tls import client_context, forward_context
+from daemon.store.tables import AuditEvent, Instance
+from daemon.work.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from tests.conftest import DaemonProcess, free_port, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.test_forward import make_study
@@ -389,7 +389,7 @@ def test_a_tcp_probe_of_the_tls_port_is_not_logged_as_a_tls_failure(
     chexd: DaemonProcess, pki: PKI, tmp_path: Path
 ) -> None:
     """A health check or ``chexd forward``'s is-the-daemon-up probe connects and closes: like a plain connection
-    closed before its request, it is neither logged nor audited (daemon.tls.peer_closed_silently)."""
+    closed before its request, it is neither logged nor audited (daemon.edge.tls.peer_closed_silently)."""
     offset = len(chexd.log())
     probe = ("127.0.0.41", 0)
     socket.create_connection(("127.0.0.1", chexd.port), timeout=5, source_address=probe).close()

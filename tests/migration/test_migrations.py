@@ -1,4 +1,4 @@
-"""Alembic revisions against an empty database of each kind: upgrade, no drift from daemon.tables, downgrade."""
+"""Alembic revisions against an empty database of each kind: upgrade, no drift from daemon.store.tables, downgrade."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, inspect, text
 
-from daemon.db import alembic_config, create_db_engine, current_revision, head_revision, upgrade_to_head
-from daemon.tables import Base
+from daemon.store.db import alembic_config, create_db_engine, current_revision, head_revision, upgrade_to_head
+from daemon.store.tables import Base
 
 TABLES = {
     "studies",

@@ -184,8 +184,8 @@ def test_import_fits_on_a_dicom_validation_folder_and_says_when_none_was_given(t
     import typer
     from typer.testing import CliRunner
 
-    from daemon.model_cli import model_app
-    from daemon.phantom_cli import phantom
+    from daemon.cli.model import model_app
+    from daemon.cli.phantom import phantom
     from tests.unit.test_checkpoints import torchvision_tiny
 
     app = typer.Typer()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from daemon.model_cli import model_app
+from daemon.cli.model import model_app
 from model.artifact import load_artifact, read_manifest, save_artifact, sha256_file
 from model.checkpoints import XRV_PATHOLOGIES, CheckpointError, detect_format, import_checkpoint
 from model.errors import ModelError
@@ -357,7 +357,7 @@ def test_cli_import_errors_exit_1_with_the_reason(tmp_path: Path) -> None:
 def test_the_bundled_full_demo_model_imports_by_name_beside_the_compressed_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from daemon.inference import bundled_demo_model
+    from daemon.store.registry import bundled_demo_model
 
     monkeypatch.setenv("CHEXD_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("CHEXD_CONFIG", raising=False)

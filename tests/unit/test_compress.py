@@ -356,9 +356,9 @@ def test_compression_verdict_not_met_when_the_mean_ci_is_below_zero_without_any_
 
 
 def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp_path: Path, monkeypatch) -> None:
-    from daemon.compress_cli import compress as compress_command
-    from daemon.registry import list_versions
+    from daemon.cli.compress import compress as compress_command
     from daemon.settings import load_settings
+    from daemon.store.registry import list_versions
 
     parent = save_artifact(
         tiny,
@@ -400,7 +400,7 @@ def test_cli_registers_a_candidate_with_parameters_macs_and_provenance(tiny, tmp
 
 
 def test_cli_refuses_an_unknown_distill_scope(tiny, tmp_path: Path, monkeypatch) -> None:
-    from daemon.compress_cli import compress as compress_command
+    from daemon.cli.compress import compress as compress_command
 
     parent = save_artifact(
         tiny, tmp_path / "parent", name="tiny", preprocessing=RECIPE, synthetic=True, dtype="float32",

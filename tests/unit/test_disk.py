@@ -1,4 +1,4 @@
-"""The disk reserve and disk-full handling shared by every writer (daemon.spool DiskGuard/DiskPause), and the start-up
+"""The disk reserve and disk-full handling of every writer (daemon.store.spool DiskGuard/DiskPause), and the start-up
 resumption of reports left WRITING (SQLite and PostgreSQL). That the report worker processes die with the daemon is
 tested end to end in tests/integration/test_crash_safety.py."""
 
@@ -20,16 +20,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.reports import (
-    WRITER_PREFIX,
-    ReportLoop,
-    remove_stale_staging,
-    resume_orphaned_reports,
-    save_archive,
-)
 from daemon.settings import Settings
-from daemon.spool import (
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import InstanceStore
+from daemon.store.spool import (
     DISK_FULL_RESUME_MARGIN,
     DISK_FULL_RETRY_SECONDS,
     DiskGuard,
@@ -38,9 +32,15 @@ from daemon.spool import (
     Spool,
     is_disk_full,
 )
-from daemon.store import InstanceStore
-from daemon.tables import Job, JobState, ReportState, StudyReportRow, utcnow
-from daemon.worker import HOST, JobResult, Worker
+from daemon.store.tables import Job, JobState, ReportState, StudyReportRow, utcnow
+from daemon.work.reports import (
+    WRITER_PREFIX,
+    ReportLoop,
+    remove_stale_staging,
+    resume_orphaned_reports,
+    save_archive,
+)
+from daemon.work.worker import HOST, JobResult, Worker
 from model.types import Prediction
 from tests.unit.test_store import make_meta
 
@@ -102,7 +102,7 @@ def test_a_paused_activity_logs_once_per_change_and_waits_for_space_after_a_disk
     free = FakeFree(50 * MiB)
     guard.free_bytes = free  # type: ignore[method-assign]
     pause = DiskPause(guard, tmp_path, "reports")
-    caplog.set_level(logging.WARNING, logger="daemon.spool")
+    caplog.set_level(logging.WARNING, logger="daemon.store.spool")
     assert all(pause.blocked() for _ in range(100))
     free.free = 200 * MiB
     assert not any(pause.blocked() for _ in range(100))
@@ -288,7 +288,7 @@ def _report(env: Env, state: ReportState, writer: str | None) -> int:
     meta = make_meta(1)
     InstanceStore(env.spool, env.sessions).save(meta, b"\x00" * 256, "MODALITY")
     with env.sessions.begin() as session:
-        from daemon.tables import Study
+        from daemon.store.tables import Study
 
         study_id = session.scalars(select(Study.id)).one()
         row = StudyReportRow(
@@ -359,7 +359,7 @@ def test_a_claimed_report_names_its_writer_and_a_full_disk_puts_it_back_to_pendi
 def test_forwards_wait_below_the_reserve_and_a_full_disk_is_one_line_not_a_traceback_per_try(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from daemon.forward import ForwardLoop
+    from daemon.work.forward import ForwardLoop
 
     settings = Settings(data_dir=tmp_path, forward_destinations=("PACS@127.0.0.1:104",), worker_poll_seconds=0.05)
     guard = DiskGuard(10 * MiB)
@@ -384,7 +384,7 @@ def test_forwards_wait_below_the_reserve_and_a_full_disk_is_one_line_not_a_trace
         loop.stop(timeout=5)
     assert len(tries) == 1, "after the disk-full error it waits for space instead of trying again"
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
-    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "daemon.spool"] == [
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "daemon.store.spool"] == [
         "disk below reserve: forwards paused",
         "disk space back: forwards resumed",
         "disk full: forwards paused until space returns",

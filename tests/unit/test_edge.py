@@ -1,4 +1,4 @@
-"""The network edge's guard logic (daemon.edge): the request reader, the audit limiter, and an in-process EdgeServer
+"""The edge's guard logic (daemon.edge.server): the request reader, the audit limiter, and an in-process EdgeServer
 with a Verification-only AE exercised by raw sockets and pynetdicom's requestor."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from daemon.edge import (
+from daemon.edge.server import (
     AbortReason,
     AuditLimiter,
     EdgeConfig,
@@ -305,7 +305,7 @@ def test_edge_settings_name_the_value_and_rule(name: str, value: object, rule: s
 
 
 def test_edge_limits_follow_the_settings() -> None:
-    from daemon.scp import edge_limits
+    from daemon.edge.scp import edge_limits
     from daemon.settings import Settings
 
     limits = edge_limits(Settings())

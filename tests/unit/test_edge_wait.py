@@ -1,4 +1,4 @@
-"""daemon.edge: pynetdicom's reactors wait on their inputs (socket data, an outgoing PDU, a decoded DIMSE message)
+"""daemon.edge.server: pynetdicom's reactors wait on their inputs (socket data, an outgoing PDU, a decoded DIMSE)
 instead of sleeping 1 ms per look, on a real acceptor Association over a socket pair. Waits are set long (5 s) so
 each case proves that the event, not the timeout, ended the wait."""
 
@@ -15,15 +15,15 @@ from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 
-import daemon.edge
-from daemon.edge import ReplaySocket, _wait_instead_of_polling
+import daemon.edge.server
+from daemon.edge.server import ReplaySocket, _wait_instead_of_polling
 
 LONG_WAIT_S = 5.0
 
 
 @pytest.fixture
 def pair(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Association, ReplaySocket, socket.socket]]:
-    monkeypatch.setattr(daemon.edge, "_IDLE_WAIT_S", LONG_WAIT_S)
+    monkeypatch.setattr(daemon.edge.server, "_IDLE_WAIT_S", LONG_WAIT_S)
     ours, peer = socket.socketpair()
     assoc = Association(AE(), MODE_ACCEPTOR)
     sock = ReplaySocket(assoc, client_socket=ours, initial=b"")
@@ -59,7 +59,7 @@ def test_a_queued_outgoing_pdu_ends_the_wait_without_data(pair, monkeypatch: pyt
     ready, seconds = _timed(lambda: sock.ready)
     assert ready is False and seconds < LONG_WAIT_S / 2
     assert assoc.dul.to_provider_queue.get_nowait() == "primitive"
-    monkeypatch.setattr(daemon.edge, "_IDLE_WAIT_S", 0.3)
+    monkeypatch.setattr(daemon.edge.server, "_IDLE_WAIT_S", 0.3)
     ready, seconds = _timed(lambda: sock.ready)  # the wake-up was consumed: the next look waits its full time again
     assert ready is False and seconds >= 0.25
 
@@ -73,14 +73,14 @@ def test_a_decoded_dimse_message_ends_the_association_threads_wait(pair) -> None
 
 def test_nothing_to_do_returns_after_the_wait(pair, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     assoc, sock, _peer = pair
-    monkeypatch.setattr(daemon.edge, "_IDLE_WAIT_S", 0.05)
+    monkeypatch.setattr(daemon.edge.server, "_IDLE_WAIT_S", 0.05)
     assert sock.ready is False
     assert assoc.dimse.get_msg(block=False) == (None, None)
 
 
 def test_close_releases_the_wake_pipe(pair, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _assoc, sock, _peer = pair
-    monkeypatch.setattr(daemon.edge, "_IDLE_WAIT_S", 0.01)
+    monkeypatch.setattr(daemon.edge.server, "_IDLE_WAIT_S", 0.01)
     fd = sock._wake_r
     os.fstat(fd)
     sock.close()
@@ -93,7 +93,7 @@ def test_only_the_edge_association_threads_1ms_pause_is_skipped(pair) -> None:  
     import pynetdicom.association
 
     assoc, _sock, _peer = pair
-    assert isinstance(pynetdicom.association.time, daemon.edge._ReactorTime)
+    assert isinstance(pynetdicom.association.time, daemon.edge.server._ReactorTime)
     assert assoc._chexd_waits_on_queue is True
     reactor_time = pynetdicom.association.time
     results: dict[str, float] = {}

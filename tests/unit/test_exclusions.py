@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from daemon.exclusions_cli import exclusions
+from daemon.cli.exclusions import exclusions
 from model.types import LABELS
 from reporting.exclusions import ExclusionRules, apply_exclusions, load_pair_statistics
 

@@ -1,4 +1,4 @@
-"""daemon.forward without a PACS: destinations, backoff, status mapping, enqueue, claiming, outcomes, dead letters
+"""daemon.work.forward without a PACS: destinations, backoff, status mapping, enqueue, claiming, outcomes, dead letters
 and the summary (SQLite and real PostgreSQL). Delivery to real peers is in tests/integration/test_forward.py."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import forward as forward_module
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.forward import (
+from daemon.settings import Settings
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.tables import Forward, ForwardState, ReportFile, ReportState, Study, StudyReportRow, utcnow
+from daemon.work import forward as forward_module
+from daemon.work.forward import (
     BATCH_SIZE,
     LEASE,
     MAX_BACKOFF_SECONDS,
@@ -30,8 +32,6 @@ from daemon.forward import (
     retry_dead,
     status_outcome,
 )
-from daemon.settings import Settings
-from daemon.tables import Forward, ForwardState, ReportFile, ReportState, Study, StudyReportRow, utcnow
 from tests.conftest import free_port
 
 PACS = "PACS@127.0.0.1:104"

@@ -1,4 +1,4 @@
-"""daemon.intake: the input gate (frontal chest radiographs only) and the pixel-module checks that decide 0xC000."""
+"""daemon.edge.intake: the input gate (frontal chest radiographs only) and pixel-module checks that decide 0xC000."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 
-from daemon.intake import UnusableDatasetError, check_pixel_module, gate_reason, inspect
-from daemon.spool import InvalidUIDError
+from daemon.edge.intake import UnusableDatasetError, check_pixel_module, gate_reason, inspect
+from daemon.store.spool import InvalidUIDError
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 

@@ -17,10 +17,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-import daemon.store
-from daemon import queries
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.identity import (
+import daemon.store.instances
+from daemon.edge.intake import InstanceMeta, inspect
+from daemon.settings import Settings
+from daemon.store import queries
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.identity import (
     IdentityKey,
     IdentityKeyError,
     MixedPatientsError,
@@ -28,13 +30,10 @@ from daemon.identity import (
     check_one_patient,
     fingerprint_difference,
 )
-from daemon.intake import InstanceMeta, inspect
-from daemon.recovery import reindex
-from daemon.reports import ReportLoop, archive_path, mark_pending, save_archive
-from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.store import InstanceStore, StoreOutcome, dataset_sha256
-from daemon.tables import (
+from daemon.store.instances import InstanceStore, StoreOutcome, dataset_sha256
+from daemon.store.recovery import reindex
+from daemon.store.spool import Spool
+from daemon.store.tables import (
     AuditEvent,
     ConflictKind,
     IdentityConflict,
@@ -46,6 +45,7 @@ from daemon.tables import (
     Study,
     StudyReportRow,
 )
+from daemon.work.reports import ReportLoop, archive_path, mark_pending, save_archive
 from model.types import LABELS, Prediction
 from tests.dicomgen import make_dataset, write_dataset
 
@@ -300,7 +300,7 @@ def test_a_conflict_the_database_cannot_record_leaves_nothing_and_raises(
     def broken(**kwargs: object) -> None:
         raise OperationalError("INSERT INTO identity_conflicts", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(daemon.store, "IdentityConflict", broken)
+    monkeypatch.setattr(daemon.store.instances, "IdentityConflict", broken)
     with pytest.raises(SQLAlchemyError):
         env.store.save(second, second_bytes, None)
     assert list(env.spool.quarantine.iterdir()) == [] and list(env.spool.tmp.iterdir()) == []

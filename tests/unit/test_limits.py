@@ -23,9 +23,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from daemon.intake import UnusableDatasetError, check_element_lengths, check_pixel_module, pixel_limits
+from daemon.edge.intake import UnusableDatasetError, check_element_lengths, check_pixel_module, pixel_limits
 from daemon.settings import Settings, SettingsError, load_settings
-from daemon.worker import PermanentJobError, read_stored_image
+from daemon.work.worker import PermanentJobError, read_stored_image
 from model.errors import ImageDecodeError, ImageTooLargeError
 from model.preprocess import (
     PixelLimits,

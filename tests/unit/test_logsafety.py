@@ -69,7 +69,7 @@ def test_pydicom_invalid_value_warnings_keep_the_vr_and_lose_the_value(captured:
 
 
 def test_an_exception_text_is_redacted_in_a_traceback_and_as_an_argument(captured: io.StringIO) -> None:
-    log = logging.getLogger("daemon.reports")
+    log = logging.getLogger("daemon.work.reports")
     value = NAME.split()[0]  # a variable: a traceback's source lines are code, never data
     try:
         pydicom.valuerep.DA(value)  # pydicom's error repeats the value
@@ -92,13 +92,13 @@ def test_reportlab_layout_error_naming_a_paragraph_is_redacted(tmp_path, capture
     with pytest.raises(LayoutError) as info:
         doc.build([Table([[Paragraph(NAME, ParagraphStyle("p")), cell]])])
     assert "MUSTERMANN" in str(info.value), "reportlab's own message repeats the text"
-    logging.getLogger("daemon.reports").error("report failed", exc_info=(info.type, info.value, info.tb))
+    logging.getLogger("daemon.work.reports").error("report failed", exc_info=(info.type, info.value, info.tb))
     assert "MUSTERMANN" not in captured.getvalue() and "LayoutError" in captured.getvalue()
     assert "MUSTERMANN" not in redact_exception((info.type, info.value, info.tb))
 
 
 def test_own_messages_are_kept_and_uids_keywords_tags_survive(captured: io.StringIO) -> None:
-    logging.getLogger("daemon.scp").info("stored sop_instance_uid=%s", "1.2.840.10008.1.2.3")
+    logging.getLogger("daemon.edge.scp").info("stored sop_instance_uid=%s", "1.2.840.10008.1.2.3")
     logging.getLogger("pydicom").warning(
         "Invalid 'PatientName' (0010,0010) '1.2.3.4' 'ISO_IR 192' 'str' 'PN' vs '%s'", DOCTOR
     )
@@ -127,7 +127,7 @@ def test_redact_handles_quotes_inside_values_and_control_characters(message: str
 def test_no_record_is_dropped(captured: io.StringIO) -> None:
     flt = RedactingFilter()
     records = [logging.LogRecord(name, logging.WARNING, __file__, 1, "x %s", ("'a'",), None)
-               for name in ("pydicom", "daemon.worker", "py.warnings", "anything")]
+               for name in ("pydicom", "daemon.work.worker", "py.warnings", "anything")]
     assert all(flt.filter(r) for r in records)
 
 
@@ -149,7 +149,7 @@ def test_own_records_keep_their_template_and_uids_but_redact_quoted_values_in_ar
     captured: io.StringIO,
 ) -> None:
     reason = f"dataset cannot be parsed: Invalid value for VR PN: '{DOCTOR}'"
-    logging.getLogger("daemon.scp").warning("C-STORE refused status=0x%04X reason=%s uid=%s", 0xC000, reason,
+    logging.getLogger("daemon.edge.scp").warning("C-STORE refused status=0x%04X reason=%s uid=%s", 0xC000, reason,
                                             "1.2.3.4")
     text = captured.getvalue()
     assert DOCTOR not in text

@@ -22,9 +22,9 @@ from daemon.maintenance import (
     validation_features,
     write_candidate,
 )
-from daemon.registry import list_versions, registry_sessions
 from daemon.settings import Settings
-from daemon.tables import AdminJob
+from daemon.store.registry import list_versions, registry_sessions
+from daemon.store.tables import AdminJob
 from model.artifact import load_artifact, read_manifest, save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.unit.test_network import tiny

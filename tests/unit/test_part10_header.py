@@ -1,4 +1,4 @@
-"""daemon.scp.part10_header: the stored file's header is byte for byte what pydicom's writer (pynetdicom's
+"""daemon.edge.scp.part10_header: the stored file's header is byte for byte what pydicom's writer (pynetdicom's
 ``encode_file_meta``) makes of ``event.file_meta``, on the fast path and on the fallback."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from daemon.scp import part10_header
+from daemon.edge.scp import part10_header
 
 
 def _reference(file_meta: pydicom.dataset.FileMetaDataset) -> bytes:

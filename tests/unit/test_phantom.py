@@ -15,7 +15,7 @@ import typer
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from daemon.phantom_cli import phantom as phantom_command
+from daemon.cli.phantom import phantom as phantom_command
 from model import phantom
 from model.phantom import PhantomConfig, generate, sample_labels, to_dicom
 from model.preprocess import decode_image

@@ -1,4 +1,4 @@
-"""daemon.queries: the CLI's read-side views and reprocess (SQLite and real PostgreSQL)."""
+"""daemon.store.queries: the CLI's read-side views and reprocess (SQLite and real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.intake import InstanceMeta
-from daemon.queries import NotFoundError, list_studies, queue_summary, reprocess, show
-from daemon.spool import SpooledFile
-from daemon.store import record_instance
-from daemon.tables import AuditEvent, Instance, Job, JobState, utcnow
+from daemon.edge.intake import InstanceMeta
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import record_instance
+from daemon.store.queries import NotFoundError, list_studies, queue_summary, reprocess, show
+from daemon.store.spool import SpooledFile
+from daemon.store.tables import AuditEvent, Instance, Job, JobState, utcnow
 
 ROOT = "1.2.826.0.1.3680043.10.9999"
 STUDY_A, STUDY_B = f"{ROOT}.1", f"{ROOT}.2"

@@ -1,4 +1,4 @@
-"""daemon.recovery: after a crash, spool and database agree again (SQLite and real PostgreSQL)."""
+"""daemon.store.recovery: after a crash, spool and database agree again (SQLite and real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.recovery import recover
-from daemon.spool import Spool
-from daemon.tables import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.recovery import recover
+from daemon.store.spool import Spool
+from daemon.store.tables import AuditEvent, Instance, Job, JobState, Series, Study, utcnow
 
 ROOT = "1.2.826.0.1.3680043.10.9999"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from daemon.registry import (
+from daemon.settings import Settings
+from daemon.store.registry import (
     RegistryError,
     activate,
     active_model_path,
@@ -19,8 +20,7 @@ from daemon.registry import (
     registry_sessions,
     rollback,
 )
-from daemon.settings import Settings
-from daemon.tables import AdminJob, AuditEvent, ModelVersion
+from daemon.store.tables import AdminJob, AuditEvent, ModelVersion
 from model.artifact import diff_artifacts, load_artifact, provenance_entry, read_manifest, save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.unit.test_network import tiny

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.reports import ReportLoop, load_archive, mark_pending, save_archive
 from daemon.settings import Settings
-from daemon.spool import Spool
-from daemon.tables import ReportState, Study, StudyReportRow, utcnow
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.spool import Spool
+from daemon.store.tables import ReportState, Study, StudyReportRow, utcnow
+from daemon.work.reports import ReportLoop, load_archive, mark_pending, save_archive
 from model.types import LABELS, Prediction
 
 
@@ -90,7 +90,7 @@ def test_worker_processes_start_with_the_first_prediction_not_with_the_daemon(tm
     """An idle daemon never starts report worker processes; the first archived prediction starts them once."""
     import multiprocessing
 
-    from daemon.reports import ReportScheduler
+    from daemon.work.reports import ReportScheduler
 
     db_url = f"sqlite:///{tmp_path / 'chexd.db'}"
     engine = create_db_engine(db_url)
@@ -187,7 +187,7 @@ def test_a_changed_heatmap_gets_a_new_uid_and_the_next_number(tmp_path: Path) ->
 
 
 def test_report_folders_are_named_by_study_instance_uid(tmp_path: Path) -> None:
-    from daemon.reports import study_folder
+    from daemon.work.reports import study_folder
 
     assert study_folder(tmp_path, "1.2.840.113619.2.55.3", 7) == tmp_path / "reports" / "1.2.840.113619.2.55.3"
     # not a UID (a hostile or broken header): the database id, never a path from the header

@@ -1,4 +1,4 @@
-"""daemon.spool: UID validation, atomic durable writes, disk reserve, quarantine."""
+"""daemon.store.spool: UID validation, atomic durable writes, disk reserve, quarantine."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import spool as spool_module
-from daemon.spool import DiskReserveError, InvalidUIDError, Spool, validate_uid
+from daemon.store import spool as spool_module
+from daemon.store.spool import DiskReserveError, InvalidUIDError, Spool, validate_uid
 
 STUDY = "1.2.826.0.1.3680043.10.9999.1"
 SERIES = "1.2.826.0.1.3680043.10.9999.1.1"

@@ -1,4 +1,4 @@
-"""daemon.store: file in the spool and rows in the database, both or neither (SQLite and real PostgreSQL)."""
+"""daemon.store.instances: file in the spool and rows in the database, both or neither (SQLite and real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-import daemon.store
-from daemon import spool as spool_module
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
-from daemon.intake import InstanceMeta, inspect
-from daemon.spool import Spool
-from daemon.store import InstanceStore, StoreOutcome
-from daemon.tables import Instance, Job, JobState, Series, Study
+import daemon.store.instances
+from daemon.edge.intake import InstanceMeta, inspect
+from daemon.store import spool as spool_module
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import InstanceStore, StoreOutcome
+from daemon.store.spool import Spool
+from daemon.store.tables import Instance, Job, JobState, Series, Study
 
 ROOT = "1.2.826.0.1.3680043.10.9999"
 PAYLOAD = b"\x00" * 128 + b"DICM" + bytes(range(200))
@@ -161,14 +161,14 @@ def test_gated_instance_is_stored_with_a_skipped_job(env: Env) -> None:
 
 
 def test_database_failure_raises_and_leaves_no_file_and_no_rows(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_record = daemon.store.record_instance
+    real_record = daemon.store.instances.record_instance
 
     def record_then_fail(session: Session, *args: object, **kwargs: object) -> Instance:
         real_record(session, *args, **kwargs)  # type: ignore[arg-type]
         session.flush()  # the rows reach the database before the failure, so rollback is what removes them
         raise OperationalError("INSERT INTO jobs", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(daemon.store, "record_instance", record_then_fail)
+    monkeypatch.setattr(daemon.store.instances, "record_instance", record_then_fail)
     calls: list[bool] = []
     with pytest.raises(SQLAlchemyError):
         env.store.save(make_meta(), PAYLOAD, None, after_commit=lambda: calls.append(True))

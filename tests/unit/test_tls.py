@@ -1,4 +1,4 @@
-"""daemon.tls and the tls_* settings: the BCP 195 contexts, file validation at load, and the server handshake under
+"""daemon.edge.tls and the tls_* settings: the BCP 195 contexts, file validation at load, and the server handshake under
 real handshakes on loopback with Python's ssl as the peer."""
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.forward import Destination
-from daemon.settings import Settings, SettingsError, load_settings
-from daemon.tls import (
+from daemon.edge.tls import (
     ClientCertMode,
     client_context,
     client_handshake_error,
@@ -27,6 +25,8 @@ from daemon.tls import (
     scp_context,
     server_context,
 )
+from daemon.settings import Settings, SettingsError, load_settings
+from daemon.work.forward import Destination
 from tests.conftest import REPO
 from tests.pki import PKI, Issued, issue, make_pki
 
@@ -228,7 +228,7 @@ def listener() -> Iterator[socket.socket]:
 
 
 def handshake_in_thread(context: ssl.SSLContext, listener: socket.socket) -> tuple[threading.Thread, dict[str, object]]:
-    """Accept one connection and complete the server handshake in a thread (as daemon.edge does, blocking here);
+    """Accept one connection and complete the server handshake in a thread (as daemon.edge.server does, blocking here);
     the outcome lands in the dict: ``version`` and ``peer_cert``, or ``error`` (describe_tls_error's text)."""
     result: dict[str, object] = {}
 

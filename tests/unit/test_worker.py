@@ -1,4 +1,4 @@
-"""daemon.worker on SQLite and a real PostgreSQL server: claiming under a lease, retries, lease recovery."""
+"""daemon.work.worker on SQLite and a real PostgreSQL server: claiming under a lease, retries, lease recovery."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.settings import Settings
-from daemon.spool import Spool, SpooledFile
-from daemon.store import record_instance
-from daemon.tables import Instance, Job, JobState, utcnow
-from daemon.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
+from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
+from daemon.store.instances import record_instance
+from daemon.store.spool import Spool, SpooledFile
+from daemon.store.tables import Instance, Job, JobState, utcnow
+from daemon.work.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
 from model.errors import ImageTooLargeError
 from tests.unit.test_store import (
     ROOT,
@@ -190,12 +190,12 @@ def test_image_decode_error_fails_once_with_one_warning_and_no_traceback(
     def processor(path: Path) -> dict[str, Any]:
         raise ImageTooLargeError("image too large: 60000 x 60000 - the limit is 100,000,000 (max_image_pixels)")
 
-    with caplog.at_level("INFO", logger="daemon.worker"):
+    with caplog.at_level("INFO", logger="daemon.work.worker"):
         env.worker(processor).run_one()
     job = env.job(job_id)
     assert (job.state, job.attempts) == (JobState.FAILED, 1)
     assert job.error is not None and job.error.startswith("image too large")
-    records = [r for r in caplog.records if r.name == "daemon.worker"]
+    records = [r for r in caplog.records if r.name == "daemon.work.worker"]
     assert [r.levelname for r in records] == ["WARNING"]
     assert f"sop_instance_uid={ROOT}.1.1.1" in records[0].getMessage() and records[0].exc_info is None
 
@@ -337,9 +337,9 @@ def test_expired_lease_on_the_final_attempt_fails_the_job_instead_of_running_it_
 
 @pytest.mark.parametrize("score", [41.2, float("inf")])
 def test_the_applicability_verdict_is_stored_with_the_prediction_and_counted(env: Env, score: float) -> None:
-    from daemon.queries import applicability_counts
-    from daemon.tables import PredictionRow
-    from daemon.worker import JobResult
+    from daemon.store.queries import applicability_counts
+    from daemon.store.tables import PredictionRow
+    from daemon.work.worker import JobResult
     from model.types import Applicability, QualityIssue
     from reporting.report import domain_check
     from tests.reporting_helpers import make_prediction
@@ -368,7 +368,7 @@ def test_the_applicability_verdict_is_stored_with_the_prediction_and_counted(env
 
 
 def test_input_quality_passes_a_phantom_and_names_what_is_wrong_with_an_inverted_or_tiny_one() -> None:
-    from daemon.inference import input_quality
+    from daemon.work.inference import input_quality
     from model.phantom import generate, to_dicom
     from model.preprocess import decode_image
 

@@ -1,0 +1,35 @@
+"""``chexd serve``: upgrade the database, recover, then accept DICOM associations."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon.cli.console import err, fail
+from daemon.cli.context import settings
+from daemon.store.db import DatabaseError
+
+
+def serve() -> None:
+    """Run the daemon: upgrade the database, recover, then accept DICOM associations until SIGTERM/SIGINT."""
+    cfg = settings()  # before importing the daemon (torch: seconds), so a bad setting fails at once
+    from daemon.service import Daemon, configure_logging
+
+    configure_logging(cfg.log_level)
+    try:
+        daemon = Daemon(cfg)
+    except (DatabaseError, OSError) as exc:
+        fail(str(exc))
+    err.print(
+        f"chexd: AE title {cfg.ae_title}, port {cfg.port}, data in {cfg.data_dir}, "
+        f"database {cfg.masked()['database_url']}",
+        highlight=False,
+    )
+    try:
+        daemon.serve_forever()
+    except OSError as exc:
+        where = "" if exc.filename else f" - listening on bind_address {cfg.bind_address!r}, port {cfg.port}"
+        fail(f"cannot start: {exc}{where}")
+    except SQLAlchemyError as exc:
+        fail(f"database error at start-up: {exc}")
+    except LookupError as exc:  # daemon.store.registry.RegistryError: the model to serve cannot be registered
+        fail(f"cannot start: {exc}")
