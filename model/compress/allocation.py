@@ -5,11 +5,12 @@ prices MACs) against the gain-weighted error curves, bisected until the network 
 from __future__ import annotations
 
 import math
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn
 
 import numpy as np
 
-from model.complexity import complexity
+from model.complexity import Complexity, complexity
 from model.compress.compressor import _Compressor
 from model.compress.report import CompressionError, log
 from model.compress.tensors import (
@@ -18,9 +19,9 @@ from model.compress.tensors import (
 from model.network import Architecture, LayerSpec, TransitionSpec
 
 
-def _architecture(c: _Compressor, keep: dict[tuple[Any, ...], int]) -> Architecture:
+def _architecture(job: _Compressor, keep: dict[tuple[Any, ...], int]) -> Architecture:
     """The architecture implied by per-unit keep counts (channel identities do not matter for counting)."""
-    arch = c.arch
+    arch = job.arch
     blocks = []
     for b, block in enumerate(arch.blocks):
         layers = []
@@ -52,8 +53,46 @@ def _architecture(c: _Compressor, keep: dict[tuple[Any, ...], int]) -> Architect
     )
 
 
+def _keep_for(
+    arch: Architecture,
+    sides: list[int],
+    base: Complexity,
+    totals: dict[tuple[Any, ...], int],
+    cumulative: dict[tuple[Any, ...], np.ndarray],
+    round_to: int,
+    lam: float,
+    mu: float,
+) -> dict[tuple[Any, ...], int]:
+    """Keep counts per unit at multipliers ``lam`` (price of parameters) and ``lam * mu`` (price of MACs), both as
+    fractions of the original network's; ``cumulative``: each unit's weighted error after k removals."""
+    keep = dict(totals)
+    for _ in range(3):  # conv1 and bottleneck costs depend on each other: a few fixed-point rounds
+        for u, cum in cumulative.items():
+            kind = u[0]
+            if kind == "conv1":
+                b, i = u[1], u[2]
+                width = keep[("conv2", b, i)]
+                params, macs = width + 2, width * sides[b] ** 2
+            elif kind == "conv2":
+                b, i = u[1], u[2]
+                growth = arch.blocks[b][i].growth
+                n_in = keep[("conv1", b, i)]
+                params, macs = n_in + 2 + 9 * growth, (n_in + 9 * growth) * sides[b] ** 2
+            elif kind == "transition":
+                b = u[1]
+                out = arch.transitions[b].out_channels
+                params, macs = out + 2, out * (sides[b] // 2) ** 2  # the output pools before its conv
+            else:
+                params, macs = arch.num_classes + 2, arch.num_classes
+            unit_cost = params / base.parameters + mu * macs / base.macs
+            k = np.arange(len(cum))
+            removed = int(np.argmin(cum - lam * unit_cost * k))
+            keep[u] = _round_channels(totals[u] - removed, totals[u], round_to)
+    return keep
+
+
 def _allocate(
-    c: _Compressor,
+    job: _Compressor,
     curves: dict[tuple[Any, ...], np.ndarray],
     *,
     target_params: float,
@@ -62,7 +101,7 @@ def _allocate(
     gains: dict[tuple[Any, ...], float] | None = None,
 ) -> dict[tuple[Any, ...], int]:
     """Keep counts per unit meeting both targets with the least total relative error (see module doc)."""
-    arch = c.arch
+    arch = job.arch
     base = complexity(arch, input_size)
     from model.complexity import feature_size
 
@@ -70,39 +109,13 @@ def _allocate(
     totals = {u: len(c) + 1 for u, c in curves.items()}
     weights = gains or {}
     cumulative = {u: weights.get(u, 1.0) * np.concatenate([[0.0], np.cumsum(c)]) for u, c in curves.items()}
-
-    def keep_for(lam: float, mu: float) -> dict[tuple[Any, ...], int]:
-        keep = dict(totals)
-        for _ in range(3):  # conv1 and bottleneck costs depend on each other: a few fixed-point rounds
-            for u, cum in cumulative.items():
-                kind = u[0]
-                if kind == "conv1":
-                    b, i = u[1], u[2]
-                    width = keep[("conv2", b, i)]
-                    params, macs = width + 2, width * sides[b] ** 2
-                elif kind == "conv2":
-                    b, i = u[1], u[2]
-                    growth = arch.blocks[b][i].growth
-                    n_in = keep[("conv1", b, i)]
-                    params, macs = n_in + 2 + 9 * growth, (n_in + 9 * growth) * sides[b] ** 2
-                elif kind == "transition":
-                    b = u[1]
-                    out = arch.transitions[b].out_channels
-                    params, macs = out + 2, out * (sides[b] // 2) ** 2  # the output pools before its conv
-                else:
-                    params, macs = arch.num_classes + 2, arch.num_classes
-                unit_cost = params / base.parameters + mu * macs / base.macs
-                k = np.arange(len(cum))
-                removed = int(np.argmin(cum - lam * unit_cost * k))
-                keep[u] = _round_channels(totals[u] - removed, totals[u], c.round_to)
-        return keep
-
+    keep_for = partial(_keep_for, arch, sides, base, totals, cumulative, job.round_to)
     limit = target_params * base.parameters
     mac_limit = None if target_macs is None else target_macs * base.macs
     Result = tuple[dict[tuple[Any, ...], int], int, int, float]
 
     def evaluate(keep: dict[tuple[Any, ...], int]) -> Result:
-        counts = complexity(_architecture(c, keep), input_size)
+        counts = complexity(_architecture(job, keep), input_size)
         error = sum(float(cum[totals[u] - keep[u]]) for u, cum in cumulative.items())
         return keep, counts.parameters, counts.macs, error
 
@@ -134,13 +147,21 @@ def _allocate(
         log.info("allocation: mu %.3g: %d params, %d MACs, weighted error %.4g", mu, best[1], best[2], best[3])
         return best[0]
     smallest = evaluate(keep_for(1e8, 0.0))
-    if smallest[1] > limit:
+    fewest = min(evaluate(keep_for(1e8, mu))[2] for mu, _ in tried)
+    _unreachable(target_params, target_macs, smallest[1], fewest, limit, base)
+
+
+def _unreachable(
+    target_params: float, target_macs: float | None, fewest_params: int, fewest: int, limit: float, base: Complexity
+) -> NoReturn:
+    """Raise CompressionError naming the target that cannot be met (``fewest_params`` / ``fewest``: the smallest
+    parameter count and MAC count any allocation reached)."""
+    if fewest_params > limit:
         raise CompressionError(
             f"Invalid target_params {target_params}: unreachable - pruning conv inputs and bottlenecks leaves this "
-            f"network at least {smallest[1]:,} of {base.parameters:,} parameters "
-            f"({smallest[1] / base.parameters:.0%})"
+            f"network at least {fewest_params:,} of {base.parameters:,} parameters "
+            f"({fewest_params / base.parameters:.0%})"
         )
-    fewest = min(evaluate(keep_for(1e8, mu))[2] for mu, _ in tried)
     raise CompressionError(
         f"Invalid target_macs {target_macs}: not reachable together with target_params {target_params} - the "
         f"fewest MACs found were {fewest:,} of {base.macs:,} ({fewest / base.macs:.0%}); the stem conv is not "

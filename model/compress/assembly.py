@@ -15,39 +15,91 @@ from model.compress.tensors import (
 from model.network import Architecture, DenseNet, LayerSpec, TransitionSpec
 
 
-def _live(c: _Compressor, b: int, plans: list[_LayerPlan], read: set[int]) -> tuple[set[int], list[bool]]:
+def _live(job: _Compressor, b: int, plans: list[_LayerPlan], read: set[int]) -> tuple[set[int], list[bool]]:
     """Channels of block ``b`` still read (starting from ``read``, the block reader's inputs) and which layers
     still have a reader, walking the layers backwards (a layer is read only by later ones)."""
     alive = set(read)
     live = [False] * len(plans)
     for i in reversed(range(len(plans))):
-        start = c.arch.layer_available(b, i)
-        if set(range(start, start + c.arch.blocks[b][i].growth)) & alive:
+        start = job.arch.layer_available(b, i)
+        if set(range(start, start + job.arch.blocks[b][i].growth)) & alive:
             live[i] = True
             alive |= set(plans[i].inputs)
     return alive, live
 
 
-def _assemble(
-    c: _Compressor, plans: list[list[_LayerPlan]], readers: list[_ReaderPlan], input_bias: list[Tensor]
-) -> DenseNet:
-    """Build the smaller DenseNet: drop channels nobody reads (and layers whose output nobody reads), renumber
-    the kept inputs, fold every intercept into the consumers' BatchNorm running means."""
-    arch = c.arch
+def _alive(
+    job: _Compressor, plans: list[list[_LayerPlan]], readers: list[_ReaderPlan]
+) -> tuple[list[set[int]], list[list[bool]]]:
+    """Per block: which original block channels stay, and which layers stay."""
+    arch = job.arch
     n_blocks = len(arch.blocks)
-    # per block: which original block channels stay, which layers stay
     alive_sets: list[set[int]] = []
     live_layers: list[list[bool]] = []
     for b in range(n_blocks):
         last = len(plans[b]) - 1
-        alive, live = _live(c, b, plans[b], set(readers[b].inputs))
+        alive, live = _live(job, b, plans[b], set(readers[b].inputs))
         if not any(live):  # nobody reads the block's layers: keep the last one (one channel), a block needs one
-            alive, live = _live(c, b, plans[b], set(readers[b].inputs) | {arch.layer_available(b, last)})
+            alive, live = _live(job, b, plans[b], set(readers[b].inputs) | {arch.layer_available(b, last)})
         alive_sets.append(alive)
         live_layers.append(live)
+    return alive_sets, live_layers
 
+
+def _layer_state(
+    state: dict[str, Tensor],
+    orig_state: dict[str, Tensor],
+    key: str,
+    okey: str,
+    plan: _LayerPlan,
+    bias: Tensor,
+    outputs: list[int],
+    start: int,
+) -> None:
+    """Write original dense layer ``okey``'s kept tensors into ``state`` as layer ``key``: norm1 over the kept inputs
+    (running mean shifted by their producers' intercepts ``bias``), the refit conv1, norm2 over the kept bottleneck
+    (running mean shifted by conv1's intercept), and the refit conv2's rows for ``outputs`` (block channel numbers;
+    ``start``: the layer's first output channel)."""
+    pos = torch.tensor(plan.input_pos)
+    for k in ("weight", "bias", "running_var"):
+        state[f"{key}.norm1.{k}"] = orig_state[f"{okey}.norm1.{k}"][pos]
+    state[f"{key}.norm1.running_mean"] = orig_state[f"{okey}.norm1.running_mean"][pos] - bias[torch.tensor(plan.inputs)]
+    state[f"{key}.conv1.weight"] = plan.w1[:, :, None, None].clone()
+    bpos = torch.tensor(plan.bottleneck)
+    for k in ("weight", "bias", "running_var"):
+        state[f"{key}.norm2.{k}"] = orig_state[f"{okey}.norm2.{k}"][bpos]
+    state[f"{key}.norm2.running_mean"] = orig_state[f"{okey}.norm2.running_mean"][bpos] - plan.b1
+    for norm in ("norm1", "norm2"):
+        state[f"{key}.{norm}.num_batches_tracked"] = orig_state[f"{okey}.{norm}.num_batches_tracked"]
+    state[f"{key}.conv2.weight"] = plan.w2[torch.tensor([c - start for c in outputs])].clone()
+
+
+def _reader_norm_state(
+    state: dict[str, Tensor], orig_state: dict[str, Tensor], norm: str, reader: _ReaderPlan, bias: Tensor
+) -> None:
+    """Write a block reader's BatchNorm (a transition's or norm5) over its kept inputs into ``state``, its running
+    mean shifted by the producers' intercepts ``bias`` [block channels]."""
+    pos = torch.tensor(reader.input_pos)
+    rbias = bias[torch.tensor(reader.inputs)]
+    for k in ("weight", "bias", "running_var", "num_batches_tracked"):
+        value = orig_state[f"{norm}.{k}"]
+        state[f"{norm}.{k}"] = value if k == "num_batches_tracked" else value[pos]
+    state[f"{norm}.running_mean"] = orig_state[f"{norm}.running_mean"][pos] - rbias
+
+
+def _assemble(
+    job: _Compressor, plans: list[list[_LayerPlan]], readers: list[_ReaderPlan], input_bias: list[Tensor]
+) -> DenseNet:
+    """Build the smaller DenseNet: drop channels nobody reads (and layers whose output nobody reads), renumber
+    the kept inputs, fold every intercept into the consumers' BatchNorm running means.
+
+    (One walk over the blocks, a little over 80 lines: the channel renumbering ``new_index`` and the intercepts
+    ``bias`` carry from each layer to the next; the per-tensor copying is in the helpers above.)"""
+    arch = job.arch
+    n_blocks = len(arch.blocks)
+    alive_sets, live_layers = _alive(job, plans, readers)
     state: dict[str, Tensor] = {}
-    orig_state = {k: v.detach() for k, v in c.model.state_dict().items()}
+    orig_state = {k: v.detach() for k, v in job.model.state_dict().items()}
     blocks_spec = []
     transitions_spec = []
     head_inputs: tuple[int, ...] | None = None
@@ -89,20 +141,7 @@ def _assemble(
             inputs = [new_index[c] for c in plan.inputs]
             key = f"features.denseblock{b + 1}.denselayer{new_i + 1}"
             okey = f"features.denseblock{b + 1}.denselayer{i + 1}"
-            pos = torch.tensor(plan.input_pos)
-            for k in ("weight", "bias", "running_var"):
-                state[f"{key}.norm1.{k}"] = orig_state[f"{okey}.norm1.{k}"][pos]
-            state[f"{key}.norm1.running_mean"] = (
-                orig_state[f"{okey}.norm1.running_mean"][pos] - bias[torch.tensor(plan.inputs)]
-            )
-            state[f"{key}.conv1.weight"] = plan.w1[:, :, None, None].clone()
-            bpos = torch.tensor(plan.bottleneck)
-            for k in ("weight", "bias", "running_var"):
-                state[f"{key}.norm2.{k}"] = orig_state[f"{okey}.norm2.{k}"][bpos]
-            state[f"{key}.norm2.running_mean"] = orig_state[f"{okey}.norm2.running_mean"][bpos] - plan.b1
-            for norm in ("norm1", "norm2"):
-                state[f"{key}.{norm}.num_batches_tracked"] = orig_state[f"{okey}.{norm}.num_batches_tracked"]
-            state[f"{key}.conv2.weight"] = plan.w2[torch.tensor([c - start for c in outputs])].clone()
+            _layer_state(state, orig_state, key, okey, plan, bias, outputs, start)
             for c in outputs:
                 new_index[c] = next_index
                 next_index += 1
@@ -118,13 +157,8 @@ def _assemble(
         reader = readers[b]
         inputs = [new_index[c] for c in reader.inputs]
         kept = None if inputs == list(range(next_index)) else tuple(inputs)
-        pos = torch.tensor(reader.input_pos)
-        rbias = bias[torch.tensor(reader.inputs)]
         norm = f"features.transition{b + 1}.norm" if b < n_blocks - 1 else "features.norm5"
-        for k in ("weight", "bias", "running_var", "num_batches_tracked"):
-            value = orig_state[f"{norm}.{k}"]
-            state[f"{norm}.{k}"] = value if k == "num_batches_tracked" else value[pos]
-        state[f"{norm}.running_mean"] = orig_state[f"{norm}.running_mean"][pos] - rbias
+        _reader_norm_state(state, orig_state, norm, reader, bias)
         if b < n_blocks - 1:
             transitions_spec.append(TransitionSpec(out_channels=1, kept_inputs=kept))  # width set by next block
         else:

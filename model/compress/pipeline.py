@@ -1,5 +1,4 @@
-""":func:`compress`: checks its inputs; runs analysis, allocation, refit, assembly and optional distillation; reports.
-"""
+""":func:`compress`: checks its inputs, runs analysis, allocation, refit, assembly and optional distillation."""
 
 from __future__ import annotations
 
@@ -22,6 +21,91 @@ from model.network import DenseNet
 
 
 # ------------------------------------------------------------------------------------------------------ the job
+def _check_inputs(
+    model: DenseNet,
+    x: Tensor,
+    target_params: float,
+    target_macs: float | None,
+    distill_steps: int,
+    distill_scope: str,
+    distill_images: Tensor | None,
+    held_out: float,
+) -> None:
+    """Raise CompressionError for a model that is not a DenseNet, a setting out of range, distillation images not
+    shaped like the calibration images ``x``, or calibration images that are not >= 16 finite prepared inputs
+    [N, C, S, S] for ``model`` (see :func:`compress`)."""
+    if not isinstance(model, DenseNet):
+        raise CompressionError(f"cannot compress {type(model).__name__} - expected a model.network.DenseNet")
+    if isinstance(target_params, bool) or not 0 < target_params < 1:
+        raise CompressionError(
+            f"Invalid target_params {target_params!r} - the fraction of parameters to keep, in (0, 1)"
+        )
+    if target_macs is not None and not 0 < target_macs <= 1:
+        raise CompressionError(f"Invalid target_macs {target_macs!r} - the fraction of MACs to keep, in (0, 1]")
+    if distill_steps < 0:
+        raise CompressionError(f"Invalid distill_steps {distill_steps} - must be >= 0")
+    _scope_cut(model, distill_scope)
+    if distill_images is not None and (
+        not isinstance(distill_images, Tensor)
+        or distill_images.ndim != 4
+        or tuple(distill_images.shape[1:]) != tuple(getattr(x, "shape", ())[1:])
+    ):
+        shape = tuple(distill_images.shape) if isinstance(distill_images, Tensor) else type(distill_images).__name__
+        raise CompressionError(
+            f"Invalid distill_images {shape} - expected prepared images shaped like the calibration images"
+        )
+    if not 0 <= held_out < 0.5:
+        raise CompressionError(f"Invalid held_out {held_out} - must be in [0, 0.5)")
+    arch = model.architecture
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != arch.in_channels or x.shape[2] != x.shape[3]:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise CompressionError(
+            f"Invalid calibration images {shape} - expected a tensor [N, {arch.in_channels}, S, S] of prepared inputs"
+        )
+    if len(x) < 16:
+        raise CompressionError(f"Invalid calibration images: {len(x)} - at least 16 are needed for the fits")
+    if not torch.isfinite(x).all():
+        raise CompressionError("Invalid calibration images - contain NaN or infinity")
+
+
+def _keep_distilled(
+    compressed: DenseNet,
+    teacher: DenseNet,
+    images: Tensor,
+    reference: Tensor,
+    held_x: Tensor,
+    rmse_refit: float,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    scope: str,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[float, float] | None:
+    """Distil ``compressed`` in place towards ``teacher`` on ``images``. Keep the result and return its held-out logit
+    (RMSE, max abs error) when it follows the teacher's ``reference`` logits on ``held_x`` more closely than the refit
+    alone did (``rmse_refit``), or when no images are held out; otherwise restore the refit weights, return None."""
+    state = {k: v.clone() for k, v in compressed.state_dict().items()}
+    _distill(
+        compressed,
+        teacher,
+        images,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        scope=scope,
+        seed=seed,
+        progress=progress,
+    )
+    rmse_d, max_d = _fidelity(compressed, reference, held_x)
+    log.info("distill: held-out logit RMSE %.4f (max %.4f)", rmse_d, max_d)
+    if len(held_x) == 0 or rmse_d < rmse_refit:
+        return rmse_d, max_d
+    compressed.load_state_dict(state)
+    return None
+
+
 def compress(
     model: DenseNet,
     calibration_images: Tensor,
@@ -55,41 +139,16 @@ def compress(
     images; Adam at ``distill_lr``, cosine decay. ``distill_images``: more unlabeled prepared images [M, C, S, S]
     used for distillation only (besides the calibration images that are not held out).
     Raises CompressionError for invalid settings or inputs, or a MAC target not reachable with the parameter target.
+
+    (Longer than most functions here because it is one straight sequence: checks, held-out split, the four stages,
+    optional distillation, report; each step is a call.)
     """
     started = time.perf_counter()
-    if not isinstance(model, DenseNet):
-        raise CompressionError(f"cannot compress {type(model).__name__} - expected a model.network.DenseNet")
-    if isinstance(target_params, bool) or not 0 < target_params < 1:
-        raise CompressionError(
-            f"Invalid target_params {target_params!r} - the fraction of parameters to keep, in (0, 1)"
-        )
-    if target_macs is not None and not 0 < target_macs <= 1:
-        raise CompressionError(f"Invalid target_macs {target_macs!r} - the fraction of MACs to keep, in (0, 1]")
-    if distill_steps < 0:
-        raise CompressionError(f"Invalid distill_steps {distill_steps} - must be >= 0")
-    _scope_cut(model, distill_scope)
-    if distill_images is not None and (
-        not isinstance(distill_images, Tensor)
-        or distill_images.ndim != 4
-        or tuple(distill_images.shape[1:]) != tuple(getattr(calibration_images, "shape", ())[1:])
-    ):
-        shape = tuple(distill_images.shape) if isinstance(distill_images, Tensor) else type(distill_images).__name__
-        raise CompressionError(
-            f"Invalid distill_images {shape} - expected prepared images shaped like the calibration images"
-        )
-    if not 0 <= held_out < 0.5:
-        raise CompressionError(f"Invalid held_out {held_out} - must be in [0, 0.5)")
+    _check_inputs(
+        model, calibration_images, target_params, target_macs, distill_steps, distill_scope, distill_images, held_out
+    )
     arch = model.architecture
     x = calibration_images
-    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != arch.in_channels or x.shape[2] != x.shape[3]:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise CompressionError(
-            f"Invalid calibration images {shape} - expected a tensor [N, {arch.in_channels}, S, S] of prepared inputs"
-        )
-    if len(x) < 16:
-        raise CompressionError(f"Invalid calibration images: {len(x)} - at least 16 are needed for the fits")
-    if not torch.isfinite(x).all():
-        raise CompressionError("Invalid calibration images - contain NaN or infinity")
     input_size = int(x.shape[2])
     before = complexity(arch, input_size)
 
@@ -100,9 +159,7 @@ def compress(
     reference = predict_logits(model, held_x) if n_held else torch.empty(0)
 
     with torch.inference_mode():
-        worker = _Compressor(
-            model, fit_x, rows=rows, seed=seed, refit=refit, round_to=round_to, progress=progress
-        )
+        worker = _Compressor(model, fit_x, rows=rows, seed=seed, refit=refit, round_to=round_to, progress=progress)
         curves = _curves(worker)
         gains = _gains(worker)
         keep = _allocate(
@@ -116,11 +173,14 @@ def compress(
     distilled = False
     rmse, max_abs = rmse_refit, max_refit
     if distill_steps:
-        state = {k: v.clone() for k, v in compressed.state_dict().items()}
-        _distill(
+        images = fit_x if distill_images is None else torch.cat([fit_x.float(), distill_images.float()])
+        kept = _keep_distilled(
             compressed,
             model,
-            fit_x if distill_images is None else torch.cat([fit_x.float(), distill_images.float()]),
+            images,
+            reference,
+            held_x,
+            rmse_refit,
             steps=distill_steps,
             batch_size=distill_batch_size,
             lr=distill_lr,
@@ -128,12 +188,8 @@ def compress(
             seed=seed,
             progress=progress,
         )
-        rmse_d, max_d = _fidelity(compressed, reference, held_x)
-        log.info("distill: held-out logit RMSE %.4f (max %.4f)", rmse_d, max_d)
-        if n_held == 0 or rmse_d < rmse_refit:
-            distilled, rmse, max_abs = True, rmse_d, max_d
-        else:
-            compressed.load_state_dict(state)
+        if kept is not None:
+            distilled, (rmse, max_abs) = True, kept
     for p in compressed.parameters():
         p.requires_grad_(True)
     after = complexity(compressed.architecture, input_size)
