@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,8 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.edge.tls import TLSFileError, client_handshake_error, forward_context
 from daemon.settings import Settings
-from daemon.store.spool import DiskGuard, DiskPause, is_disk_full
+from daemon.store.spool import DiskGuard, DiskPause
 from daemon.store.tables import Forward, ForwardState, ReportFile, utcnow
+from daemon.work.loop import Loop
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def deliver(
     return outcomes
 
 
-class ForwardLoop:
+class ForwardLoop(Loop):
     """Background thread that delivers due forwards, one destination's batch per association.
 
     Only destinations in ``settings.forward_destinations`` are served: rows for a destination removed from the
@@ -403,42 +403,17 @@ class ForwardLoop:
         self.data_dir = Path(data_dir) if data_dir is not None else settings.data_dir
         # Forwarding writes only database rows, but waits below the reserve like every writer (the database may
         # share the disk, and what it would record is worthless if the report that follows cannot be written).
-        self.disk = DiskPause(guard or DiskGuard(settings.disk_reserve_mb * 2**20), self.data_dir, "forwards")
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__("chexd-forward", disk=DiskPause(
+            guard or DiskGuard(settings.disk_reserve_mb * 2**20), self.data_dir, "forwards"))
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="chexd-forward", daemon=True)
-        self._thread.start()
+    def paused(self) -> bool:
+        return bool(self.settings.forward_destinations) and super().paused()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def poll_seconds(self) -> float:
+        return self.settings.worker_poll_seconds
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self.settings.forward_destinations and self.disk.blocked():
-                self._stop.wait(1.0)
-                continue
-            try:
-                if self.run_once():
-                    continue
-            except Exception as exc:
-                if is_disk_full(exc):
-                    self.disk.hit(exc)
-                else:
-                    log.exception("forward loop error; retrying shortly")
-                self._stop.wait(2.0)
-            self._wake.wait(self.settings.worker_poll_seconds)
-            self._wake.clear()
+    def step(self, index: int) -> bool:
+        return self.run_once()
 
     def claim(self, *, now: datetime | None = None) -> list[ClaimedForward]:
         """Claim up to BATCH_SIZE due QUEUED forwards of the destination whose oldest one is due first.

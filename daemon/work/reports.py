@@ -64,6 +64,7 @@ from daemon.store.tables import (
     utcnow,
 )
 from daemon.work.lifeline import exit_if_orphaned, worker_init
+from daemon.work.loop import Loop
 from daemon.work.worker import HOST, ClaimedJob, JobResult, PermanentJobError, pid_alive, read_stored_image
 from model.types import Prediction
 
@@ -447,7 +448,7 @@ def _log_failure(future: Any) -> None:
         log.error("report worker process failed to start: %s", error)
 
 
-class ReportLoop:
+class ReportLoop(Loop):
     """Background threads that write due study reports and hand DICOM results to forwarding.
 
     With ``report_workers`` > 0 there are that many threads, each claiming one report at a time; the documents are
@@ -469,11 +470,9 @@ class ReportLoop:
         self.settings = settings
         self.on_written = on_written
         self.guard = spool.guard
-        self.disk = DiskPause(self.guard, settings.data_dir, "reports")
+        super().__init__("chexd-reports", threads=settings.report_workers,
+                         disk=DiskPause(self.guard, settings.data_dir, "reports"))
         self.writer = f"{HOST}/{os.getpid()}"
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._pool_thread: threading.Thread | None = None
@@ -542,51 +541,34 @@ class ReportLoop:
 
     # --- the loop -----------------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        workers = self.settings.report_workers
-        for i in range(max(1, workers)):
-            thread = threading.Thread(target=self._loop, name=f"chexd-reports-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    paused_wait = DISK_WAIT_SECONDS
+    error_wait = 0.0
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def thread_name(self, index: int) -> str:
+        return f"chexd-reports-{index}"
+
+    def poll_seconds(self) -> float:
+        return min(1.0, max(0.1, self.settings.report_quiet_seconds / 4))
+
+    def step(self, index: int) -> bool:
+        return self.run_one()
+
+    def stop(self, timeout: float = 30.0) -> bool:
         """Stop within about ``timeout`` seconds: a report being written may finish in the first half; after that the
         worker processes are ended (their lifeline cut) and an unfinished report goes back to PENDING."""
         deadline = time.monotonic() + timeout
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic() - timeout / 2))
+        self.signal_stop()
+        self.join(deadline - timeout / 2)
         with self._pool_lock:
             self._pool_event.set()
-            lifeline = self._lifeline if any(t.is_alive() for t in self._threads) else None
+            lifeline = self._lifeline if self.alive() else None
         if lifeline is not None:
             log.warning("report still being written at shutdown: ending the report worker processes")
             lifeline.close()  # every worker process sees end-of-file and exits
-        for thread in self._threads:
-            thread.join(max(0.1, deadline - time.monotonic()))
+        ended = self.join(deadline, minimum=0.1)
         if self._pool_thread is not None:
             self._pool_thread.join(max(0.1, deadline - time.monotonic()))
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self.disk.blocked():
-                self._stop.wait(DISK_WAIT_SECONDS)
-                continue
-            try:
-                if self.run_one():
-                    continue
-            except Exception as exc:
-                if is_disk_full(exc):
-                    self.disk.hit(exc)
-                else:
-                    log.exception("report loop error; retrying shortly")
-            wait = min(1.0, max(0.1, self.settings.report_quiet_seconds / 4))
-            self._wake.wait(wait)
-            self._wake.clear()
+        return ended
 
     def claim(self) -> int | None:
         """Take the next due report: PENDING past its quiet time, or WRITING past its lease (its writer died). It

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +26,7 @@ from daemon.errors import DaemonError
 from daemon.settings import Settings
 from daemon.store.spool import DiskPause, Spool, is_disk_full
 from daemon.store.tables import Instance, Job, JobState, PredictionRow, utcnow
+from daemon.work.loop import Loop
 from model.errors import ImageDecodeError
 from model.preprocess import DEFAULT_LIMITS, PixelLimits, decode_image, read_dicom, stats_of
 from model.types import Prediction
@@ -369,7 +368,7 @@ class Worker:
             )
 
 
-class WorkerPool:
+class WorkerPool(Loop):
     """``count`` worker threads plus periodic lease recovery; ``wake()`` after enqueueing to skip the poll wait."""
 
     def __init__(
@@ -382,52 +381,31 @@ class WorkerPool:
     ) -> None:
         self.sessions = sessions
         self.settings = settings
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.disk = DiskPause(spool.guard, settings.data_dir, "jobs")
+        disk = DiskPause(spool.guard, settings.data_dir, "jobs")
+        super().__init__("chexd-worker", threads=settings.worker_threads, disk=disk)
         self.workers = [
-            Worker(
-                sessions, spool, settings, identity=worker_identity(i), processor=processor, sink=sink, disk=self.disk
-            )
+            Worker(sessions, spool, settings, identity=worker_identity(i), processor=processor, sink=sink, disk=disk)
             for i in range(settings.worker_threads)
         ]
-        self._threads: list[threading.Thread] = []
-
-    def wake(self) -> None:
-        self._wake.set()
+        self._last_recovery = 0.0
 
     def start(self) -> None:
-        for worker in self.workers:
-            thread = threading.Thread(target=self._loop, args=(worker,), name=f"chexd-{worker.identity}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        if self.workers:
+            super().start()
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Ask the threads to stop and wait up to ``timeout`` seconds in all; True when every thread has ended (a job
-        still running keeps its lease and is re-queued at the next start)."""
-        self._stop.set()
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+    def thread_name(self, index: int) -> str:
+        return f"chexd-{self.workers[index].identity}"
 
-    def _loop(self, worker: Worker) -> None:
-        last_recovery = 0.0
-        clock = threading.Event()
-        while not self._stop.is_set():
-            try:
-                now = utcnow().timestamp()
-                if worker is self.workers[0] and now - last_recovery > 30:
-                    requeue_expired(self.sessions)
-                    last_recovery = now
-                if worker.run_one():
-                    continue
-            except Exception as exc:
-                if is_disk_full(exc):
-                    self.disk.hit(exc)
-                else:
-                    log.exception("worker loop error; retrying shortly")
-                clock.wait(2.0)
-            self._wake.wait(self.settings.worker_poll_seconds)
-            self._wake.clear()
+    def paused(self) -> bool:
+        return False  # each Worker waits below the disk reserve itself (Worker.run_one)
+
+    def poll_seconds(self) -> float:
+        return self.settings.worker_poll_seconds
+
+    def step(self, index: int) -> bool:
+        """Thread 0 also re-queues jobs whose lease expired (their worker died), every 30 s."""
+        now = utcnow().timestamp()
+        if index == 0 and now - self._last_recovery > 30:
+            requeue_expired(self.sessions)
+            self._last_recovery = now
+        return self.workers[index].run_one()
