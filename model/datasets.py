@@ -267,7 +267,7 @@ class PhantomSource(LabelledSource):
 
     def __init__(self, split: str, *, seed: int = 0, count: int = 300, size: int = 256) -> None:
         from model.phantom import sample_labels
-        from model.train import SPLITS, split_of
+        from model.splits import SPLITS, split_of
 
         if split not in SPLITS:
             raise DatasetError(f"Invalid phantom split {split!r} - expected one of {', '.join(SPLITS)}")

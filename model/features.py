@@ -258,7 +258,7 @@ def phantom_features(
 ) -> FeatureSet:
     """Features of the first ``count`` phantom images of ``split`` (rendered by ``model.train.render_split``, the same
     pixels training and evaluation use). Ids are ``phantom:<seed>:<index>`` as in ``model.datasets.PhantomSource``."""
-    from model.train import render_split
+    from model.splits import render_split
 
     data = render_split(split, seed=seed, count=count, recipe=recipe, render_size=render_size, progress=progress)
     items = zip((f"phantom:{seed}:{i}" for i in data.indices), data.patients, data.x, data.y, strict=True)

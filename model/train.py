@@ -1,13 +1,12 @@
 """Training on the chest phantom: patient-disjoint splits, mixed precision on a GPU, resumable, with progress.
 
-Splits are decided by a hash of the phantom patient id (train 70%, val 15%, test 15%), so no patient has images in
-two splits. Images are rendered once per run at ``render_size`` and kept in memory as float16 at the network's input
-size; the test split is what ``evaluate`` reports on.
+Splits are decided by a hash of the phantom patient id (train 70%, val 15%, test 15%; :mod:`model.splits`), so no
+patient has images in two splits. Images are rendered once per run at ``render_size`` and kept in memory as float16
+at the network's input size; the test split is what ``evaluate`` reports on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,64 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from model.applicability import ApplicabilityModel, fit_applicability
-from model.engine import prepare
 from model.metrics import Evaluation, evaluate
+from model.splits import SPLITS as SPLITS  # the phantom splits, re-exported (features and datasets import them too)
+from model.splits import PhantomSplit as PhantomSplit
+from model.splits import render_split
+from model.splits import split_of as split_of
 from model.types import LABELS, PreprocessRecipe
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def split_of(patient_id: str) -> str:
-    """'train' (70%), 'val' (15%) or 'test' (15%), fixed by the patient id alone."""
-    bucket = int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 70 else "val" if bucket < 85 else "test"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PhantomSplit:
-    """Prepared network inputs ``x`` float16 [N, C, S, S], labels uint8 [N, 14], phantom indices and patients."""
-
-    name: str
-    x: torch.Tensor
-    y: np.ndarray
-    indices: np.ndarray
-    patients: tuple[str, ...]
-
-
-def render_split(
-    name: str,
-    *,
-    seed: int,
-    count: int,
-    recipe: PreprocessRecipe,
-    render_size: int = 256,
-    progress: Progress | None = None,
-) -> PhantomSplit:
-    """Render phantom images of one split until ``count`` are collected (indices whose patient falls in it)."""
-    from model.phantom import generate, sample_labels
-
-    if name not in SPLITS:
-        raise ValueError(f"Invalid split {name!r} - expected one of {SPLITS}")
-    xs, ys, indices, patients = [], [], [], []
-    index = 0
-    while len(xs) < count:
-        if split_of(sample_labels(seed, index).patient_id) == name:  # cheap: no pixels rendered
-            sample = generate(seed, index, size=render_size)
-            xs.append(prepare(sample.image, recipe).half())
-            ys.append(np.asarray(sample.labels, dtype=np.uint8))
-            indices.append(index)
-            patients.append(sample.patient_id)
-            if progress:
-                progress(f"render {name}", len(xs), count)
-            if len(xs) % 1000 == 0:
-                log.info("rendered %d/%d %s images", len(xs), count, name)
-        index += 1
-    return PhantomSplit(
-        name=name, x=torch.stack(xs), y=np.stack(ys), indices=np.array(indices), patients=tuple(patients)
-    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
