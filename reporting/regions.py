@@ -25,6 +25,7 @@ else is "outside lungs".
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -213,9 +214,13 @@ def cam_peak(cam: np.ndarray, shape: tuple[int, int], recipe: PreprocessRecipe |
 # ------------------------------------------------------------------------------------------------- lung fields
 
 
+@functools.lru_cache(maxsize=32)
 def _disk(radius: int) -> np.ndarray:
+    """A read-only disk structuring element (built once: the segmentation asks for one ~100 times per image)."""
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    return x * x + y * y <= radius * radius
+    disk = x * x + y * y <= radius * radius
+    disk.flags.writeable = False
+    return disk
 
 
 def _working(image: np.ndarray) -> np.ndarray:

@@ -27,12 +27,45 @@ ALPHA_MAX = 0.6
 _LOW, _HIGH = 0.15, 0.5
 
 
+_CENTRES = (0.75, 0.5, 0.25)  # where the r, g and b ramps of the "jet" map peak
+
+
 def colormap(values: np.ndarray) -> np.ndarray:
     """The "jet" colour map: values in [0, 1] (clipped) -> uint8 RGB [..., 3], blue (0) - green - red (1)."""
     v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # r, g, b
+    centres = np.array(_CENTRES, dtype=np.float32)  # r, g, b
     rgb = np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
     return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _blend(grey: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """uint8 RGB [rows, columns, 3]: ``grey`` (float32 [rows, columns] in [0, 1]) under the colour-mapped heat ``h``
+    (float32, heat / its peak), alpha from 0 at _LOW to ALPHA_MAX at _HIGH.
+
+    The same float32 arithmetic per pixel as ``grey * (1 - alpha) + colormap(h) * alpha`` on [rows, columns, 3]
+    arrays, hence the same bytes, but one channel at a time on contiguous 2-D arrays and in place: 3 ms instead of
+    ~30 ms for a 640 px picture (the interleaved [..., 3] temporaries were the cost)."""
+    g = np.clip(grey, 0, 1) * 255.0
+    alpha = np.clip((h - _LOW) / (_HIGH - _LOW), 0.0, 1.0)
+    alpha *= ALPHA_MAX
+    g *= 1.0 - alpha
+    v = np.clip(h, 0.0, 1.0)
+    out = np.empty((*h.shape, 3), np.uint8)
+    t = np.empty_like(v)
+    for c, centre in enumerate(_CENTRES):  # colormap(), one channel
+        np.subtract(v, np.float32(centre), out=t)
+        t *= 4.0
+        np.abs(t, out=t)
+        np.subtract(1.5, t, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        t *= 255.0
+        t += 0.5
+        channel = t.astype(np.uint8).astype(np.float32)
+        channel *= alpha
+        channel += g
+        channel += 0.5
+        out[..., c] = channel
+    return out
 
 
 def shrink(image: np.ndarray, max_side: int, *, min_side: int = 0) -> np.ndarray:
@@ -63,17 +96,16 @@ def overlay(result: ImageResult, finding: Finding, *, max_side: int = 640, min_s
     grey = shrink(result.image, max_side, min_side=min_side)
     heat = result.heatmap(finding.label, grey.shape)
     vmax = float(heat.max())
-    rgb = np.repeat((np.clip(grey, 0, 1) * 255.0)[..., None], 3, axis=2)
     if vmax > 0:
-        h = heat / vmax
-        alpha = (ALPHA_MAX * np.clip((h - _LOW) / (_HIGH - _LOW), 0.0, 1.0))[..., None]
-        rgb = rgb * (1.0 - alpha) + colormap(h).astype(np.float32) * alpha
+        rgb = _blend(np.asarray(grey, np.float32), heat / vmax)
+    else:
+        rgb = (np.repeat((np.clip(grey, 0, 1) * 255.0)[..., None], 3, axis=2) + 0.5).astype(np.uint8)
     scale = grey.shape[0] / result.image.shape[0]
     peak = None
     if finding.peak is not None:
         peak = (min(int(finding.peak[0] * scale), grey.shape[0] - 1), min(int(finding.peak[1] * scale),
                                                                           grey.shape[1] - 1))
-    return Overlay(rgb=(rgb + 0.5).astype(np.uint8), vmax=vmax, peak=peak, scale=scale)
+    return Overlay(rgb=rgb, vmax=vmax, peak=peak, scale=scale)
 
 
 def draw_peak(img: Image.Image, peak: tuple[int, int] | None) -> None:

@@ -50,6 +50,7 @@ import functools
 import importlib.metadata
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -151,9 +152,14 @@ def set_equipment(ds: Dataset, report: StudyReport) -> None:
 
 def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentification:
     m = report.model
-    return hd.sr.AlgorithmIdentification(
-        name=m.name[:64], version=m.version, parameters=[f"decision threshold {finding.threshold:.4f}"]
-    )
+    return _algorithm_item(m.name[:64], m.version, f"decision threshold {finding.threshold:.4f}")
+
+
+@functools.lru_cache(maxsize=256)
+def _algorithm_item(name: str, version: str, parameter: str) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 for one model and decision threshold; one object shared by every group and document that states it
+    (the items are only read and written, never changed: building them was a sixth of the SR's group time)."""
+    return hd.sr.AlgorithmIdentification(name=name, version=version, parameters=[parameter])
 
 
 _BOX_SIDE = 128  # grid (longer side, px) on which the heat box is found: the CAM has 7 or 8 cells a side
@@ -189,7 +195,7 @@ def _comment(finding: Finding) -> str | None:
 
 
 def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, ds: Dataset,  # type: ignore[no-untyped-def]
-           heatmap: Dataset | None = None):
+           heatmap: Dataset | None = None, refs: _ImageRefs | None = None):
     code = _code(finding.label)
     tracking = hd.sr.TrackingIdentifier(
         uid=derived_uid("tracking", finding.label, result.source.sop_instance_uid, result.model_version),
@@ -204,7 +210,7 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: the first point repeated last
             graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+            source_image=refs.region if refs else hd.sr.SourceImageForRegion.from_source_image(ds),
         )
         measurement = hd.sr.Measurement(name=_PROBABILITY, value=probability, unit=_NO_UNITS)
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -214,7 +220,7 @@ def _group(report: StudyReport, result: ImageResult, n: int, finding: Finding, d
     else:
         measurement = hd.sr.Measurement(
             name=_PROBABILITY, value=probability, unit=_NO_UNITS,
-            referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(ds)],
+            referenced_images=[refs.measurement if refs else hd.sr.SourceImageForMeasurement.from_source_image(ds)],
         )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, finding_type=code, algorithm_id=algorithm, measurements=[measurement],
@@ -284,11 +290,21 @@ def _domain_group(report: StudyReport, result: ImageResult, n: int, ds: Dataset)
     return group
 
 
+@dataclass(frozen=True, slots=True)
+class _ImageRefs:
+    """An image's reference items, built once and shared by all its groups (they are only read and written)."""
+
+    measurement: hd.sr.SourceImageForMeasurement
+    region: hd.sr.SourceImageForRegion
+
+
 def _image_groups(report: StudyReport, result: ImageResult, n: int, ds: Dataset,  # type: ignore[type-arg]
                   heatmaps: Mapping[tuple[str, str], Dataset]) -> list:
     groups = [] if result.domain is None else [_domain_group(report, result, n, ds)]
     uid = result.source.sop_instance_uid
-    return groups + [_group(report, result, n, finding, ds, heatmaps.get((uid, finding.label)))
+    refs = _ImageRefs(measurement=hd.sr.SourceImageForMeasurement.from_source_image(ds),
+                      region=hd.sr.SourceImageForRegion.from_source_image(ds))
+    return groups + [_group(report, result, n, finding, ds, heatmaps.get((uid, finding.label)), refs)
                      for finding in result.findings]
 
 
