@@ -37,6 +37,7 @@ from daemon.settings import Settings
 from daemon.store.db import create_db_engine, current_revision, head_revision, session_factory, upgrade_to_head
 from daemon.store.tables import AdminJob, AuditEvent, ModelState, ModelVersion, utcnow
 from model.errors import ModelError
+from model.manifest import ArtifactError, Manifest, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,8 @@ def current_user() -> str:
 # --- artifacts -----------------------------------------------------------------------------------------------------
 
 
-def _copy_artifact(settings: Settings, manifest_path: Path) -> tuple[Path, Any]:
+def _copy_artifact(settings: Settings, manifest_path: Path) -> tuple[Path, Manifest]:
     """Verify an artifact and copy it to ``<data_dir>/models/<name>-<hash12>/``; return (new manifest, manifest)."""
-    from model.artifact import ArtifactError, read_manifest, sha256_file
 
     try:
         manifest = read_manifest(manifest_path)
@@ -223,7 +223,7 @@ def _copy_artifact(settings: Settings, manifest_path: Path) -> tuple[Path, Any]:
     return final, manifest
 
 
-def _parent_version(session: Session, manifest: Any) -> str | None:
+def _parent_version(session: Session, manifest: Manifest) -> str | None:
     """The registered version the artifact was made from. Provenance names the parent by its weights' sha256, which
     several versions can share (recalibrations): prefer the active one, then the newest; unregistered parents are
     named by the first 16 hex digits of that hash."""

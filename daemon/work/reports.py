@@ -27,7 +27,6 @@ they watch), so none writes after a ``kill -9``. A WRITING report records its wr
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -66,6 +65,7 @@ from daemon.store.tables import (
 from daemon.work.lifeline import exit_if_orphaned, worker_init
 from daemon.work.loop import Loop
 from daemon.work.worker import HOST, ClaimedJob, JobResult, PermanentJobError, pid_alive, read_stored_image
+from model.manifest import sha256_file
 from model.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -230,14 +230,6 @@ class ReportScheduler:
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -714,7 +706,7 @@ class ReportLoop(Loop):
                     report_id=report_id,
                     kind=_KINDS.get(written.kind, written.kind),
                     path=str(written.path.relative_to(self.settings.data_dir)),
-                    sha256=sha256_of(written.path),
+                    sha256=sha256_file(written.path),
                     sop_instance_uid=written.sop_instance_uid,
                     sop_class_uid=written.sop_class_uid,
                 )

@@ -28,8 +28,10 @@ from daemon.store.spool import DiskPause, Spool, is_disk_full
 from daemon.store.tables import Instance, Job, JobState, PredictionRow, utcnow
 from daemon.work.loop import Loop
 from model.errors import ImageDecodeError
+from model.manifest import Manifest
 from model.preprocess import DEFAULT_LIMITS, PixelLimits, decode_image, read_dicom, stats_of
 from model.types import Prediction
+from reporting.report import DomainCheck
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,8 @@ class JobResult:
     prediction: Prediction | None = None
     model_name: str | None = None
     synthetic_model: bool = False
-    manifest: Any = None  # model.artifact.Manifest of the model that made the prediction
-    domain: Any = None  # reporting.report.DomainCheck | None
+    manifest: Manifest | None = None  # the model that made the prediction
+    domain: DomainCheck | None = None  # the applicability gate's verdict
 
 
 class ResultSink(Protocol):
