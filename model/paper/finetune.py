@@ -1,5 +1,4 @@
-"""The head fine-tune claims: parameters changed, CPU time, and the held-out F1 change (:class:`FinetuneStudy`).
-"""
+"""The head fine-tune claims: parameters changed, CPU time, and the held-out F1 change (:class:`FinetuneStudy`)."""
 
 from __future__ import annotations
 
@@ -99,6 +98,50 @@ def _weighted_f1(counts: np.ndarray, predicted: np.ndarray, y: np.ndarray) -> np
         return np.where(tp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), np.nan)
 
 
+def _per_finding(
+    labels: tuple[str, ...],
+    y_ver: np.ndarray,
+    s_ver: dict[str, np.ndarray],
+    f1: dict[str, np.ndarray],
+    positives: tuple[np.ndarray, np.ndarray],
+    eligible: list[int],
+    counts: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Per finding: positives (selection, verification), verification AUROC and F1 of the heads "before" and "after"
+    (``s_ver``: their verification probabilities, ``f1``: their per-finding F1), and for an ``eligible`` finding the
+    ΔAUROC patient-bootstrap CI (``counts`` [B, N]; None: no bootstrap)."""
+    from model.metrics import bootstrap_auroc
+
+    pos_sel, pos_ver = positives
+    point = np.ones((1, len(y_ver)), np.int64)
+    per = []
+    for c, name in enumerate(labels):
+        a0 = bootstrap_auroc(y_ver[:, c], s_ver["before"][:, c], point)[0]
+        a1 = bootstrap_auroc(y_ver[:, c], s_ver["after"][:, c], point)[0]
+        d_ci = None
+        if c in eligible and counts is not None:
+            d_ci = interval(
+                bootstrap_auroc(y_ver[:, c], s_ver["after"][:, c], counts)
+                - bootstrap_auroc(y_ver[:, c], s_ver["before"][:, c], counts)
+            )
+        per.append(
+            {
+                "label": name,
+                "positives_selection": int(pos_sel[c]),
+                "positives_verification": int(pos_ver[c]),
+                "eligible": c in eligible,
+                "auroc_before": _opt(a0),
+                "auroc_after": _opt(a1),
+                "auroc_delta": _opt(a1 - a0),
+                "auroc_delta_ci": d_ci,
+                "f1_before": _opt(f1["before"][c]),
+                "f1_after": _opt(f1["after"][c]),
+                "f1_delta": _opt(f1["after"][c] - f1["before"][c]),
+            }
+        )
+    return per
+
+
 def measure_finetune(
     weight: np.ndarray,
     bias: np.ndarray,
@@ -153,31 +196,7 @@ def measure_finetune(
         )
         for c in eligible
     }
-    per = []
-    for c, name in enumerate(labels):
-        a0 = bootstrap_auroc(y_ver[:, c], s_ver["before"][:, c], point)[0]
-        a1 = bootstrap_auroc(y_ver[:, c], s_ver["after"][:, c], point)[0]
-        d_ci = None
-        if c in eligible and n_bootstrap:
-            d_ci = interval(
-                bootstrap_auroc(y_ver[:, c], s_ver["after"][:, c], counts)
-                - bootstrap_auroc(y_ver[:, c], s_ver["before"][:, c], counts)
-            )
-        per.append(
-            {
-                "label": name,
-                "positives_selection": int(pos_sel[c]),
-                "positives_verification": int(pos_ver[c]),
-                "eligible": c in eligible,
-                "auroc_before": _opt(a0),
-                "auroc_after": _opt(a1),
-                "auroc_delta": _opt(a1 - a0),
-                "auroc_delta_ci": d_ci,
-                "f1_before": _opt(f1["before"][c]),
-                "f1_after": _opt(f1["after"][c]),
-                "f1_delta": _opt(f1["after"][c] - f1["before"][c]),
-            }
-        )
+    per = _per_finding(labels, y_ver, s_ver, f1, (pos_sel, pos_ver), eligible, counts if n_bootstrap else None)
     mean_delta, mean_ci = None, None
     if eligible:
         mean_delta = float(np.mean(f1["after"][eligible] - f1["before"][eligible]))
@@ -250,63 +269,63 @@ def finetune_rows(study: FinetuneStudy, *, paper: Mapping[str, Any] = PAPER) -> 
                 )
             )
         return rows
+    rows.append(_marginal_f1_row(study, base))
+    rows.append(_best_classes_row(study, base))
+    return rows
+
+
+def _marginal_f1_row(study: FinetuneStudy, base: dict[str, Any]) -> PaperRow:
+    """The held-out mean ΔF1 over the findings with enough positives, 'reproduced' when within ±MARGINAL_F1."""
     if study.mean_f1_delta is None:
-        rows.append(
-            _row(
-                claim="fine-tuning gives a marginal F1 gain",
-                value=None,
-                ci=None,
-                paper_value="marginal",
-                verdict="not measurable here",
-                reason=f"no finding has {MIN_POSITIVES}+ positives in both parts",
-                **base,
-            )
+        return _row(
+            claim="fine-tuning gives a marginal F1 gain",
+            value=None,
+            ci=None,
+            paper_value="marginal",
+            verdict="not measurable here",
+            reason=f"no finding has {MIN_POSITIVES}+ positives in both parts",
+            **base,
         )
-    else:
-        ok = abs(study.mean_f1_delta) <= MARGINAL_F1
-        rows.append(
-            _row(
-                claim="fine-tuning gives a marginal F1 gain",
-                value=round(study.mean_f1_delta, 6),
-                ci=study.mean_f1_delta_ci,
-                unit="mean F1 change on the verification part",
-                paper_value="marginal",
-                verdict="reproduced" if ok else "not reproduced",
-                reason=f"mean over {len(study.eligible)} findings with {MIN_POSITIVES}+ positives in both "
-                f"parts, each head at Youden thresholds fitted on the selection part; rule: |ΔF1| <= "
-                f"{MARGINAL_F1}",
-                details={"eligible": list(study.eligible)},
-                **base,
-            )
-        )
+    ok = abs(study.mean_f1_delta) <= MARGINAL_F1
+    return _row(
+        claim="fine-tuning gives a marginal F1 gain",
+        value=round(study.mean_f1_delta, 6),
+        ci=study.mean_f1_delta_ci,
+        unit="mean F1 change on the verification part",
+        paper_value="marginal",
+        verdict="reproduced" if ok else "not reproduced",
+        reason=f"mean over {len(study.eligible)} findings with {MIN_POSITIVES}+ positives in both "
+        f"parts, each head at Youden thresholds fitted on the selection part; rule: |ΔF1| <= "
+        f"{MARGINAL_F1}",
+        details={"eligible": list(study.eligible)},
+        **base,
+    )
+
+
+def _best_classes_row(study: FinetuneStudy, base: dict[str, Any]) -> PaperRow:
+    """How many of the best findings have their held-out ΔAUROC CI entirely below 0 ('reproduced' when any)."""
     per = {p["label"]: p for p in study.per_finding}
     if not study.best:
-        rows.append(
-            _row(
-                claim="fine-tuning regresses the best classes",
-                value=None,
-                ci=None,
-                paper_value="regressions",
-                verdict="not measurable here",
-                reason=f"no finding has {MIN_POSITIVES}+ positives in both parts",
-                **base,
-            )
+        return _row(
+            claim="fine-tuning regresses the best classes",
+            value=None,
+            ci=None,
+            paper_value="regressions",
+            verdict="not measurable here",
+            reason=f"no finding has {MIN_POSITIVES}+ positives in both parts",
+            **base,
         )
-    else:
-        below = [n for n in study.best if (ci := per[n]["auroc_delta_ci"]) is not None and ci[1] < 0]
-        text = ", ".join(f"{n} {per[n]['auroc_delta']:+.4f}" for n in study.best)
-        rows.append(
-            _row(
-                claim="fine-tuning regresses the best classes",
-                value=len(below),
-                unit=f"of the {len(study.best)} best findings with ΔAUROC CI below 0",
-                ci=None,
-                paper_value="regressions",
-                verdict="reproduced" if below else "not reproduced",
-                reason=f"held-out ΔAUROC of the best findings (selection AUROC): {text}; rule: at least one "
-                "has its patient-bootstrap CI entirely below 0",
-                details={"best": [dict(per[n]) for n in study.best]},
-                **base,
-            )
-        )
-    return rows
+    below = [n for n in study.best if (ci := per[n]["auroc_delta_ci"]) is not None and ci[1] < 0]
+    text = ", ".join(f"{n} {per[n]['auroc_delta']:+.4f}" for n in study.best)
+    return _row(
+        claim="fine-tuning regresses the best classes",
+        value=len(below),
+        unit=f"of the {len(study.best)} best findings with ΔAUROC CI below 0",
+        ci=None,
+        paper_value="regressions",
+        verdict="reproduced" if below else "not reproduced",
+        reason=f"held-out ΔAUROC of the best findings (selection AUROC): {text}; rule: at least one "
+        "has its patient-bootstrap CI entirely below 0",
+        details={"best": [dict(per[n]) for n in study.best]},
+        **base,
+    )

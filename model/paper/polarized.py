@@ -12,6 +12,22 @@ from model.paper.claims import DEMO, PAPER, PaperRow, _row
 # --------------------------------------------------------------------------------------------------- polarized
 
 
+def _evidence(observed: Mapping[str, Any], base_rate: Mapping[str, Any], null: Mapping[str, Any]) -> list[str]:
+    """The observed share of top polarized channels with Jaccard < 0.1, with the base rate and the null's share."""
+    parts = [
+        f"{observed['jaccard_below']} of {observed['channels']} top polarized channels have Jaccard < 0.1 "
+        f"({observed['distinct_pairs']} distinct pairs)"
+    ]
+    if base_rate.get("share_jaccard_below") is not None:
+        parts.append(f"base rate over all {base_rate['pairs']} finding pairs {base_rate['share_jaccard_below']:.0%}")
+    if null.get("share_mean") is not None:
+        p_jaccard = null.get("p_jaccard")
+        parts.append(
+            f"row-permutation null {null['share_mean']:.0%}" + (f" (p = {p_jaccard:.3g})" if p_jaccard else "")
+        )
+    return parts
+
+
 def polarized_row(
     analysis: Mapping[str, Any] | None,
     *,
@@ -59,17 +75,7 @@ def polarized_row(
             reason=reason or "no polarized channel has a defined Jaccard (findings without positives)",
             **base,
         )
-    parts = [
-        f"{observed['jaccard_below']} of {observed['channels']} top polarized channels have Jaccard < 0.1 "
-        f"({observed['distinct_pairs']} distinct pairs)"
-    ]
-    if base_rate.get("share_jaccard_below") is not None:
-        parts.append(f"base rate over all {base_rate['pairs']} finding pairs {base_rate['share_jaccard_below']:.0%}")
-    if null.get("share_mean") is not None:
-        p_jaccard = null.get("p_jaccard")
-        parts.append(
-            f"row-permutation null {null['share_mean']:.0%}" + (f" (p = {p_jaccard:.3g})" if p_jaccard else "")
-        )
+    parts = _evidence(observed, base_rate, null)
     p_lift = null.get("p_lift")
     if p_lift is None:
         return _row(
