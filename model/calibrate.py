@@ -309,6 +309,96 @@ def _average(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def _pooled(samples: list[np.ndarray]) -> tuple[float, float] | None:
+    return interval(np.concatenate(samples)) if samples else None
+
+
+def _mean_estimate(splits: list[_Split], name: str) -> Estimate:
+    """Mean over the splits of a per-split mean figure, CI from the pooled bootstrap samples."""
+    value = _average([split.mean(name) for split in splits])
+    return Estimate(value=value, ci=_pooled([sp.boot_mean(name) for sp in splits if sp.present.any()])
+                    if value is not None else None)
+
+
+def _ratio_estimate(splits: list[_Split], name: str) -> Estimate:
+    """Mean over the splits of a fitted / default ratio, CI from the pooled bootstrap samples."""
+    value = _average([split.ratio(name) for split in splits])
+    return Estimate(value=value, ci=_pooled([sp.boot_ratio(name) for sp in splits if sp.ratio(name) is not None])
+                    if value is not None else None)
+
+
+def _class_estimate(splits: list[_Split], key: str, c: int) -> Estimate:
+    """One class's figure ``key``: mean over the splits where the class has both outcomes (all splits otherwise)."""
+    present = [sp for sp in splits if sp.present[c]]
+    value = float(np.mean([sp.point[key][c] for sp in (present or splits)]))
+    return Estimate(value=value, ci=_pooled([sp.boot[key][:, c] for sp in present]) if present else None)
+
+
+def _classes(
+    label_names: tuple[str, ...],
+    labels: np.ndarray,
+    final: ThresholdCalibrator,
+    fit_mask: np.ndarray,
+    splits: list[_Split],
+) -> list[ClassCalibration]:
+    """Per class: the final threshold (``final``, fitted on ``fit_mask``), whether it was fitted, and its figures."""
+    thresholds = final.thresholds_
+    classes = []
+    for c, name in enumerate(label_names):
+        fit_pos = int(labels[fit_mask, c].sum())
+        fitted = bool(final.fitted_[c])
+        where = "fit half" if len(splits) == 1 else "data"
+        note = "" if fitted else (
+            f"not fitted: the {where} has {'no' if fit_pos == 0 else 'only'} positive images - kept "
+            f"{thresholds[c]:.4g}"
+        )
+        classes.append(
+            ClassCalibration(
+                label=name,
+                threshold=float(thresholds[c]),
+                fitted=fitted,
+                note=note,
+                fit_positives=fit_pos,
+                report_positives=min(int(labels[sp.report, c].sum()) for sp in splits),
+                **{key: _class_estimate(splits, key, c) for key in splits[0].point},
+            )
+        )
+    return classes
+
+
+def _split_note(kind: str, n_splits: int, seed: int) -> str:
+    """How the halves were split (by patient, by image or mixed) and, for several splits, how the figures pool."""
+    notes = {
+        "patient": "halves are patient-disjoint; CIs resample patients",
+        "image": "no patient ids: halves split by image, so one patient's images may sit in both halves and the "
+        "held-out figures may be optimistic; CIs resample images",
+        "mixed": "some images have no patient id: each such image counts as its own patient, so halves may share "
+        "patients among them",
+    }
+    note = notes[kind]
+    if n_splits > 1:
+        note += (f"; figures are means over {n_splits} patient-disjoint splits (seeds {seed}-{seed + n_splits - 1}) "
+                 "and CIs pool their bootstrap samples, so they include split variability")
+    return note
+
+
+def _split_results(splits: list[_Split], label_names: tuple[str, ...]) -> tuple[SplitResult, ...]:
+    """Each split's thresholds and figures."""
+    return tuple(
+        SplitResult(
+            seed=sp.seed,
+            n_fit=int(sp.fit.sum()),
+            n_report=int(sp.report.sum()),
+            thresholds={name: float(t) for name, t in zip(label_names, sp.calibrator.thresholds_, strict=True)},
+            f1_ratio=sp.ratio("f1"),
+            recall_ratio=sp.ratio("recall"),
+            mean_f1=sp.mean("f1"),
+            mean_recall=sp.mean("recall"),
+        )
+        for sp in splits
+    )
+
+
 def calibrate(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -361,70 +451,22 @@ def calibrate(
                   "splits) describe the procedure - fit on half the patients, apply to the others - not these exact "
                   "thresholds")
     thresholds = final.thresholds_
-
-    def pooled(samples: list[np.ndarray]) -> tuple[float, float] | None:
-        return interval(np.concatenate(samples)) if samples else None
-
-    def mean_estimate(name: str) -> Estimate:
-        value = _average([split.mean(name) for split in splits])
-        return Estimate(value=value, ci=pooled([sp.boot_mean(name) for sp in splits if sp.present.any()])
-                        if value is not None else None)
-
-    def ratio_estimate(name: str) -> Estimate:
-        value = _average([split.ratio(name) for split in splits])
-        return Estimate(value=value, ci=pooled([sp.boot_ratio(name) for sp in splits if sp.ratio(name) is not None])
-                        if value is not None else None)
-
-    def class_estimate(key: str, c: int) -> Estimate:
-        present = [sp for sp in splits if sp.present[c]]
-        value = float(np.mean([sp.point[key][c] for sp in (present or splits)]))
-        return Estimate(value=value, ci=pooled([sp.boot[key][:, c] for sp in present]) if present else None)
-
-    classes = []
-    for c, name in enumerate(label_names):
-        fit_pos = int(labels[fit_mask, c].sum())
-        fitted = bool(final.fitted_[c])
-        where = "fit half" if n_splits == 1 else "data"
-        note = "" if fitted else (
-            f"not fitted: the {where} has {'no' if fit_pos == 0 else 'only'} positive images - kept "
-            f"{thresholds[c]:.4g}"
-        )
-        classes.append(
-            ClassCalibration(
-                label=name,
-                threshold=float(thresholds[c]),
-                fitted=fitted,
-                note=note,
-                fit_positives=fit_pos,
-                report_positives=min(int(labels[sp.report, c].sum()) for sp in splits),
-                **{key: class_estimate(key, c) for key in first.point},
-            )
-        )
+    classes = _classes(label_names, labels, final, fit_mask, splits)
     patient_array = np.asarray(patients, dtype=object)
-    notes = {
-        "patient": "halves are patient-disjoint; CIs resample patients",
-        "image": "no patient ids: halves split by image, so one patient's images may sit in both halves and the "
-        "held-out figures may be optimistic; CIs resample images",
-        "mixed": "some images have no patient id: each such image counts as its own patient, so halves may share "
-        "patients among them",
-    }
-    note = notes[kind]
-    if n_splits > 1:
-        note += (f"; figures are means over {n_splits} patient-disjoint splits (seeds {seed}-{seed + n_splits - 1}) "
-                 "and CIs pool their bootstrap samples, so they include split variability")
+    note = _split_note(kind, n_splits, seed)
     return CalibrationResult(
         objective=objective,
         labels=label_names,
         thresholds={name: float(t) for name, t in zip(label_names, thresholds, strict=True)},
         classes=tuple(classes),
-        mean_f1=mean_estimate("f1"),
-        mean_recall=mean_estimate("recall"),
-        mean_precision=mean_estimate("precision"),
-        mean_f1_default=mean_estimate("f1_default"),
-        mean_recall_default=mean_estimate("recall_default"),
-        mean_precision_default=mean_estimate("precision_default"),
-        f1_ratio=ratio_estimate("f1"),
-        recall_ratio=ratio_estimate("recall"),
+        mean_f1=_mean_estimate(splits, "f1"),
+        mean_recall=_mean_estimate(splits, "recall"),
+        mean_precision=_mean_estimate(splits, "precision"),
+        mean_f1_default=_mean_estimate(splits, "f1_default"),
+        mean_recall_default=_mean_estimate(splits, "recall_default"),
+        mean_precision_default=_mean_estimate(splits, "precision_default"),
+        f1_ratio=_ratio_estimate(splits, "f1"),
+        recall_ratio=_ratio_estimate(splits, "recall"),
         n_fit=int(first.fit.sum()),
         n_report=int(first.report.sum()),
         patients_fit=len({p for p in patient_array[first.fit] if p is not None}) if kind != "image" else None,
@@ -434,18 +476,6 @@ def calibrate(
         seed=seed,
         n_bootstrap=n_bootstrap,
         n_splits=n_splits,
-        splits=tuple(
-            SplitResult(
-                seed=sp.seed,
-                n_fit=int(sp.fit.sum()),
-                n_report=int(sp.report.sum()),
-                thresholds={name: float(t) for name, t in zip(label_names, sp.calibrator.thresholds_, strict=True)},
-                f1_ratio=sp.ratio("f1"),
-                recall_ratio=sp.ratio("recall"),
-                mean_f1=sp.mean("f1"),
-                mean_recall=sp.mean("recall"),
-            )
-            for sp in splits
-        ),
+        splits=_split_results(splits, label_names),
         thresholds_source=source,
     )

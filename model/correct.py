@@ -365,6 +365,65 @@ class HeldOutCheck:
         return out
 
 
+def _held_out_verdict(
+    name: str,
+    threshold: float,
+    positives: int,
+    n_tp: int,
+    n_lost: int,
+    n_pattern: int,
+    corrected: int,
+    *,
+    tolerance: float,
+    min_positives: int,
+) -> tuple[str, str]:
+    """(verdict, reason) of a held-out check: "too_few_positives" (too few positives, or too few of them called by
+    the parent), "tp_loss" (more than ``tolerance`` of the held-out true positives lost) or "passed"."""
+    rate = n_lost / n_tp if n_tp else None
+    if positives < min_positives:
+        verdict = "too_few_positives"
+        reason = (f"{name} has {_plural(positives, 'positive image')} in the verification part, fewer than the "
+                  f"minimum {min_positives}: held-out true-positive loss cannot be judged - add labelled {name} "
+                  "images or verify by hand")
+    elif rate is None:
+        verdict = "too_few_positives"
+        reason = (f"the parent calls none of the {positives} held-out {name} positives at threshold "
+                  f"{threshold:.4g}: there is no true positive to lose - fix the operating point first")
+    elif rate > tolerance:
+        verdict = "tp_loss"
+        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, above the "
+                  f"tolerance {tolerance:.1%}) - do not apply it; raise the threshold or fine-tune the head instead")
+    elif n_tp < min_positives:
+        # 0 of 2 lost says nothing: the review's accepted Mass edit kept 3 validation TPs and lost 4 of 9 held out
+        verdict = "too_few_positives"
+        reason = (f"the parent calls only {_plural(n_tp, 'held-out ' + name + ' true positive')} (minimum "
+                  f"{min_positives}): no loss among them cannot show the edit is safe - add labelled {name} images")
+    else:
+        verdict = "passed"
+        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, within the "
+                  f"tolerance {tolerance:.1%}) and corrects {_corrected_text(corrected, n_pattern)}")
+    return verdict, reason
+
+
+def _auroc_change(
+    y: np.ndarray, z_before: torch.Tensor, z_after: torch.Tensor, counts: np.ndarray
+) -> tuple[float | None, float | None, float | None, tuple[float, float] | None]:
+    """AUROC of the finding's logits before and after the edit, their difference and its patient-bootstrap CI
+    (``counts`` [B, N]); None where one outcome is missing."""
+    auroc_before = _auroc(y, z_before.numpy())
+    auroc_after = _auroc(y, z_after.numpy())
+    auroc_delta = auroc_after - auroc_before if auroc_before is not None and auroc_after is not None else None
+    auroc_delta_ci = None
+    if auroc_delta is not None:
+        from model.metrics import bootstrap_auroc
+
+        yi = y.astype(np.int64)
+        samples = (bootstrap_auroc(yi, z_after.numpy().astype(np.float64), counts)
+                   - bootstrap_auroc(yi, z_before.numpy().astype(np.float64), counts))
+        auroc_delta_ci = interval(samples)
+    return auroc_before, auroc_after, auroc_delta, auroc_delta_ci
+
+
 def check_held_out(
     weight_before: np.ndarray,
     bias_before: np.ndarray,
@@ -419,41 +478,11 @@ def check_held_out(
     rate = n_lost / n_tp if n_tp else None
     delta_p = float(change.sum() / n_pattern) if n_pattern else None
 
-    auroc_before = _auroc(y, z_before.numpy())
-    auroc_after = _auroc(y, z_after.numpy())
-    auroc_delta = auroc_after - auroc_before if auroc_before is not None and auroc_after is not None else None
-    auroc_delta_ci = None
-    if auroc_delta is not None:
-        from model.metrics import bootstrap_auroc
-
-        yi = y.astype(np.int64)
-        samples = (bootstrap_auroc(yi, z_after.numpy().astype(np.float64), counts)
-                   - bootstrap_auroc(yi, z_before.numpy().astype(np.float64), counts))
-        auroc_delta_ci = interval(samples)
+    auroc_before, auroc_after, auroc_delta, auroc_delta_ci = _auroc_change(y, z_before, z_after, counts)
 
     positives = int(y.sum())
-    if positives < min_positives:
-        verdict = "too_few_positives"
-        reason = (f"{name} has {_plural(positives, 'positive image')} in the verification part, fewer than the "
-                  f"minimum {min_positives}: held-out true-positive loss cannot be judged - add labelled {name} "
-                  "images or verify by hand")
-    elif rate is None:
-        verdict = "too_few_positives"
-        reason = (f"the parent calls none of the {positives} held-out {name} positives at threshold "
-                  f"{threshold:.4g}: there is no true positive to lose - fix the operating point first")
-    elif rate > tolerance:
-        verdict = "tp_loss"
-        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, above the "
-                  f"tolerance {tolerance:.1%}) - do not apply it; raise the threshold or fine-tune the head instead")
-    elif n_tp < min_positives:
-        # 0 of 2 lost says nothing: the review's accepted Mass edit kept 3 validation TPs and lost 4 of 9 held out
-        verdict = "too_few_positives"
-        reason = (f"the parent calls only {_plural(n_tp, 'held-out ' + name + ' true positive')} (minimum "
-                  f"{min_positives}): no loss among them cannot show the edit is safe - add labelled {name} images")
-    else:
-        verdict = "passed"
-        reason = (f"the edit loses {n_lost} of {n_tp} held-out {name} true positives ({rate:.1%}, within the "
-                  f"tolerance {tolerance:.1%}) and corrects {_corrected_text(int(corrected.sum()), n_pattern)}")
+    verdict, reason = _held_out_verdict(name, threshold, positives, n_tp, n_lost, n_pattern, int(corrected.sum()),
+                                        tolerance=tolerance, min_positives=min_positives)
     return HeldOutCheck(
         finding=name,
         images=len(verification),
@@ -620,6 +649,9 @@ def plan_correction(
 
     Raises CorrectionError for unusable inputs (unknown finding, shapes, a target already below the threshold) and
     CorrectionRefused when no set within ``max_channels`` works (its ``alternatives`` name the cheapest other fix).
+
+    (One sequence kept whole, over 80 lines: the input checks, the channel scores, the search that verifies each
+    candidate set, and the explanation of a refusal share a dozen intermediate arrays.)
     """
     weight = np.asarray(weight, dtype=np.float32)
     bias = np.asarray(bias, dtype=np.float32)
