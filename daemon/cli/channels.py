@@ -1,69 +1,31 @@
 """``chexd channels``: polarized classifier channels, their finding pairs' label statistics, and the null.
 
 Reads the classifier weight [14, C] of the active model (or ``--model``), ranks channels by polarization score
-(``model.channels``), and reports for the top N the (positive, negative) finding pair with its label Jaccard and lift,
-beside the base rate over all 91 pairs and a row-permutation null with its p-value. Labels: ``--labels`` (an NIH
-``Data_Entry_2017*.csv(.gz)`` or a 0/1-column CSV) or, by default, the phantom validation split's labels (drawn
-without rendering a pixel). Read-only: no job row, no new model.
+(``daemon.maintenance.channels``, ``model.channels``), and reports for the top N the (positive, negative) finding
+pair with its label Jaccard and lift, beside the base rate over all 91 pairs and a row-permutation null with its
+p-value. Labels: ``--labels`` (an NIH ``Data_Entry_2017*.csv(.gz)`` or a 0/1-column CSV) or, by default, the phantom
+validation split's labels (drawn without rendering a pixel). Read-only: no job row, no new model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from daemon.cli.console import fail
 from daemon.cli.console import out as stdout
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from model.channels import LabelPairs
+from daemon.cli.context import settings
+from daemon.cli.jobs import guarded
+from daemon.cli.options import ArtifactOpt, JsonOpt
 
 __all__ = ["channels"]
 
 SYNTHETIC_LINE = "synthetic demo model, not for diagnosis: the channels describe what it learnt from phantom images"
-
-
-def _weight(model: Path | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The classifier weight [14, C] in LABELS row order, and {name, version, synthetic, path} of the model."""
-    from daemon.cli.context import settings
-    from daemon.maintenance import MaintenanceError, load_parent
-    from model.types import LABELS
-
-    try:
-        parent = load_parent(settings(), model)
-    except MaintenanceError as exc:
-        fail(str(exc), 2 if exc.usage else 1)
-    labels = tuple(parent.manifest.labels)
-    if set(labels) != set(LABELS):
-        fail(f"model {parent.path}: its labels {list(labels)} are not the 14 findings {list(LABELS)}")
-    weight = parent.network.classifier.weight.detach().cpu().numpy()
-    order = [labels.index(name) for name in LABELS]
-    return weight[order], {**parent.info(), "path": str(parent.path)}
-
-
-def _pairs(labels: Path | None, count: int, phantom_seed: int) -> LabelPairs:
-    from model.channels import label_pairs
-    from model.datasets import DatasetError, PhantomSource, read_label_csv
-
-    try:
-        if labels is not None:
-            table = read_label_csv(labels)
-            return label_pairs(table.labels, source=f"labels file {table.path.name} ({len(table.ids):,} images)")
-        source = PhantomSource("val", seed=phantom_seed, count=count)
-    except DatasetError as exc:
-        fail(str(exc), 2)
-    return label_pairs(
-        source.labels,
-        source=f"phantom val split labels (series {phantom_seed}, {count:,} images; labels only, nothing rendered)",
-    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -148,7 +110,7 @@ def _print(data: dict[str, Any], rows: int) -> None:
 
 
 def channels(
-    model: Annotated[Path | None, typer.Option(help="Artifact to analyse (default: the active model).")] = None,
+    model: ArtifactOpt = None,
     labels: Annotated[
         Path | None,
         typer.Option(
@@ -165,19 +127,14 @@ def channels(
         float, typer.Option(min=0.0, help="A pair's lift counts only when this many images with both are expected.")
     ] = 5.0,
     rows: Annotated[int, typer.Option(min=0, help="Table rows to print (0: all top channels).")] = 25,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Polarized classifier channels (strongly + for one finding, strongly - for another): their finding pairs'
     label Jaccard and lift, against all pairs and a weight-row permutation null, with a permutation p-value."""
-    from model.channels import ChannelAnalysisError, analyse_channels
+    from daemon.maintenance.channels import analyse
 
-    weight, info = _weight(model)
-    pairs = _pairs(labels, count, phantom_seed)
-    try:
-        result = analyse_channels(weight, pairs, top=top, draws=draws, seed=seed, min_expected=min_expected)
-    except ChannelAnalysisError as exc:
-        fail(str(exc))
-    data = {"model": info, **result.to_dict()}
+    data = guarded(analyse, settings(), model, labels, count=count, phantom_seed=phantom_seed, top=top, draws=draws,
+                   seed=seed, min_expected=min_expected)
     if as_json:
         stdout.print_json(json.dumps(data))
         return

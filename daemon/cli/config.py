@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from daemon.cli.console import out
-from daemon.cli.context import JsonOption, emit_json, settings
+from daemon.cli.context import emit_json, settings
+from daemon.cli.options import JsonOption
 
 
 def config_cmd(as_json: JsonOption = False) -> None:

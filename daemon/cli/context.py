@@ -1,13 +1,15 @@
-"""What every command shares: the settings (global ``--config``, ``CHEXD_*``), the database, JSON output, TLS."""
+"""What every command shares: the settings (global ``--config``, ``CHEXD_*``), the database, JSON output, TLS.
+The shared options are in daemon/cli/options.py, the progress bar in progress.py, the maintenance calls in jobs.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.cli.console import fail
@@ -19,13 +21,6 @@ from daemon.store.db import (
     session_factory,
     upgrade_to_head,
 )
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML settings file (default: $CHEXD_CONFIG or <data_dir>/chexd.toml)"),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
 
 TLS_HELP = "DICOM TLS: verify the peer with tls_ca, present tls_cert/tls_key (the settings forwarding uses)."
 
@@ -47,8 +42,21 @@ def settings() -> Settings:
     return cfg
 
 
+def missing_sqlite_file(cfg: Settings) -> Path | None:
+    """The configured SQLite file when it does not exist yet (connecting would create it), else None."""
+    url = make_url(cfg.effective_database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    path = Path(url.database)
+    return None if path.is_file() else path
+
+
 def sessions(cfg: Settings, *, migrate: bool = False):  # type: ignore[no-untyped-def]
-    """A session factory for the configured database, which must be at the head revision."""
+    """A session factory for the configured database, which must be at the head revision. A read-only command
+    (``migrate`` False) never creates a database: a SQLite file that does not exist yet ends it with exit 1."""
+    missing = missing_sqlite_file(cfg)
+    if not migrate and missing is not None:
+        fail(f"no database yet at {missing} - start 'chexd serve' (or run 'chexd db upgrade') first")
     engine = create_db_engine(cfg.effective_database_url)
     try:
         if migrate:
@@ -67,7 +75,19 @@ def sessions(cfg: Settings, *, migrate: bool = False):  # type: ignore[no-untype
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Print ``data`` as standard JSON: a non-finite number (an infinite score, NaN) becomes null, never the
+    ``Infinity``/``NaN`` tokens that strict parsers refuse."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def tls_client_context() -> Any:

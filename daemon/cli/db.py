@@ -6,7 +6,8 @@ import typer
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.cli.console import fail, out
-from daemon.cli.context import JsonOption, emit_json, settings
+from daemon.cli.context import emit_json, missing_sqlite_file, settings
+from daemon.cli.options import JsonOption
 from daemon.store.db import DatabaseError, create_db_engine, current_revision, head_revision, upgrade_to_head
 
 db_app = typer.Typer(help="Database schema (Alembic) commands.", no_args_is_help=True)
@@ -28,7 +29,8 @@ def db_current(as_json: JsonOption = False) -> None:
     """Show the database's schema revision and the head revision."""
     cfg = settings()
     try:
-        current = current_revision(create_db_engine(cfg.effective_database_url))
+        missing = missing_sqlite_file(cfg) is not None  # read-only: never create the file
+        current = None if missing else current_revision(create_db_engine(cfg.effective_database_url))
     except (SQLAlchemyError, DatabaseError) as exc:
         fail(f"cannot read the database: {exc}")
     data = {"database_url": cfg.masked()["database_url"], "current": current, "head": head_revision()}

@@ -1,11 +1,12 @@
-"""``chexd evaluate``: AUROC with confidence intervals of an artifact on a labelled source."""
+"""``chexd evaluate``: AUROC with confidence intervals of an artifact on a labelled source
+(``daemon.maintenance.evaluate``)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,104 +14,71 @@ from rich.table import Table
 
 from daemon.cli.console import fail
 from daemon.cli.console import out as stdout
-from daemon.cli.train import _progress, _reporter
+from daemon.cli.context import settings
+from daemon.cli.jobs import guarded, parent, validation_source
+from daemon.cli.options import ArtifactOpt, BatchOpt, Cxr14Opt, DeviceOpt, DicomDirOpt, JsonOpt, SplitOpt
+from daemon.cli.progress import progress_reporter, stage_bar
+
+if TYPE_CHECKING:
+    from model.metrics import Evaluation
 
 
 def evaluate(
     phantom: Annotated[
         str | None, typer.Option(help="Phantom split to evaluate on: train, val or test (the default source: test).")
     ] = None,
-    chestxray14: Annotated[
-        Path | None, typer.Option(help="ChestX-ray14 folder (images/, Data_Entry_2017*.csv, *_list.txt).")
-    ] = None,
-    split: Annotated[str, typer.Option(help="ChestX-ray14 split: test or train_val.")] = "test",
-    dicom_dir: Annotated[Path | None, typer.Option(help="Folder of DICOM images labelled by --labels.")] = None,
+    chestxray14: Cxr14Opt = None,
+    split: SplitOpt = "test",
+    dicom_dir: DicomDirOpt = None,
     labels: Annotated[
         Path | None,
         typer.Option(help="Labels CSV for --dicom-dir: id (SOPInstanceUID or file name), 'Finding Labels' or 0/1 "
                      "columns per finding, optional patient column."),
     ] = None,
-    model: Annotated[Path | None, typer.Option(help="Artifact (default: the active model).")] = None,
+    model: ArtifactOpt = None,
     count: Annotated[int, typer.Option(min=10, help="Phantom images.")] = 1000,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass (folders).")] = 32,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
     n_bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the AUROC CIs.")] = 200,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Per-finding and mean AUROC (bootstrap 95% CI), F1, recall and precision at the artifact's thresholds, on a
     phantom split (default test), a ChestX-ray14 folder or a DICOM folder with a labels CSV."""
-    from daemon.cli.calibrate import fail_with, progress_reporter, validation_source
-    from daemon.cli.context import settings
-    from daemon.maintenance import MaintenanceError, load_parent
-    from model.datasets import DatasetError
-    from model.errors import ModelError
-    from model.metrics import evaluate as evaluate_scores
-    from model.scores import score_source
-    from model.train import SPLITS, evaluate_on_phantom
-    from model.types import LABELS
+    from daemon.maintenance.evaluate import evaluate_phantom, evaluate_source, evaluation_data
+    from model.train import SPLITS
 
     if phantom is not None and phantom not in SPLITS:
         fail(f"--phantom {phantom!r} - expected one of {', '.join(SPLITS)}", 2)
-    folder = chestxray14 is not None or dicom_dir is not None
     source = None
-    if folder or labels is not None:
+    if chestxray14 is not None or dicom_dir is not None or labels is not None:
         source = validation_source(phantom=phantom, count=count, seed=seed, chestxray14=chestxray14, split=split,
                                    dicom_dir=dicom_dir, labels=labels, default_phantom="test")
-    try:
-        parent = load_parent(settings(), model)
-    except MaintenanceError as exc:
-        fail_with(exc)
-    network, manifest = parent.network, parent.manifest
-    thresholds = dict(manifest.thresholds)
+    loaded = parent(settings(), model)
     if source is None:
         phantom = phantom or "test"
-        with _progress(quiet=as_json) as progress:
-            result = evaluate_on_phantom(
-                network,
-                recipe=manifest.preprocessing,
-                split=phantom,
-                seed=seed,
-                count=count,
-                thresholds=thresholds,
-                device=device,
-                n_bootstrap=n_bootstrap,
-                progress=_reporter(progress),
-            )
+        with stage_bar(quiet=as_json) as report:
+            result = evaluate_phantom(loaded, phantom, seed=seed, count=count, device=device, n_bootstrap=n_bootstrap,
+                                      progress=report)
         described, images = f"phantom {phantom}", count
     else:
-        try:
-            with progress_reporter(quiet=as_json) as report:
-                scored = score_source(network, source, recipe=manifest.preprocessing, output_labels=manifest.labels,
-                                      device=device, batch_size=batch_size, progress=report)
-            result = evaluate_scores(scored.scores, scored.labels, LABELS, thresholds, n_bootstrap=n_bootstrap,
-                                     patients=scored.patients)
-        except (DatasetError, ModelError) as exc:
-            fail(str(exc))
-        phantom = None
-        described, images = source.description, len(source)
-    data = {
-        "model": manifest.name,
-        "model_version": manifest.short_hash,
-        "synthetic": manifest.synthetic,
-        "split": phantom if phantom else described,
-        "source": described,
-        "images": images,
-    } | result.to_dict()
+        with progress_reporter(quiet=as_json) as report:
+            result = guarded(evaluate_source, loaded, source, device=device, batch_size=batch_size,
+                             n_bootstrap=n_bootstrap, progress=report)
+        phantom, described, images = None, source.description, len(source)
     if as_json:
+        data = evaluation_data(loaded, result, split=phantom, described=described, images=images)
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
-    table = Table(
-        "finding",
-        "AUROC",
-        "95% CI",
-        "threshold",
-        "F1",
-        "recall",
-        "precision",
-        "positives",
-        title=f"{manifest.name} {manifest.short_hash} on {described} ({images} images)",
-    )
+    manifest = loaded.manifest
+    _print_evaluation(result, f"{manifest.name} {manifest.short_hash} on {described} ({images} images)")
+    if manifest.synthetic:
+        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
+
+
+def _print_evaluation(result: Evaluation, title: str) -> None:
+    """The per-finding table and the mean AUROC lines."""
+    table = Table("finding", "AUROC", "95% CI", "threshold", "F1", "recall", "precision", "positives", title=title)
     for c in result.classes:
         ci = f"{c.auroc_ci[0]:.3f}-{c.auroc_ci[1]:.3f}" if c.auroc_ci else "-"
         table.add_row(
@@ -144,5 +112,3 @@ def evaluate(
         lines.append(f"* fewer than {result.min_positives} positives: {', '.join(few)} - reported, no verdict")
     for line in lines:
         console.print(line, highlight=False, markup=False)
-    if manifest.synthetic:
-        stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")

@@ -1,26 +1,21 @@
 """``chexd finetune``: refit the whole 14 x C head on cached pooled features with class weighting and early
-stopping (``model.finetune``); writes a candidate artifact, never activates it."""
-
+stopping (``daemon.maintenance.finetune``); writes a candidate artifact, never activates it."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from daemon.cli.console import fail
 from daemon.cli.console import out as stdout
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from model.features import FeatureSet
-
-from daemon.cli.correct import (
+from daemon.cli.context import settings
+from daemon.cli.jobs import guarded, parent
+from daemon.cli.options import (
     BatchOpt,
     Cxr14Opt,
     DeviceOpt,
@@ -30,11 +25,8 @@ from daemon.cli.correct import (
     ModelOpt,
     RenderOpt,
     SeedOpt,
-    _parent,
-    _reporter,
-    _run_job,
-    _settings,
 )
+from daemon.cli.progress import progress_reporter
 
 
 def _print_finetune(data: dict[str, Any]) -> None:
@@ -86,12 +78,8 @@ def finetune(
     """Retrain only the classifier head on pooled features computed once and cached, with class weighting and early
     stopping on the validation loss; reports time and per-class AUROC changes and registers a candidate version
     (thresholds are kept: recalibrate the candidate with 'chexd calibrate --model PATH')."""
-    import time
-
-    import numpy as np
-
-    from daemon.maintenance import SourceOptions, backbone_check, validation_features, write_candidate
-    from model.finetune import finetune_head, with_head
+    from daemon.maintenance.finetune import FinetuneOptions
+    from daemon.maintenance.finetune import finetune as run_finetune
 
     if class_weighting not in ("sqrt", "balanced", "none"):
         fail(f"Invalid --class-weighting {class_weighting!r} - expected sqrt, balanced or none", 2)
@@ -99,85 +87,17 @@ def finetune(
         fail("--labels goes with --dicom-dir", 2)
     if chestxray14 is not None and dicom_dir is not None:
         fail("choose one data source: --chestxray14 or --dicom-dir", 2)
-    settings = _settings()
-    parent = _parent(settings, model)
-    network, manifest = parent.network, parent.manifest
-    params: dict[str, Any] = {"class_weighting": class_weighting, "max_epochs": max_epochs, "patience": patience,
-                              "lr": lr, "seed": seed, "parent_version": manifest.version_id, "dry_run": dry_run}
-
-    def work(job: Any) -> dict[str, Any]:
-        started = time.perf_counter()
-        with _reporter(quiet=False) as report:
-            if chestxray14 is None and dicom_dir is None:
-                parts: list[tuple[FeatureSet, bool]] = [
-                    validation_features(settings, parent, SourceOptions(phantom=split_name, count=n, seed=seed,
-                                                                        render_size=render_size),
-                                        device=device, batch_size=batch_size, progress=report)
-                    for split_name, n in (("train", train_images), ("val", val_images))
-                ]
-                (train, hit_train), (val, hit_val) = parts
-                cached = hit_train and hit_val
-                params.update({"source": "phantom", "train_images": train_images, "val_images": val_images,
-                               "render_size": render_size})
-            else:
-                from model.datasets import patient_disjoint_halves, split_kind
-
-                everything, cached = validation_features(
-                    settings, parent, SourceOptions(chestxray14=chestxray14, split=split, dicom_dir=dicom_dir,
-                                                    labels=labels, seed=seed, render_size=render_size),
-                    device=device, batch_size=batch_size, progress=report)
-                a, b = patient_disjoint_halves(everything.patients, seed=seed)
-                train, val = everything.subset(a), everything.subset(b)
-                params.update({"source": everything.source, "train_images": len(train), "val_images": len(val),
-                               "split_by": split_kind(everything.patients)})
-            feature_seconds = time.perf_counter() - started
-            network.cpu()  # the head is trained on the CPU, on the cached features
-            head = network.classifier  # type: ignore[union-attr]
-            result = finetune_head(train, val, head.weight.detach().float().numpy(),
-                                   head.bias.detach().float().numpy(), labels=manifest.labels,
-                                   class_weighting=class_weighting,  # type: ignore[arg-type]
-                                   max_epochs=max_epochs, patience=patience, lr=lr, seed=seed, progress=report)
-        summary = result.to_dict() | {"features_from_cache": cached, "feature_seconds": round(feature_seconds, 3),
-                                      "train_source": train.source, "val_source": val.source}
-        edited = with_head(network, result.weight, result.bias)
-
-        def check(reloaded: nn.Module) -> dict[str, Any]:
-            from model.finetune import head_aurocs
-
-            backbone, changed = backbone_check(network, reloaded)
-            if not backbone:
-                raise ValueError("the saved artifact's backbone differs from the parent's - nothing was registered")
-            saved = reloaded.classifier  # type: ignore[union-attr]
-            aurocs = head_aurocs(val, saved.weight.detach().numpy(), saved.bias.detach().numpy(),
-                                 labels=manifest.labels)
-            known = [v for v in aurocs if v is not None]
-            return {"dtype": manifest.dtype, "backbone_identical": backbone, "changed_weights": changed,
-                    "mean_auroc_after": float(np.mean(known)) if known else None}
-
-        if result.best_epoch == 0:
-            candidate = None
-            message = (f"no epoch improved the validation loss ({result.val_loss_before:.4f}): the head is unchanged "
-                       "and nothing was registered - try another --lr or more training images")
-        elif dry_run:
-            candidate = None
-            summary["saved_artifact"] = check(edited)
-            message = "dry run: no candidate was written; the active model is unchanged"
-        else:
-            written = write_candidate(settings, edited, manifest, operation="finetune", params=params,
-                                      report=summary, check=check)
-            candidate, summary = written.to_dict(), written.report
-            message = (f"registered candidate {written.version} (version {written.manifest_version}; thresholds kept "
-                       f"from the parent; recalibrate with 'chexd calibrate --model {written.path}'); the active "
-                       f"model is unchanged - 'chexd model activate {written.version}' makes it active")
-        job.result = {"epochs": result.epochs, "seconds": round(result.seconds, 3),
-                      "mean_auroc_before": result.mean_auroc_before, "mean_auroc_after": result.mean_auroc_after,
-                      "candidate": candidate["version"] if candidate else None}
-        return summary | {"model": parent.info(), "candidate": candidate, "message": message}
-
-    data = _run_job(settings, "finetune", params, work)
+    cfg = settings()
+    loaded = parent(cfg, model)
+    options = FinetuneOptions(train_images=train_images, val_images=val_images, seed=seed, render_size=render_size,
+                              chestxray14=chestxray14, split=split, dicom_dir=dicom_dir, labels=labels,
+                              class_weighting=class_weighting, max_epochs=max_epochs, patience=patience, lr=lr,
+                              device=device, batch_size=batch_size, dry_run=dry_run)
+    with progress_reporter() as report:
+        data = guarded(run_finetune, cfg, loaded, options, progress=report)
     if json_out:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     _print_finetune(data)
-    if manifest.synthetic:
+    if loaded.manifest.synthetic:
         stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")

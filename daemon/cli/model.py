@@ -6,9 +6,7 @@ Torch is imported only when a command runs, so ``chexd --help`` stays fast.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,9 @@ import typer
 
 from daemon.cli.console import fail
 from daemon.cli.console import out as stdout
+from daemon.cli.context import settings as _settings
+from daemon.cli.jobs import guarded
+from daemon.cli.options import JsonOption
 
 __all__ = ["model_app"]
 
@@ -23,42 +24,6 @@ model_app = typer.Typer(
     help="Model versions: import checkpoints, list the registry, activate, roll back, compare.",
     no_args_is_help=True,
 )
-
-_FORMATS = ("auto", "chexnet", "xrv", "torchvision", "artifact")
-
-
-def _settings():  # type: ignore[no-untyped-def]
-    from daemon.cli.context import settings
-
-    return settings()
-
-
-def _data_dir() -> Path:
-    # Late import: daemon.cli registers this app, so importing it at module level would be circular. Going through
-    # daemon.cli.settings() honours the global --config option exactly like every other command.
-    from daemon.cli.context import settings
-
-    return settings().data_dir
-
-
-def _summary(manifest_file: Path) -> dict[str, Any]:
-    from model.artifact import read_manifest
-
-    manifest = read_manifest(manifest_file)
-    last = manifest.provenance[-1] if manifest.provenance else {}
-    return {
-        "path": str(manifest_file),
-        "name": manifest.name,
-        "version": manifest.version,
-        "content_hash": manifest.short_hash,
-        "weights_sha256": manifest.weights_sha256,
-        "source_format": last.get("parameters", {}).get("source_format"),
-        "parameters": manifest.parameters,
-        "dtype": manifest.dtype,
-        "labels": list(manifest.labels),
-        "input": manifest.preprocessing.to_dict(),
-        "applicability": manifest.applicability.summary() if manifest.applicability is not None else None,
-    }
 
 
 @model_app.command("import")
@@ -104,8 +69,10 @@ def import_cmd(
     With validation images (--validation-dicom + --validation-labels, or --validation-chestxray14) the artifact gets
     an applicability model fitted on them: images unlike them are then withheld or flagged as outside the model's
     validated domain. Without, a checkpoint gets none (an artifact keeps its own) and the command says so."""
-    if fmt not in _FORMATS:
-        fail(f"Invalid --format {fmt!r} - expected one of {', '.join(_FORMATS)}", 2)
+    from daemon.maintenance import imports
+
+    if fmt not in imports.FORMATS:
+        fail(f"Invalid --format {fmt!r} - expected one of {', '.join(imports.FORMATS)}", 2)
     if dtype not in ("float32", "float16"):
         fail(f"Invalid --dtype {dtype!r} - expected float32 or float16", 2)
     if validation_dicom is not None and validation_chestxray14 is not None:
@@ -114,45 +81,15 @@ def import_cmd(
         fail("--validation-dicom and --validation-labels go together (the folder and its label CSV)", 2)
     if validation_limit < 10:
         fail(f"Invalid --validation-limit {validation_limit} - at least 10 validation images are needed", 2)
-    validation = _validation_source(validation_dicom, validation_labels, validation_chestxray14, validation_split,
-                                    validation_limit)
-    from model.checkpoints import import_checkpoint
-    from model.errors import ModelError
+    validation = guarded(imports.validation_source, validation_dicom, validation_labels, validation_chestxray14,
+                         validation_split, validation_limit)
+    path = guarded(imports.bundled_path, path)
+    summary = guarded(imports.import_model, path, out=out, settings=None if out is not None else _settings(),
+                      name=name, fmt=fmt, dtype=dtype, validation=validation)
+    _print_import(summary, path, as_json)
 
-    if str(path).startswith("bundled:"):
-        from daemon.store.registry import BUNDLED, bundled_demo_model
 
-        which = str(path).removeprefix("bundled:")
-        try:
-            found = bundled_demo_model(which)
-        except ValueError:
-            fail(f"Invalid bundled model {which!r} - expected bundled:{' or bundled:'.join(BUNDLED)}", 2)
-        if found is None:
-            fail(f"this build of chexd ships no {which} demo model", 2)
-        path = found
-    try:
-        if out is not None:
-            manifest_file = import_checkpoint(path, out, name=name, format=fmt, dtype=dtype)  # type: ignore[arg-type]
-            if validation is not None:
-                fit_validation(manifest_file, validation)
-        else:
-            manifest_file = _import_to_registry(
-                path, _data_dir() / "models", name=name, fmt=fmt, dtype=dtype, validation=validation
-            )
-        summary = _summary(manifest_file)
-        if out is None:
-            from daemon.store.registry import register_candidate
-
-            info = register_candidate(
-                _settings(), manifest_file, operation="import", parameters={"source": str(path), "format": fmt}
-            )
-            summary["registry"] = {"version": info.version, "state": info.state}
-    except ModelError as exc:
-        fail(str(exc))
-    except ValueError as exc:  # too few validation images, an applicability model that cannot be fitted
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot import {path}: {exc}")
+def _print_import(summary: dict[str, Any], path: Path, as_json: bool) -> None:
     applicability = summary["applicability"]
     if applicability is None:
         summary["applicability_note"] = NO_VALIDATION
@@ -161,7 +98,7 @@ def import_cmd(
         return
     stdout.print(
         f"imported {summary['source_format']} {path.name} as {summary['name']} {summary['version']} "
-        f"({summary['content_hash']}, {summary['parameters']:,} parameters, {summary['dtype']}) -> {manifest_file}",
+        f"({summary['content_hash']}, {summary['parameters']:,} parameters, {summary['dtype']}) -> {summary['path']}",
         highlight=False,
         markup=False,
     )
@@ -186,65 +123,7 @@ def _applicability_line(summary: dict[str, Any]) -> str:
     )
 
 
-def _validation_source(  # type: ignore[no-untyped-def]
-    dicom: Path | None, labels: Path | None, chestxray14: Path | None, split: str, limit: int
-):
-    """The labelled source of the --validation-* options, or None; exits 1 for an unusable folder."""
-    from model.datasets import ChestXray14Folder, DatasetError, DicomFolder
-
-    try:
-        if dicom is not None and labels is not None:
-            return DicomFolder(dicom, labels)
-        if chestxray14 is not None:
-            return ChestXray14Folder(chestxray14, split=split, limit=limit)
-    except DatasetError as exc:
-        fail(f"validation images: {exc}")
-    return None
-
-
-def fit_validation(manifest_file: Path, source: Any) -> Path:
-    """Fit the artifact's applicability model on the pooled features of ``source`` (a ``model.datasets``
-    LabelledSource) and rewrite its manifest (weights untouched). Raises ModelError (features) or ValueError (too
-    few images)."""
-    from model.applicability import fit_applicability
-    from model.artifact import load_artifact, set_applicability
-    from model.features import source_features
-
-    if len(source) < 10:
-        raise ValueError(f"validation images: {len(source)} found - at least 10 are needed for an applicability model")
-    network, manifest = load_artifact(manifest_file)
-    features = source_features(network, source, recipe=manifest.preprocessing)
-    model = fit_applicability(features.pooled, source=source.description)
-    return set_applicability(manifest_file, model)
-
-
-def _import_to_registry(
-    path: Path, models_dir: Path, *, name: str | None, fmt: str, dtype: str, validation: Any = None
-) -> Path:
-    """Import into ``models_dir/<name>-<hash12>/`` (fitting the applicability model on ``validation`` when given);
-    an identical import already there is kept as it is."""
-    from model.artifact import read_manifest
-    from model.checkpoints import import_checkpoint
-
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=models_dir))
-    try:
-        staged = import_checkpoint(path, staging, name=name, format=fmt, dtype=dtype)  # type: ignore[arg-type]
-        if validation is not None:
-            fit_validation(staged, validation)
-        manifest = read_manifest(staged)
-        final = models_dir / f"{manifest.name}-{manifest.short_hash}"
-        if not final.exists():
-            staging.rename(final)
-        return final / staged.name
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 # --- registry ------------------------------------------------------------------------------------------------------
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
 
 def _registry_call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     from sqlalchemy.exc import SQLAlchemyError

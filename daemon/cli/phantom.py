@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from daemon.cli.console import err, fail
+from daemon.cli.progress import counter
 from model.phantom import generate, to_dicom
 from model.types import LABELS
 
@@ -57,14 +57,7 @@ def phantom(
         fail(f"cannot create {out}: {exc.strerror or exc}", 2)
 
     rows: list[list[object]] = []
-    progress = Progress(
-        TextColumn("phantom"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
+    progress = counter("phantom")
     try:
         with progress:
             task = progress.add_task("phantom", total=count)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from daemon.cli.console import fail, out
-from daemon.cli.context import JsonOption, emit_json, sessions, settings
+from daemon.cli.context import emit_json, sessions, settings
+from daemon.cli.options import JsonOption
 from daemon.store import queries
 
 

@@ -1,6 +1,7 @@
 """The root ``chexd`` command: the global ``--config`` option, the one error handler every command ends in, and the
 registration of every command. Each command's code lives in the module of its name (``chexd calibrate`` in
-daemon/cli/calibrate.py, ``chexd model import`` in daemon/cli/model.py); what they share is in daemon/cli/context.py.
+daemon/cli/calibrate.py, ``chexd model import`` in daemon/cli/model.py); what they share is in daemon/cli/context.py
+(settings, database, JSON), options.py, progress.py and jobs.py (the maintenance layer's calls).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from daemon.cli import (
     train,
 )
 from daemon.cli.console import err
-from daemon.cli.context import ConfigOption, _State
+from daemon.cli.context import _State
 from daemon.cli.exits import cli_exit
+from daemon.cli.options import ConfigOption
 
 
 class _App(typer.Typer):

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from daemon.cli.console import err, fail, out
-from daemon.cli.context import TLS_HELP, JsonOption, emit_json, settings, tls_client_context
+from daemon.cli.context import TLS_HELP, emit_json, settings, tls_client_context
+from daemon.cli.options import JsonOption
+from daemon.cli.progress import counter
 from daemon.edge import scu
 
 
@@ -35,14 +36,7 @@ def send_cmd(
         fail(str(exc))
     if not files:
         fail("no files to send")
-    progress = Progress(
-        TextColumn("sending"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=as_json or not err.is_terminal,
-    )
+    progress = counter("sending", disable=as_json)
     with progress:
         task = progress.add_task("send", total=len(files))
         try:

@@ -7,7 +7,8 @@ import json
 from rich.table import Table
 
 from daemon.cli.console import fail, out
-from daemon.cli.context import JsonOption, emit_json, sessions, settings
+from daemon.cli.context import emit_json, sessions, settings
+from daemon.cli.options import JsonOption
 from daemon.store import queries
 
 

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from daemon.cli import forward as forward_cli
 from daemon.cli.console import out
-from daemon.cli.context import JsonOption, emit_json, sessions, settings
+from daemon.cli.context import emit_json, sessions, settings
+from daemon.cli.options import JsonOption
 from daemon.store import queries
 
 
