@@ -88,6 +88,14 @@ def decode_image(ds: pydicom.Dataset, *, limits: PixelLimits = DEFAULT_LIMITS) -
             or disagrees with the DICOM header; a decoder or LUT failure (chained); non-finite values; or a
             constant image at any step.
     """
+    stored = _decode_stored(ds, limits)
+    values = _modality_values(stored, ds)
+    return _voi_to_unit(values, ds)
+
+
+def _decode_stored(ds: pydicom.Dataset, limits: PixelLimits) -> np.ndarray:
+    """The stored pixel values [Rows, Columns] after the header, limit and codestream checks (see
+    :func:`decode_image`)."""
     _check_image_pixel(ds)
     check_pixel_limits(ds, limits)
     transfer_syntax = _transfer_syntax(ds)
@@ -107,7 +115,11 @@ def decode_image(ds: pydicom.Dataset, *, limits: PixelLimits = DEFAULT_LIMITS) -
         )
     if stored.min() == stored.max():
         raise ImageDecodeError(f"constant image: every stored pixel value is {stored.flat[0]}")
+    return stored
 
+
+def _modality_values(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values through the Modality LUT (PS3.3 C.11.1), float64; refuses non-finite or constant results."""
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -123,7 +135,12 @@ def decode_image(ds: pydicom.Dataset, *, limits: PixelLimits = DEFAULT_LIMITS) -
             f"constant image after the Modality LUT: every value is {values.flat[0]:g} "
             f"(RescaleSlope={ds.get('RescaleSlope')!r})"
         )
+    return values
 
+
+def _voi_to_unit(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Modality values through the first VOI transform (PS3.3 C.11.2), its output range mapped to [0, 1] float32 in
+    MONOCHROME2 orientation; refuses non-finite or constant results."""
     try:
         if _has_voi_lut(ds):
             out, high = _apply_voi_lut(values, ds)

@@ -103,6 +103,66 @@ def fit_applicability_on(model: torch.nn.Module, x: torch.Tensor, *, source: str
     return fit_applicability(pooled_of(model, x, device), in_domain_share=in_domain_share, source=source)
 
 
+def _train_epoch(
+    model: torch.nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pos_weight: torch.Tensor,
+    rng: np.random.Generator,
+    device: torch.device,
+    *,
+    epoch: int,
+    config: TrainConfig,
+    progress: Progress | None,
+) -> list[float]:
+    """One epoch over shuffled, augmented batches of the prepared training inputs ``x_train`` [N, C, S, S] (bf16
+    autocast on a GPU); returns the batch losses."""
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    model.train()
+    losses = []
+    for step, idx in enumerate(_batches(len(x_train), config.batch_size, rng)):
+        x = x_train[idx].to(device).float().contiguous(memory_format=torch.channels_last)
+        x = _augment(x, rng)
+        y = y_train[idx].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, steps_per_epoch, np.mean(losses[-50:]))
+        if progress:
+            progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+    return losses
+
+
+def _save_state(
+    state_path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    config: TrainConfig,
+) -> None:
+    """The resumable training state after ``epoch`` epochs (read back by :func:`train` with ``weights_only=True``)."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "config": json.dumps(config.to_dict(), sort_keys=True),
+        },
+        state_path,
+    )
+
+
 def train(
     model: torch.nn.Module,
     config: TrainConfig,
@@ -152,38 +212,12 @@ def train(
     train_started = time.perf_counter()
     history = []
     for epoch in range(start_epoch, config.epochs):
-        model.train()
-        losses = []
-        for step, idx in enumerate(_batches(len(train_set.x), config.batch_size, rng)):
-            x = train_set.x[idx].to(device).float().contiguous(memory_format=torch.channels_last)
-            x = _augment(x, rng)
-            y = y_train[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            if (step + 1) % 50 == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, step + 1, steps_per_epoch, np.mean(losses[-50:]))
-            if progress:
-                progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+        losses = _train_epoch(model, train_set.x, y_train, optimizer, scheduler, pos_weight, rng, device,
+                              epoch=epoch, config=config, progress=progress)
         val = evaluate(predict_scores(model, val_set.x, device), val_set.y, LABELS, n_bootstrap=0)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_mean_auroc": val.mean_auroc})
         log.info("epoch %d loss %.4f val mean AUROC %s", epoch + 1, np.mean(losses), val.mean_auroc)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "config": json.dumps(config.to_dict(), sort_keys=True),
-            },
-            state_path,
-        )
+        _save_state(state_path, model, optimizer, scheduler, epoch + 1, config)
     train_seconds = time.perf_counter() - train_started
     model.eval()
     applicability = fit_applicability_on(
