@@ -17,6 +17,13 @@ beside a naive pipeline over the same files in the same run.
   lesion mask covers, beside the image-centre baseline (the zone at the image centre), on the same lung fields.
 
 Run: ``.venv/bin/python bench/report_pipeline.py --count 40``. Needs dcmtk's storescu.
+
+``--parts``: no daemon and no storescu - where ``reporting.compose.compose_study`` spends its CPU for single-image
+studies of the same phantoms (the model's predictions made in-process first, untimed): CPU ms per study for the SR,
+Parametric Maps, heatmap SCs, the PDF, the Encapsulated PDF, the DICOM file writes, the lung fields and the rest of the
+assembly, beside the total (``time.process_time``, the median of ``--repeat`` passes over all studies).
+``--baseline DIR`` times the ``compose_study`` of another checkout (e.g. ``git worktree add /tmp/base <commit>``) on the
+same inputs in the same run, passes alternating, for before/after on the same machine load.
 """
 
 from __future__ import annotations
@@ -187,6 +194,7 @@ def run_naive(files: list[Path], work: Path, model_path: Path) -> dict[str, obje
     from model.artifact import load_artifact
     from model.types import Prediction
     from reporting.compose import compose_study
+    from reporting.facts import ModelFacts
 
     network, manifest = load_artifact(model_path)
     model = torchvision.models.densenet121(num_classes=len(manifest.labels))
@@ -196,15 +204,15 @@ def run_naive(files: list[Path], work: Path, model_path: Path) -> dict[str, obje
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     cam = GradCAM(model=model, target_layers=[model.features[-1]])
-    facts = {
-        "name": "naive",
-        "version": manifest.version_id,
-        "weights_sha256": manifest.weights_sha256,
-        "synthetic": True,
-        "intended_use": manifest.intended_use,
-        "thresholds": dict(manifest.thresholds),
-        "preprocessing": manifest.preprocessing.to_dict(),
-    }
+    facts = ModelFacts(
+        name="naive",
+        version=manifest.version_id,
+        weights_sha256=manifest.weights_sha256,
+        synthetic=True,
+        intended_use=manifest.intended_use,
+        thresholds=dict(manifest.thresholds),
+        preprocessing=manifest.preprocessing,
+    )
     latencies = []
     cpu_before = time.process_time()
     start = time.monotonic()
@@ -248,6 +256,141 @@ def run_naive(files: list[Path], work: Path, model_path: Path) -> dict[str, obje
         "p50_s": float(np.percentile(lat, 50)),
         "p95_s": float(np.percentile(lat, 95)),
     }
+
+
+# --- --parts: compose_study's CPU by part ---------------------------------------------------------------------------
+
+# (module, function name, part): the functions compose_study calls, wrapped with CPU timers; a nested call's time is
+# taken out of its caller's part (lung fields inside the assembly, file writes inside the PDF and the SR)
+PARTS = (
+    ("reporting.compose", "build_sr", "SR build (highdicom)"),
+    ("reporting.compose", "build_pm", "Parametric Maps"),
+    ("reporting.compose", "build_sc", "heatmap SCs (render + build)"),
+    ("reporting.compose", "write_pdf", "PDF (reportlab)"),
+    ("reporting.compose", "build_encapsulated_pdf", "Encapsulated PDF build"),
+    ("reporting.compose", "_save", "DICOM file writes"),
+    ("reporting.report", "estimate_lung_fields", "lung fields"),
+    ("reporting.compose", "assemble", "findings, regions, evidence"),
+)
+
+
+def _prepare_parts(files: list[Path], model: Path, folder: Path) -> Path:
+    """Predict every file with ``model`` in this process (untimed) and pickle (path, Prediction, model facts as a
+    dict) per file for :func:`_time_parts`. Returns the pickle."""
+    import pickle
+
+    from daemon.work.inference import ModelProcessor
+    from daemon.work.reports import _model_facts
+
+    processor = ModelProcessor(model, device="cpu", threads=1)
+    try:
+        inputs = []
+        for path in files:
+            result = processor(path)
+            facts = _model_facts(result)
+            inputs.append((str(path), result.prediction, facts.to_dict() if hasattr(facts, "to_dict") else facts))
+    finally:
+        processor.close()
+    out = folder / "parts-inputs.pkl"
+    out.write_bytes(pickle.dumps(inputs))
+    return out
+
+
+def _time_parts(inputs_path: Path, repeat: int) -> dict[str, object]:
+    """CPU ms per study by part of ``compose_study`` (the one importable from ``sys.path``) over the pickled inputs:
+    the median over ``repeat`` passes of each part's mean. One pass first, untimed (imports, caches)."""
+    import datetime as dt
+    import importlib
+    import pickle
+    import statistics
+    import tempfile
+
+    import pydicom
+
+    from model.preprocess import decode_image
+
+    inputs = pickle.loads(inputs_path.read_bytes())
+    acc: dict[str, float] = {}
+    stack: list[float] = []  # CPU time of nested timed calls, to subtract from their callers
+
+    def wrap(module: object, name: str, part: str) -> None:
+        inner = getattr(module, name)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.process_time()
+            stack.append(0.0)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent = time.process_time() - start
+                nested = stack.pop()
+                acc[part] = acc.get(part, 0.0) + spent - nested
+                if stack:
+                    stack[-1] += spent
+
+        setattr(module, name, timed)
+
+    for module_name, name, part in PARTS:
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            wrap(module, name, part)
+    compose = importlib.import_module("reporting.compose")
+    try:  # the typed model facts (issue 17); a tree from before them takes the archive's dict
+        from reporting.facts import ModelFacts
+
+        typed = ModelFacts.from_dict
+    except ImportError:
+        typed = dict
+    studies = []
+    for path, prediction, facts in inputs:
+        ds = pydicom.dcmread(path)
+        studies.append((ds, decode_image(ds), prediction, typed(facts)))
+    when = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    passes: list[dict[str, float]] = []
+    positives = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(repeat + 1):
+            acc.clear()
+            start = time.process_time()
+            for n, (ds, image, prediction, facts) in enumerate(studies):
+                composed = compose.compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=(),
+                                                 folder=Path(tmp) / f"{k}-{n}", created_at=when)
+                positives += sum(1 for f in composed.findings[0] if f.status != "absent") if k == 0 else 0
+            total = time.process_time() - start
+            if k:
+                passes.append({"total": total, **acc})
+    parts = {name: 1000 * statistics.median(p.get(name, 0.0) for p in passes) / len(studies)
+             for name in ["total", *(part for _, _, part in PARTS)]}
+    parts["other (compose_study itself)"] = parts["total"] - sum(parts[part] for _, _, part in PARTS)
+    return {"studies": len(studies), "positive_findings": positives, "cpu_ms": parts}
+
+
+def run_parts(files: list[Path], model: Path, work: Path, repeat: int, baseline: Path | None) -> dict[str, object]:
+    """--parts: this checkout's compose_study and, with ``baseline``, another checkout's on the same inputs, in
+    alternating subprocesses (one pass each at a time would interleave too finely to matter; a subprocess per tree
+    keeps each tree's modules apart)."""
+    inputs = _prepare_parts(files, model, work)
+    trees = {"this checkout": REPO} | ({"baseline": baseline.resolve()} if baseline else {})
+    results: dict[str, object] = {}
+    for name, tree in trees.items():
+        out = work / f"parts-{len(results)}.json"
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--parts-worker", str(inputs), "--tree",
+                        str(tree), "--repeat", str(repeat), "--json", str(out)], check=True, cwd=tree)
+        results[name] = json.loads(out.read_text())
+    return results
+
+
+def print_parts(results: dict[str, dict[str, object]], count: int, size: int, what: str) -> None:
+    names = list(results)
+    first = results[names[0]]
+    print(f"\ncompose_study CPU by part, {count} single-image studies ({size} px phantoms, {what}), "
+          f"{first['positive_findings']} positive findings in all (an SC and a PM each)\n")
+    print("| part | " + " | ".join(f"{n} (CPU ms per study)" for n in names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for part in [*(p for _, _, p in PARTS), "other (compose_study itself)", "total"]:
+        cells = [f"{results[n]['cpu_ms'][part]:.1f}" for n in names]  # type: ignore[index]
+        label = f"**{part}**" if part == "total" else part
+        print(f"| {label} | " + " | ".join(f"**{c}**" if part == "total" else c for c in cells) + " |")
 
 
 def pointing_game(findings: list[tuple], start: int, count: int, size: int) -> dict[str, dict[str, float]]:
@@ -323,7 +466,37 @@ def main() -> None:
         help="run the model's weights at this input size instead (e.g. 224, CheXNet's): a compute proxy only - a "
         "model trained at another size gives findings of no meaning",
     )
+    parser.add_argument("--parts", action="store_true",
+                        help="time compose_study by part in-process instead (no daemon, no storescu)")
+    parser.add_argument("--repeat", type=int, default=3, help="--parts: passes over all studies (median)")
+    parser.add_argument("--baseline", type=Path, help="--parts: also time the compose_study of this checkout")
+    parser.add_argument("--parts-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parts_worker:  # a subprocess of --parts: time the compose_study of --tree
+        sys.path.insert(0, str(args.tree))
+        for name in [m for m in sys.modules if m == "reporting" or m.startswith("reporting.")]:
+            del sys.modules[name]
+        args.json.write_text(json.dumps(_time_parts(args.parts_worker, args.repeat)))
+        return
+    if args.parts:
+        busy = _busy_cpus()
+        work = Path(tempfile.mkdtemp(prefix="chexd-parts-"))
+        model = _model(args.model, args.input_size, work)
+        from model.artifact import read_manifest
+
+        manifest = read_manifest(model)
+        files = _write_phantoms(work / "in", args.count, args.size, args.start)
+        results = run_parts(files, model, work, args.repeat, args.baseline)
+        shutil.rmtree(work, ignore_errors=True)
+        print_parts(results, args.count, args.size,  # type: ignore[arg-type]
+                    f"model {manifest.name} at {manifest.preprocessing.input_size} px")
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average "
+              f"{load}; CPUs busy with other work just before: {busy:.2f}" if busy is not None else "")
+        if args.json:
+            args.json.write_text(json.dumps({"parts": results, "busy_cpus_before": busy, "load": os.getloadavg()}))
+        return
     if not shutil.which("storescu"):
         raise SystemExit("storescu (dcmtk) is required: apt-get install dcmtk")
     busy = _busy_cpus()

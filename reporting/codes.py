@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from pydicom.sr.coding import Code
 
+from reporting.errors import ReportError
+
 __all__ = ["FINDING_CODES", "PRIVATE_SCHEME", "SCT_FINDINGS", "finding_code"]
 
 PRIVATE_SCHEME = "99CHEXD"
@@ -53,8 +55,8 @@ SCT_FINDINGS: tuple[str, ...] = tuple(label for label, code in FINDING_CODES.ite
 
 
 def finding_code(label: str) -> Code:
-    """The code of a finding label (CheXNet spelling, e.g. "Pleural_Thickening"); raises ValueError for others."""
+    """The code of a finding label (CheXNet spelling, e.g. "Pleural_Thickening"); raises ReportError for others."""
     try:
         return FINDING_CODES[label]
     except KeyError:
-        raise ValueError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
+        raise ReportError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None

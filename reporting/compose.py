@@ -12,18 +12,19 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.uid import EncapsulatedPDFStorage
 
-from model.types import Prediction, PreprocessRecipe
+from model.types import Prediction
 from reporting.dicomio import save
+from reporting.errors import ReportError
 from reporting.exclusions import ExclusionRules
+from reporting.facts import ModelFacts
 from reporting.pdf import write_pdf
 from reporting.pmap import build_pm
-from reporting.report import DomainCheck, Finding, ModelInfo, SourceImage, StudyReport, assemble, study_report
+from reporting.report import Finding, SourceImage, StudyReport, assemble, study_report
 from reporting.sc import build_encapsulated_pdf, build_sc
 from reporting.sr import build_sr
 
@@ -51,24 +52,6 @@ class ComposedStudy:
     report: StudyReport
     findings: list[tuple[Finding, ...]]
     files: list[WrittenFile]
-
-
-def _recipe(facts: Mapping[str, Any]) -> PreprocessRecipe | None:
-    value = facts.get("preprocessing")
-    if isinstance(value, PreprocessRecipe):
-        return value
-    if isinstance(value, Mapping):
-        return PreprocessRecipe(**value)
-    return None
-
-
-def _domain(facts: Mapping[str, Any]) -> DomainCheck | None:
-    value = facts.get("domain")
-    if isinstance(value, DomainCheck):
-        return value
-    if isinstance(value, Mapping):
-        return DomainCheck.from_dict(value)
-    return None
 
 
 def _save(ds: pydicom.Dataset, path: Path) -> None:
@@ -143,11 +126,12 @@ def _place(ds: pydicom.Dataset, kind: str, path: Path, earlier: Mapping[str, Ear
 
 def compose_study(
     *,
-    images: Sequence[tuple[pydicom.Dataset, np.ndarray, Prediction, Mapping[str, Any]]],
+    images: Sequence[tuple[pydicom.Dataset, np.ndarray, Prediction, ModelFacts]],
     revision: int,
     predecessors: Sequence[str],
     folder: Path,
-    settings: Any = None,
+    top_channels: int = 5,
+    exclusion_margin: float = 2.0,
     created_at: dt.datetime | None = None,
     pdf_predecessors: Sequence[str] = (),
     earlier: Sequence[Path] = (),
@@ -156,11 +140,11 @@ def compose_study(
     """Assemble and write one study report revision into ``folder`` (created if needed).
 
     ``images``: per image of the study, oldest first: (source dataset, decoded image float [Rows, Columns] in [0, 1]
-    bright = dense, its Prediction, the model facts archived with it: name, version, weights_sha256, synthetic,
-    intended_use, thresholds, calibrated_at, and optionally preprocessing (a PreprocessRecipe dict; without it the
-    CAM is assumed to span the whole, square-padded image) and domain (the applicability gate's verdict, a
-    DomainCheck dict; a withheld image gets no findings and no heatmap SC)). The report states the last image's model.
-    ``settings``: anything with ``report_top_channels`` and ``exclusion_margin`` (defaults 5 and 2.0).
+    bright = dense, its Prediction, the facts about the model that made it (reporting.facts.ModelFacts: thresholds,
+    preprocessing - without it the CAM is taken to span the whole, square-padded image - and the applicability gate's
+    verdict: a withheld image gets no findings and no heatmap)). The report states the last image's model.
+    ``top_channels``: channel evidence rows per positive finding (>= 1); ``exclusion_margin``: how much more
+    confident a mutually exclusive partner must be to exclude a finding (reporting.exclusions, >= 1).
     ``superseded``: (revision, created_at) of the report revision this one replaces (the PDF names it), if known.
 
     Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and per present or excluded finding one
@@ -169,17 +153,22 @@ def compose_study(
     PredecessorDocumentsSequence). ``earlier``: the per-image DICOM files (SC, PM) of the study's earlier
     revisions: an object whose UID (from its content: reporting.uids.content_uid) is among them is copied, marked
     ``unchanged``, and keeps its InstanceNumber; new ones number on after the highest used in their series.
-    Raises ValueError for no images, mixed studies, or thresholds that do not cover the labels."""
+    Raises ReportError (a ValueError) for no images, mixed studies, thresholds that do not cover the labels or
+    ``top_channels`` < 1; TypeError for model facts that are not a ModelFacts (read an archived dict with
+    ModelFacts.from_dict)."""
     if not images:
-        raise ValueError("Invalid images - a study report needs at least one image")
-    top_k = int(getattr(settings, "report_top_channels", 5))
-    rules = ExclusionRules(margin=float(getattr(settings, "exclusion_margin", 2.0)))
+        raise ReportError("Invalid images - a study report needs at least one image")
+    if top_channels < 1:
+        raise ReportError(f"Invalid top_channels {top_channels} - must be >= 1")
+    rules = ExclusionRules(margin=float(exclusion_margin))
     results = []
     for ds, pixels, prediction, facts in images:
-        thresholds = facts.get("thresholds") or {}
-        results.append(assemble(prediction, pixels, SourceImage.from_dataset(ds), thresholds=thresholds,
-                                rules=rules, top_k=top_k, recipe=_recipe(facts), domain=_domain(facts)))
-    report = study_report(results, ModelInfo.from_facts(images[-1][3]), revision=revision,
+        if not isinstance(facts, ModelFacts):
+            raise TypeError(f"Invalid model facts {type(facts).__name__} - expected reporting.facts.ModelFacts")
+        results.append(assemble(prediction, pixels, SourceImage.from_dataset(ds), thresholds=facts.thresholds,
+                                rules=rules, top_k=int(top_channels), recipe=facts.preprocessing,
+                                domain=facts.domain))
+    report = study_report(results, images[-1][3].model_info(), revision=revision,
                           predecessors=tuple(predecessors), created_at=created_at,
                           superseded_revision=superseded[0] if superseded else None,
                           superseded_at=superseded[1] if superseded else None)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from reporting.errors import ReportError
+
 __all__ = ["Exclusion", "ExclusionRules", "PairStatistics", "apply_exclusions", "load_pair_statistics"]
 
 DATA_FILE = "exclusions.json"
@@ -50,10 +52,10 @@ class PairStatistics:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lift_low <= self.lift <= self.lift_high:
-            raise ValueError(f"Invalid lift CI for {self.a}-{self.b}: {self.lift_low} <= {self.lift} <= "
+            raise ReportError(f"Invalid lift CI for {self.a}-{self.b}: {self.lift_low} <= {self.lift} <= "
                              f"{self.lift_high} does not hold")
         if not 0 <= self.n_ab <= min(self.n_a, self.n_b):
-            raise ValueError(f"Invalid counts for {self.a}-{self.b}: n_ab {self.n_ab} > min(n_a, n_b)")
+            raise ReportError(f"Invalid counts for {self.a}-{self.b}: n_ab {self.n_ab} > min(n_a, n_b)")
 
     def other(self, label: str) -> str:
         return self.b if label == self.a else self.a
@@ -114,9 +116,9 @@ class ExclusionRules:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_lift_upper <= 1.0:
-            raise ValueError(f"Invalid max_lift_upper {self.max_lift_upper!r} - must be in (0, 1]")
+            raise ReportError(f"Invalid max_lift_upper {self.max_lift_upper!r} - must be in (0, 1]")
         if not self.margin >= 1.0:
-            raise ValueError(f"Invalid margin {self.margin!r} - must be >= 1 (the partner must be more confident)")
+            raise ReportError(f"Invalid margin {self.margin!r} - must be >= 1 (the partner must be more confident)")
 
     def is_exclusive(self, pair: PairStatistics) -> bool:
         return pair.lift_high < self.max_lift_upper
@@ -156,15 +158,15 @@ def apply_exclusions(
 ) -> dict[str, Exclusion]:
     """The findings among ``probabilities`` (label -> probability) that the rules exclude, with their reasons.
 
-    Only findings at or above their threshold can be excluded or exclude others. Raises ValueError naming a label
+    Only findings at or above their threshold can be excluded or exclude others. Raises ReportError naming a label
     that has no threshold, or a threshold outside (0, 1)."""
     confidence = {}
     for label, p in probabilities.items():
         if label not in thresholds:
-            raise ValueError(f"No threshold for {label!r} - the thresholds must cover every finding")
+            raise ReportError(f"No threshold for {label!r} - the thresholds must cover every finding")
         t = float(thresholds[label])
         if not 0.0 < t < 1.0:
-            raise ValueError(f"Invalid threshold for {label!r}: {t} - must be in (0, 1)")
+            raise ReportError(f"Invalid threshold for {label!r}: {t} - must be in (0, 1)")
         if p >= t:
             confidence[label] = float(p) / t
     present: list[str] = []

@@ -35,6 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from reporting.errors import ReportError
 from reporting.report import Finding, ImageResult, StudyReport
 from reporting.sr import _clean_evidence, set_equipment, software_versions
 from reporting.uids import content_uid, derived_uid, series_uid
@@ -57,9 +58,9 @@ _AXES = {
 
 def pm_grid(rows: int, columns: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
     """The PM's matrix (rows, columns) for a source of ``rows`` x ``columns``: divided by the smallest integer factor
-    that brings the longer side to at most ``max_side``. Raises ValueError for sizes < 1."""
+    that brings the longer side to at most ``max_side``. Raises ReportError for sizes < 1."""
     if rows < 1 or columns < 1 or max_side < 1:
-        raise ValueError(f"Invalid size {rows}x{columns} (max_side {max_side}) - all must be >= 1")
+        raise ReportError(f"Invalid size {rows}x{columns} (max_side {max_side}) - all must be >= 1")
     factor = max(1, math.ceil(max(rows, columns) / max_side))
     return math.ceil(rows / factor), math.ceil(columns / factor)
 
@@ -120,12 +121,13 @@ def build_pm(
 ) -> hd.pm.ParametricMap:
     """The Parametric Map of one present or excluded ``finding`` of ``result`` (see the module docstring).
 
-    ``source``: the source image dataset (header suffices); ``number``: its Instance Number. Raises ValueError for
+    ``source``: the source image dataset (header suffices); ``number``: its Instance Number. Raises ReportError for
     an absent finding or a source that is not the result's image."""
     if not finding.positive:
-        raise ValueError(f"No Parametric Map for absent finding {finding.label!r}")
+        raise ReportError(f"No Parametric Map for absent finding {finding.label!r}")
     if str(source.SOPInstanceUID) != result.source.sop_instance_uid:
-        raise ValueError(f"Invalid source {source.SOPInstanceUID} - the result is for {result.source.sop_instance_uid}")
+        raise ReportError(f"Invalid source {source.SOPInstanceUID} - the result is for "
+                          f"{result.source.sop_instance_uid}")
     rows, columns = int(source.Rows), int(source.Columns)
     shape = pm_grid(rows, columns, max_side)
     heat = result.heatmap(finding.label, shape)

@@ -36,6 +36,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from model.types import PreprocessRecipe
+from reporting.errors import ReportError
 
 __all__ = [
     "OUTSIDE",
@@ -84,9 +85,9 @@ class RegionShare:
 
     def __post_init__(self) -> None:
         if self.zone not in _Z:
-            raise ValueError(f"Invalid zone {self.zone!r} - expected one of {list(ZONES)}")
+            raise ReportError(f"Invalid zone {self.zone!r} - expected one of {list(ZONES)}")
         if not 0.0 <= self.share <= 1.0 + 1e-6:
-            raise ValueError(f"Invalid share {self.share!r} for {self.zone!r} - must be in [0, 1]")
+            raise ReportError(f"Invalid share {self.share!r} for {self.zone!r} - must be in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -174,13 +175,13 @@ def cam_to_image(
     ``shape``). ``recipe``: the model's preprocessing (square padding, resize, centre crop are inverted); None means
     the CAM spans the whole zero-padded square image. Returns float32 [rows, columns] >= 0, in logit units.
 
-    Raises ValueError for a CAM that is not 2-D or a non-positive shape."""
+    Raises ReportError for a CAM that is not 2-D or a non-positive shape."""
     if cam.ndim != 2:
-        raise ValueError(f"Invalid cam shape {cam.shape} - expected [h, w]")
+        raise ReportError(f"Invalid cam shape {cam.shape} - expected [h, w]")
     rows, cols = int(shape[0]), int(shape[1])
     src_rows, src_cols = source_shape or (rows, cols)
     if min(rows, cols, src_rows, src_cols) < 1:
-        raise ValueError(f"Invalid shape {shape} / source_shape {source_shape} - sides must be >= 1")
+        raise ReportError(f"Invalid shape {shape} / source_shape {source_shape} - sides must be >= 1")
     full = max(src_rows, src_cols)
     # Separable and sparse (two taps per output pixel and axis): interpolate the columns of the small CAM first, then
     # combine two of its rows per output row. No BLAS: a threaded matrix product of these shapes cost 5-15 ms of CPU
@@ -476,9 +477,9 @@ def estimate_lung_fields(image: np.ndarray) -> LungFields:
     """Lung fields and zone map of a decoded image (float [rows, columns] in [0, 1], bright = dense).
 
     Never fails on a valid image: when the lungs cannot be found, the fixed grid is used and ``method`` is "grid"
-    with the reason in ``note``. Raises ValueError for an array that is not 2-D."""
+    with the reason in ``note``. Raises ReportError for an array that is not 2-D."""
     if image.ndim != 2:
-        raise ValueError(f"Invalid image shape {image.shape} - expected [rows, columns]")
+        raise ReportError(f"Invalid image shape {image.shape} - expected [rows, columns]")
     g = _working(image)
     found = _segment(g)
     if isinstance(found, str):

@@ -39,6 +39,7 @@ import pydicom
 from pydicom.uid import RE_VALID_UID
 
 from model.types import Applicability, Prediction, PreprocessRecipe, QualityIssue
+from reporting.errors import ReportError
 from reporting.exclusions import ExclusionRules, apply_exclusions
 from reporting.regions import (
     LungFields,
@@ -120,17 +121,17 @@ class SourceImage:
         for name in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid"):
             value = getattr(self, name)
             if not _valid_uid(value):
-                raise ValueError(f"Invalid {name} {value!r} - must be a valid DICOM UID")
+                raise ReportError(f"Invalid {name} {value!r} - must be a valid DICOM UID")
         if self.rows < 1 or self.columns < 1:
-            raise ValueError(f"Invalid image size {self.rows}x{self.columns} - rows and columns must be >= 1")
+            raise ReportError(f"Invalid image size {self.rows}x{self.columns} - rows and columns must be >= 1")
 
     @classmethod
     def from_dataset(cls, ds: pydicom.Dataset) -> SourceImage:
-        """Read the facts from a dataset. Raises ValueError naming a missing or invalid UID or image size."""
+        """Read the facts from a dataset. Raises ReportError naming a missing or invalid UID or image size."""
         missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
                                "Columns") if k not in ds]
         if missing:
-            raise ValueError(f"Invalid source dataset - missing {', '.join(missing)}")
+            raise ReportError(f"Invalid source dataset - missing {', '.join(missing)}")
         return cls(
             sop_instance_uid=str(ds.SOPInstanceUID),
             sop_class_uid=str(ds.SOPClassUID),
@@ -173,27 +174,19 @@ class ModelInfo:
 
     def __post_init__(self) -> None:
         if not self.name.strip():
-            raise ValueError("Invalid model name '' - must not be empty")
+            raise ReportError("Invalid model name '' - must not be empty")
         if not re.fullmatch(r"[0-9A-Za-z._-]{1,64}", self.version):
-            raise ValueError(f"Invalid model version {self.version!r} - expected 1-64 of [0-9A-Za-z._-]")
+            raise ReportError(f"Invalid model version {self.version!r} - expected 1-64 of [0-9A-Za-z._-]")
         if self.weights_sha256 and not _HEX64.match(self.weights_sha256):
-            raise ValueError(f"Invalid weights_sha256 {self.weights_sha256!r} - expected 64 lowercase hex digits")
+            raise ReportError(f"Invalid weights_sha256 {self.weights_sha256!r} - expected 64 lowercase hex digits")
 
     @classmethod
     def from_facts(cls, facts: Mapping[str, object]) -> ModelInfo:
-        """From the dict the daemon archives with each prediction (name, version, weights_sha256, synthetic,
-        intended_use, calibrated_at as ISO text or None)."""
-        calibrated = facts.get("calibrated_at")
-        if isinstance(calibrated, str) and calibrated:
-            calibrated = dt.datetime.fromisoformat(calibrated)
-        return cls(
-            name=str(facts.get("name") or "unnamed"),
-            version=str(facts["version"]),
-            weights_sha256=str(facts.get("weights_sha256") or ""),
-            calibrated_at=calibrated if isinstance(calibrated, (dt.datetime, dt.date)) else None,
-            synthetic=bool(facts.get("synthetic", False)),
-            intended_use=str(facts.get("intended_use") or ""),
-        )
+        """From the dict the daemon archives with each prediction (reporting.facts.ModelFacts.from_dict reads it).
+        Raises ReportError for facts without a version or with a malformed value."""
+        from reporting.facts import ModelFacts  # reporting.facts builds on this module
+
+        return ModelFacts.from_dict(facts).model_info()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,19 +208,19 @@ class DomainCheck:
 
     def __post_init__(self) -> None:
         if self.status not in _DOMAIN_STATUSES:
-            raise ValueError(f"Invalid domain status {self.status!r} - expected one of {', '.join(_DOMAIN_STATUSES)}")
+            raise ReportError(f"Invalid domain status {self.status!r} - expected one of {', '.join(_DOMAIN_STATUSES)}")
         if (self.score is None) != (self.threshold is None):
-            raise ValueError("Invalid domain check - score and threshold are both given or both None")
+            raise ReportError("Invalid domain check - score and threshold are both given or both None")
         if self.score is not None and (np.isnan(self.score) or not np.isfinite(self.threshold)):
-            raise ValueError(f"Invalid applicability score {self.score} / threshold {self.threshold} - the score "
+            raise ReportError(f"Invalid applicability score {self.score} / threshold {self.threshold} - the score "
                              "must be a number (+inf allowed), the threshold finite")
         if self.status == "unchecked" and (self.score is not None or self.quality):
-            raise ValueError("Invalid domain status 'unchecked' - only without a score and without quality issues")
+            raise ReportError("Invalid domain status 'unchecked' - only without a score and without quality issues")
         if self.status == "in_domain" and (self.out_of_domain or self.quality or self.score is None):
-            raise ValueError("Invalid domain status 'in_domain' - needs a score at or below its threshold and no "
+            raise ReportError("Invalid domain status 'in_domain' - needs a score at or below its threshold and no "
                              "quality issue")
         if self.status in ("withheld", "flagged") and not (self.out_of_domain or self.quality):
-            raise ValueError(f"Invalid domain status {self.status!r} - needs a score above its threshold or a "
+            raise ReportError(f"Invalid domain status {self.status!r} - needs a score above its threshold or a "
                              "quality issue")
         object.__setattr__(self, "quality", tuple(self.quality))
 
@@ -269,10 +262,10 @@ class DomainCheck:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> DomainCheck:
-        """Inverse of :meth:`to_dict`. Raises ValueError for a malformed dict."""
+        """Inverse of :meth:`to_dict`. Raises ReportError for a malformed dict."""
         quality = data.get("quality") or []
         if not isinstance(quality, list):
-            raise ValueError(f"Invalid quality {quality!r} - expected a list of {{code, reason}}")
+            raise ReportError(f"Invalid quality {quality!r} - expected a list of {{code, reason}}")
         score, threshold = data.get("score"), data.get("threshold")
         return cls(
             status=str(data.get("status")),  # type: ignore[arg-type]
@@ -311,9 +304,9 @@ def domain_check(
     """The gate: apply ``policy`` ("withhold" | "flag" | "off") to an image's applicability verdict (None when the
     artifact has no applicability model) and its input-quality issues. Returns None for "off" (nothing checked,
     nothing stored). Out of domain or any quality issue -> "withheld" (withhold) or "flagged" (flag); else
-    "in_domain", or "unchecked" without an applicability model. Raises ValueError for another policy."""
+    "in_domain", or "unchecked" without an applicability model. Raises ReportError for another policy."""
     if policy not in _POLICIES:
-        raise ValueError(f"Invalid applicability policy {policy!r} - expected one of {', '.join(_POLICIES)}")
+        raise ReportError(f"Invalid applicability policy {policy!r} - expected one of {', '.join(_POLICIES)}")
     if policy == "off":
         return None
     quality = tuple(quality)
@@ -341,11 +334,11 @@ class ChannelEvidence:
 
     def __post_init__(self) -> None:
         if self.channel < 0:
-            raise ValueError(f"Invalid channel {self.channel} - must be >= 0")
+            raise ReportError(f"Invalid channel {self.channel} - must be >= 0")
         if not (np.isfinite(self.contribution) and np.isfinite(self.share)):
-            raise ValueError(f"Invalid evidence for channel {self.channel} - contribution and share must be finite")
+            raise ReportError(f"Invalid evidence for channel {self.channel} - contribution and share must be finite")
         if not 0.0 <= self.share <= 1.0 + 1e-6:
-            raise ValueError(f"Invalid share {self.share} for channel {self.channel} - must be in [0, 1] (|phi| over "
+            raise ReportError(f"Invalid share {self.share} for channel {self.channel} - must be in [0, 1] (|phi| over "
                              "the total evidence)")
 
 
@@ -377,24 +370,24 @@ class Finding:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"Invalid probability for {self.label!r}: {self.probability} - must be in [0, 1]")
+            raise ReportError(f"Invalid probability for {self.label!r}: {self.probability} - must be in [0, 1]")
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"Invalid threshold for {self.label!r}: {self.threshold} - must be in (0, 1)")
+            raise ReportError(f"Invalid threshold for {self.label!r}: {self.threshold} - must be in (0, 1)")
         if self.status not in ("present", "absent", "excluded"):
-            raise ValueError(f"Invalid status {self.status!r} - expected present, absent or excluded")
+            raise ReportError(f"Invalid status {self.status!r} - expected present, absent or excluded")
         if (self.status == "absent") != (self.probability < self.threshold):
-            raise ValueError(f"Invalid status {self.status!r} for {self.label!r}: probability {self.probability:.4f} "
+            raise ReportError(f"Invalid status {self.status!r} for {self.label!r}: probability {self.probability:.4f} "
                              f"vs threshold {self.threshold:.4f}")
         if (self.status == "excluded") != bool(self.reason):
-            raise ValueError(f"Invalid reason for {self.label!r} - an excluded finding needs a reason, others none")
+            raise ReportError(f"Invalid reason for {self.label!r} - an excluded finding needs a reason, others none")
         if any(e.contribution <= 0 for e in self.evidence) or any(e.contribution >= 0 for e in self.counter_evidence):
-            raise ValueError(f"Invalid evidence for {self.label!r} - evidence rows push for the finding (contribution "
+            raise ReportError(f"Invalid evidence for {self.label!r} - evidence rows push for the finding (contribution "
                              "> 0), counter-evidence rows against it (< 0)")
         if not (np.isfinite(self.evidence_total) and self.evidence_total >= 0 and np.isfinite(self.evidence_net)):
-            raise ValueError(f"Invalid evidence_total {self.evidence_total} / evidence_net {self.evidence_net} for "
+            raise ReportError(f"Invalid evidence_total {self.evidence_total} / evidence_net {self.evidence_net} for "
                              f"{self.label!r} - must be finite, the total >= 0")
         if self.shown_share + self.counter_shown_share > 1.0 + 1e-4:
-            raise ValueError(f"Invalid evidence shares for {self.label!r} - the listed rows carry more than the total")
+            raise ReportError(f"Invalid evidence shares for {self.label!r} - the listed rows carry more than the total")
 
     @property
     def positive(self) -> bool:
@@ -483,15 +476,15 @@ class ImageResult:
 
     def __post_init__(self) -> None:
         if self.image.shape != (self.source.rows, self.source.columns):
-            raise ValueError(f"Invalid image shape {self.image.shape} - expected (Rows, Columns) = "
+            raise ReportError(f"Invalid image shape {self.image.shape} - expected (Rows, Columns) = "
                              f"({self.source.rows}, {self.source.columns})")
         if self.cams.ndim != 3 or self.cams.shape[0] != len(self.labels):
-            raise ValueError(f"Invalid cams shape {self.cams.shape} - expected ({len(self.labels)}, h, w)")
+            raise ReportError(f"Invalid cams shape {self.cams.shape} - expected ({len(self.labels)}, h, w)")
         if self.withheld:
             if self.findings:
-                raise ValueError("Invalid findings - an image withheld by the applicability gate has none")
+                raise ReportError("Invalid findings - an image withheld by the applicability gate has none")
         elif tuple(f.label for f in self.findings) != self.labels:
-            raise ValueError("Invalid findings - expected one per label, in label order")
+            raise ReportError("Invalid findings - expected one per label, in label order")
 
     @property
     def withheld(self) -> bool:
@@ -535,25 +528,25 @@ class StudyReport:
 
     def __post_init__(self) -> None:
         if not self.images:
-            raise ValueError("Invalid report - no images")
+            raise ReportError("Invalid report - no images")
         studies = {r.source.study_instance_uid for r in self.images}
         if len(studies) != 1:
-            raise ValueError(f"Invalid report - images of {len(studies)} studies: {sorted(studies)}")
+            raise ReportError(f"Invalid report - images of {len(studies)} studies: {sorted(studies)}")
         if self.created_at.tzinfo is None:
-            raise ValueError("Invalid created_at - must be timezone-aware (UTC)")
+            raise ReportError("Invalid created_at - must be timezone-aware (UTC)")
         object.__setattr__(self, "created_at", self.created_at.astimezone(dt.UTC))
         if self.revision < 1:
-            raise ValueError(f"Invalid revision {self.revision} - must be >= 1")
+            raise ReportError(f"Invalid revision {self.revision} - must be >= 1")
         for uid in self.predecessors:
             if not _valid_uid(uid):
-                raise ValueError(f"Invalid predecessor SOP Instance UID {uid!r}")
+                raise ReportError(f"Invalid predecessor SOP Instance UID {uid!r}")
         object.__setattr__(self, "predecessors", tuple(self.predecessors))
         if self.superseded_revision is not None and not 1 <= self.superseded_revision < self.revision:
-            raise ValueError(f"Invalid superseded_revision {self.superseded_revision} - must be in [1, revision "
+            raise ReportError(f"Invalid superseded_revision {self.superseded_revision} - must be in [1, revision "
                              f"{self.revision})")
         if self.superseded_at is not None:
             if self.superseded_at.tzinfo is None:
-                raise ValueError("Invalid superseded_at - must be timezone-aware (UTC)")
+                raise ReportError("Invalid superseded_at - must be timezone-aware (UTC)")
             object.__setattr__(self, "superseded_at", self.superseded_at.astimezone(dt.UTC))
 
     def supersedes_text(self) -> str | None:
@@ -624,13 +617,13 @@ def assemble(
     ``domain``: the applicability gate's verdict (:func:`domain_check`); a withheld image gets NO findings (the
     probabilities are not turned into statuses at all), a flagged one keeps them.
 
-    Raises ValueError for a missing or out-of-range threshold, an image whose shape is not (Rows, Columns), or
+    Raises ReportError for a missing or out-of-range threshold, an image whose shape is not (Rows, Columns), or
     top_k < 1."""
     if top_k < 1:
-        raise ValueError(f"Invalid top_k {top_k} - must be >= 1")
+        raise ReportError(f"Invalid top_k {top_k} - must be >= 1")
     image = np.asarray(image, dtype=np.float32)
     if image.shape != (source.rows, source.columns):
-        raise ValueError(f"Invalid image shape {image.shape} - expected (Rows, Columns) = ({source.rows}, "
+        raise ReportError(f"Invalid image shape {image.shape} - expected (Rows, Columns) = ({source.rows}, "
                          f"{source.columns}) of {source.sop_instance_uid}")
     probabilities = prediction.as_dict()
     excluded = apply_exclusions(probabilities, thresholds, rules)  # validates the thresholds
@@ -679,7 +672,7 @@ def study_report(
 ) -> StudyReport:
     """Group one study's image results into a report revision (``created_at`` defaults to now, UTC).
 
-    Raises ValueError for no images, images of several studies, revision < 1 or an invalid predecessor UID."""
+    Raises ReportError for no images, images of several studies, revision < 1 or an invalid predecessor UID."""
     return StudyReport(
         images=tuple(images),
         model=model,

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
+from reporting.errors import ReportError
 from reporting.render import colour_bar, draw_peak, font, overlay
 from reporting.report import Finding, ImageResult, StudyReport
 from reporting.sr import MANUFACTURER, _clean_evidence, set_equipment
@@ -96,11 +97,12 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
     """The heatmap Secondary Capture of one present or excluded ``finding`` of ``result``.
 
     ``source``: the source image dataset (patient and study are copied from it); ``number``: its Instance Number.
-    Raises ValueError for an absent finding or a source that is not the result's image."""
+    Raises ReportError for an absent finding or a source that is not the result's image."""
     if not finding.positive:
-        raise ValueError(f"No heatmap Secondary Capture for absent finding {finding.label!r}")
+        raise ReportError(f"No heatmap Secondary Capture for absent finding {finding.label!r}")
     if str(source.SOPInstanceUID) != result.source.sop_instance_uid:
-        raise ValueError(f"Invalid source {source.SOPInstanceUID} - the result is for {result.source.sop_instance_uid}")
+        raise ReportError(f"Invalid source {source.SOPInstanceUID} - the result is for "
+                          f"{result.source.sop_instance_uid}")
     ref = _clean_evidence(source)
     pixels = render_sc(report, result, finding)
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -172,11 +174,11 @@ def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[py
     ``predecessors``: SOP Instance UIDs of the Encapsulated PDFs this revision replaces (Predecessor Documents
     Sequence of the Encapsulated Document module, PS3.3 C.24.2; they are in this study's PDF series).
 
-    Raises ValueError for bytes that are not a PDF or no sources."""
+    Raises ReportError for bytes that are not a PDF or no sources."""
     if not pdf.startswith(b"%PDF-"):
-        raise ValueError("Invalid pdf - the bytes do not start with %PDF-")
+        raise ReportError("Invalid pdf - the bytes do not start with %PDF-")
     if not sources:
-        raise ValueError("Invalid sources - need at least one source image dataset")
+        raise ReportError("Invalid sources - need at least one source image dataset")
     ref = _clean_evidence(sources[0])
     ds = hd.SOPClass(
         study_instance_uid=report.study_instance_uid,

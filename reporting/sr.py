@@ -62,6 +62,7 @@ from pydicom.uid import UID, Comprehensive3DSRStorage
 from scipy import ndimage
 
 from reporting.codes import FINDING_CODES, PRIVATE_SCHEME
+from reporting.errors import ReportError
 from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, DomainCheck, Finding, ImageResult, StudyReport
 from reporting.uids import derived_uid, instance_uid, series_uid
 
@@ -104,7 +105,7 @@ def _code(label: str) -> hd.sr.CodedConcept:
     try:
         return _CONCEPTS[label]
     except KeyError:
-        raise ValueError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
+        raise ReportError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
 
 
 def _clean_evidence(ds: Dataset) -> Dataset:
@@ -350,14 +351,14 @@ def build_sr(
     ``sources``: the source image datasets, one per ``report.images`` in the same order (pixel data not needed).
     ``heatmaps``: (source SOP Instance UID, finding label) -> the finding's Parametric Map (reporting.pmap; header
     suffices): its group references it as "Illustration of ROI" and it joins the SR's evidence.
-    Raises ValueError when sources and images do not match (count or SOP Instance UID)."""
+    Raises ReportError when sources and images do not match (count or SOP Instance UID)."""
     heatmaps = dict(heatmaps or {})
     if len(sources) != len(report.images):
-        raise ValueError(f"Invalid sources - {len(sources)} datasets for {len(report.images)} report images")
+        raise ReportError(f"Invalid sources - {len(sources)} datasets for {len(report.images)} report images")
     evidence = []
     for result, ds in zip(report.images, sources, strict=True):
         if str(ds.SOPInstanceUID) != result.source.sop_instance_uid:
-            raise ValueError(f"Invalid sources - dataset {ds.SOPInstanceUID} is not report image "
+            raise ReportError(f"Invalid sources - dataset {ds.SOPInstanceUID} is not report image "
                              f"{result.source.sop_instance_uid} (same order required)")
         evidence.append(_clean_evidence(ds))
     groups = [

@@ -23,27 +23,29 @@ from collections.abc import Iterable
 import numpy as np
 from pydicom.uid import UID
 
+from reporting.errors import ReportError
+
 __all__ = ["content_digest", "content_uid", "derived_uid", "instance_uid", "series_uid"]
 
 _NAMESPACE = uuid.UUID("6f3c1a52-2d5e-5b8e-9c1f-6368657864a1")  # fixed forever: changing it changes every UID
 
 
 def derived_uid(*parts: str) -> UID:
-    """``2.25.<uuid5 of the parts>``; raises ValueError for no parts or an empty part."""
+    """``2.25.<uuid5 of the parts>``; raises ReportError for no parts or an empty part."""
     if not parts or any(not p for p in parts):
-        raise ValueError(f"Invalid UID parts {parts!r} - need at least one non-empty part")
+        raise ReportError(f"Invalid UID parts {parts!r} - need at least one non-empty part")
     name = "\x1f".join(parts)  # unit separator: ("a", "bc") and ("ab", "c") differ
     return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
 
 
 def instance_uid(kind: str, sources: Iterable[str], model_version: str, revision: int) -> UID:
     """SOP Instance UID of a result of ``kind`` about the ``sources`` (SOP Instance UIDs), by ``model_version``,
-    for report ``revision`` (>= 1). Raises ValueError for no sources or revision < 1."""
+    for report ``revision`` (>= 1). Raises ReportError for no sources or revision < 1."""
     uids = sorted(set(sources))
     if not uids:
-        raise ValueError("Invalid sources - a result needs at least one source SOP Instance UID")
+        raise ReportError("Invalid sources - a result needs at least one source SOP Instance UID")
     if revision < 1:
-        raise ValueError(f"Invalid revision {revision} - must be >= 1")
+        raise ReportError(f"Invalid revision {revision} - must be >= 1")
     return derived_uid("instance", kind, model_version, str(revision), *uids)
 
 
@@ -63,5 +65,5 @@ def content_digest(pixels: np.ndarray) -> str:
 def content_uid(kind: str, source: str, model_version: str, pixels: np.ndarray) -> UID:
     """SOP Instance UID of a per-image result of ``kind`` ("sc:Effusion", "pm:Effusion") about ``source`` (one SOP
     Instance UID) by ``model_version``, showing ``pixels``; independent of the report revision, so the same content
-    keeps its UID across revisions. Raises ValueError for an empty kind, source or model version."""
+    keeps its UID across revisions. Raises ReportError for an empty kind, source or model version."""
     return derived_uid("content", kind, source, model_version, content_digest(pixels))

@@ -21,7 +21,13 @@ half-written revision is never visible.
 
 Crash: the worker processes die with the daemon (PR_SET_PDEATHSIG on Linux, plus a lifeline pipe whose end-of-file
 they watch), so none writes after a ``kill -9``. A WRITING report records its writer (``host/pid``) in ``error``;
-:func:`resume_orphaned_reports` puts those of dead writers back at start-up.
+:func:`resume_orphaned_reports` puts those of dead writers back at start-up, and another live node puts them back
+once the writer's node misses its heartbeats (daemon.store.nodes.sweep).
+
+Several nodes: the quiet timer and the revisions are rows, so images of one study processed on several nodes make
+one report. :func:`mark_pending` locks the study row (PostgreSQL), so two nodes never open the same revision; a
+revision is claimed by one conditional UPDATE, and published only by the writer that still owns it (the owning
+UPDATE, the rename into place and the file rows are one transaction), so a revision is never written twice.
 """
 
 from __future__ import annotations
@@ -43,12 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, literal, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.errors import DaemonError
 from daemon.settings import Settings
 from daemon.store.identity import MixedPatientsError, check_one_patient
 from daemon.store.instances import audit
+from daemon.store.nodes import WRITER_PREFIX
 from daemon.store.spool import DiskGuard, DiskPause, Spool, fsync_dir, is_disk_full
 from daemon.store.tables import (
     EvidenceRow,
@@ -60,6 +68,7 @@ from daemon.store.tables import (
     Series,
     Study,
     StudyReportRow,
+    UTCDateTime,
     utcnow,
 )
 from daemon.work.lifeline import exit_if_orphaned, worker_init
@@ -71,7 +80,7 @@ from model.types import Prediction
 log = logging.getLogger(__name__)
 
 REPORT_LEASE = timedelta(minutes=5)
-WRITER_PREFIX = "being written by "  # + host/pid, in study_reports.error while WRITING
+# WRITER_PREFIX (daemon.store.nodes) + host/pid is in study_reports.error while WRITING
 DISK_WAIT_SECONDS = 1.0  # how often a paused loop looks at the free space again
 _KINDS = {"pdf-dicom": "epdf"}  # report_files.kind is at most 8 characters
 _PER_IMAGE_KINDS = ("sc", "pm")  # per (image, finding) objects whose UID comes from their content
@@ -178,14 +187,23 @@ def load_archive(path: Path) -> ArchivedPrediction:
 
 
 def mark_pending(session: Session, study_id: int, *, quiet_seconds: float, model_version: str | None) -> None:
-    """Make the study's report due ``quiet_seconds`` from now: extend its PENDING revision, or open the next one."""
+    """Make the study's report due ``quiet_seconds`` from now: extend its PENDING revision, or open the next one.
+
+    The study row is locked first (PostgreSQL; SQLite runs one writer at a time), so workers on several nodes never
+    open the same revision twice; the extension is one conditional UPDATE, so a revision a report writer has just
+    claimed (WRITING) is left alone and the image opens the next revision instead."""
     due = utcnow() + timedelta(seconds=quiet_seconds)
-    pending = session.scalar(
-        select(StudyReportRow).where(StudyReportRow.study_id == study_id, StudyReportRow.state == ReportState.PENDING)
-    )
-    if pending is not None:
-        pending.due_at = max(pending.due_at, due)
-        pending.model_version = model_version
+    session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+    extended = session.execute(
+        update(StudyReportRow)
+        .where(StudyReportRow.study_id == study_id, StudyReportRow.state == ReportState.PENDING)
+        .values(
+            due_at=case((StudyReportRow.due_at < due, literal(due, UTCDateTime())), else_=StudyReportRow.due_at),
+            model_version=model_version,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if extended:
         return
     last = session.scalar(select(func.max(StudyReportRow.revision)).where(StudyReportRow.study_id == study_id)) or 0
     session.add(
@@ -330,6 +348,7 @@ def compose_files(
     Raises PermanentJobError when a stored image cannot be read or decoded, OSError(ENOSPC) when the disk filled up
     (``folder`` is then removed). A worker process whose daemon is gone exits without writing."""
     from reporting.compose import compose_study
+    from reporting.facts import ModelFacts
 
     exit_if_orphaned()
     try:
@@ -337,7 +356,7 @@ def compose_files(
         for image_path, archive_file in images:
             ds, pixels = read_stored_image(image_path)
             archived = load_archive(archive_file)
-            inputs.append((ds, pixels, archived.prediction, archived.model))
+            inputs.append((ds, pixels, archived.prediction, ModelFacts.from_dict(archived.model)))
         # last line of defence (the store never merges two patients): one report, one patient, one study
         check_one_patient([(str(ds.get("SOPInstanceUID", "")), ds) for ds, *_ in inputs])
         composed = compose_study(
@@ -345,7 +364,8 @@ def compose_files(
             revision=revision,
             predecessors=predecessors,
             folder=folder,
-            settings=settings,
+            top_channels=settings.report_top_channels,
+            exclusion_margin=settings.exclusion_margin,
             pdf_predecessors=pdf_predecessors or (),
             earlier=earlier or (),
             superseded=superseded,
@@ -386,16 +406,27 @@ def publish(staging: Path, folder: Path, files: list[Any]) -> list[Any]:
     return [replace(f, path=folder / Path(f.path).relative_to(staging)) for f in files]
 
 
-def remove_stale_staging(data_dir: Path) -> int:
-    """Delete staging folders of report writers that are gone (a crash mid-report); return how many."""
+def _younger(path: Path, seconds: float) -> bool:
+    try:
+        return seconds > 0 and time.time() - path.stat().st_mtime <= seconds
+    except OSError:
+        return True
+
+
+def remove_stale_staging(data_dir: Path, *, min_age: float = 0.0) -> int:
+    """Delete staging folders of report writers that are gone (a crash mid-report) and archive temp files; return
+    how many. With ``min_age`` > 0 (other nodes share the data dir: a pid says nothing about another host's process),
+    only those older than that many seconds."""
     count = 0
     for path in (data_dir / "reports").glob("*/.r*.part"):
         pid = path.name.removesuffix(".part").rpartition(".")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)) or _younger(path, min_age):
             continue
         shutil.rmtree(path, ignore_errors=True)
         count += 1
     for path in (data_dir / "results").glob("*/*.tmp.npz"):
+        if _younger(path, min_age):
+            continue
         path.unlink(missing_ok=True)
         count += 1
     return count
@@ -430,6 +461,11 @@ def resume_orphaned_reports(sessions: sessionmaker[Session]) -> int:
     if orphaned:
         log.warning("resumed %d report(s) left WRITING by a process that is gone", len(orphaned))
     return len(orphaned)
+
+
+class ReportLeaseLostError(DaemonError):
+    """The revision being written is no longer this writer's (its node was declared dead and another took it over):
+    nothing is published, nothing recorded."""
 
 
 def _log_failure(future: Any) -> None:
@@ -609,6 +645,9 @@ class ReportLoop(Loop):
             return False
         try:
             self.write(report_id)
+        except ReportLeaseLostError as exc:
+            log.warning("report %d: %s", report_id, exc)
+            return True
         except Exception as exc:
             if is_disk_full(exc):
                 self.release(report_id, "waiting for disk space")
@@ -628,10 +667,18 @@ class ReportLoop(Loop):
             with self.sessions.begin() as session:
                 session.execute(
                     update(StudyReportRow)
-                    .where(StudyReportRow.id == report_id)
+                    .where(self._owned(report_id))
                     .values(state=ReportState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
                 )
         return True
+
+    def _owned(self, report_id: int) -> Any:
+        """The revision is still WRITING by this process (not taken over by another node)."""
+        return (
+            (StudyReportRow.id == report_id)
+            & (StudyReportRow.state == ReportState.WRITING)
+            & (StudyReportRow.error == WRITER_PREFIX + self.writer)
+        )
 
     def write(self, report_id: int) -> None:
         """Write one study report revision: documents, finding rows, file rows, then supersede the previous one."""
@@ -693,11 +740,42 @@ class ReportLoop(Loop):
                 except BrokenProcessPool:
                     self._renew_pool(pool)
                     raise
-            files = publish(staging, folder, files)
+            self._record(report_id, study_id, revision, images, findings_per_image, staging, folder, files)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        log.info("report written study_id=%d revision=%d images=%d", study_id, revision, len(images))
+        if self.on_written is not None:
+            self.on_written()
+
+    def _record(
+        self,
+        report_id: int,
+        study_id: int,
+        revision: int,
+        images: list[StudyImage],
+        findings_per_image: list[Any],
+        staging: Path,
+        folder: Path,
+        files: list[Any],
+    ) -> None:
+        """One transaction: lock the study (revisions of one study are recorded one at a time, so exactly one ends
+        DONE), take the revision's row (still ours, else ReportLeaseLostError), rename the documents into place,
+        record findings and files, enqueue forwards, supersede the previous revision. The row stays locked from the
+        first UPDATE to the commit, so a node taking this writer's work over waits for it (PostgreSQL)."""
         with self.sessions.begin() as session:
+            session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+            owned = session.execute(
+                update(StudyReportRow)
+                .where(self._owned(report_id))
+                .values(finished_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not owned:
+                raise ReportLeaseLostError(
+                    "lost the revision before publishing it (another node took it over); nothing written"
+                )
+            files = publish(staging, folder, files)
             for image, findings in zip(images, findings_per_image, strict=True):
                 store_findings(session, image.prediction_id, findings)
             file_ids = []
@@ -746,6 +824,3 @@ class ReportLoop(Loop):
                     error=None,
                 )
             )
-        log.info("report written study_id=%d revision=%d images=%d", study_id, revision, len(images))
-        if self.on_written is not None:
-            self.on_written()

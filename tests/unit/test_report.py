@@ -14,6 +14,7 @@ import pytest
 from model.types import LABELS, Applicability, QualityIssue
 from reporting.compose import compose_study
 from reporting.exclusions import ExclusionRules
+from reporting.facts import ModelFacts
 from reporting.regions import ZONES
 from reporting.report import (
     ChannelEvidence,
@@ -212,12 +213,11 @@ def test_result_uids_are_deterministic_and_change_with_every_input() -> None:
 def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) -> None:
     findings = {"Pneumothorax": 0.97, "Edema": 0.6, "Cardiomegaly": 0.8}
     _, ds, image, prediction = phantom_case(findings=findings)
-    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
-             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
-    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    facts = ModelFacts(name="chexd-test", version="0123456789abcdef", weights_sha256="ab" * 32, synthetic=True,
+                       intended_use="tests", thresholds=THRESHOLDS)
     when = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
     composed = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
-                             folder=tmp_path / "r1", settings=settings, created_at=when)
+                             folder=tmp_path / "r1", top_channels=3, created_at=when)
     kinds = sorted(f.kind for f in composed.files)
     # one Parametric Map and one SC per present or excluded finding: Pneumothorax, Cardiomegaly, Edema (excluded)
     assert kinds == ["pdf", "pdf-dicom", "pm", "pm", "pm", "sc", "sc", "sc", "sr"]
@@ -231,11 +231,11 @@ def test_compose_study_writes_every_document_with_stable_uids(tmp_path: Path) ->
             assert written.SOPInstanceUID == f.sop_instance_uid and written.SOPClassUID == f.sop_class_uid
             assert written.StudyInstanceUID == ds.StudyInstanceUID
     again = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
-                          folder=tmp_path / "again", settings=settings, created_at=when)
+                          folder=tmp_path / "again", top_channels=3, created_at=when)
     assert [f.sop_instance_uid for f in again.files] == [f.sop_instance_uid for f in composed.files]
     revised = compose_study(images=[(ds, image, prediction, facts)], revision=2,
                             predecessors=[next(f.sop_instance_uid for f in composed.files if f.kind == "sr")],
-                            folder=tmp_path / "r2", settings=settings, created_at=when)
+                            folder=tmp_path / "r2", top_channels=3, created_at=when)
     # a revision: new SR and PDF; an unchanged heatmap keeps its UID (content, not revision: reporting.uids)
     def uids(files, kinds):  # type: ignore[no-untyped-def]
         return {f.sop_instance_uid for f in files if f.kind in kinds}
@@ -321,13 +321,12 @@ def test_a_withheld_image_gets_no_findings_a_flagged_one_keeps_them() -> None:
 
 def test_compose_study_writes_no_findings_and_no_heatmap_for_a_withheld_image(tmp_path: Path) -> None:
     _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9, "Cardiomegaly": 0.8})
-    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
-             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
-    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    facts = ModelFacts(name="chexd-test", version="0123456789abcdef", weights_sha256="ab" * 32, synthetic=True,
+                       intended_use="tests", thresholds=THRESHOLDS)
     withheld = domain_check(OUTSIDE, (INVERTED,), "withhold")
     assert withheld is not None
-    composed = compose_study(images=[(ds, image, prediction, facts | {"domain": withheld.to_dict()})], revision=1,
-                             predecessors=[], folder=tmp_path / "r1", settings=settings)
+    composed = compose_study(images=[(ds, image, prediction, replace(facts, domain=withheld))], revision=1,
+                             predecessors=[], folder=tmp_path / "r1", top_channels=3)
     assert composed.findings == [()]
     assert sorted(f.kind for f in composed.files) == ["pdf", "pdf-dicom", "sr"]  # no heatmap SC
     assert composed.report.images[0].domain == withheld

@@ -121,11 +121,11 @@ def test_three_revisions_keep_unchanged_heatmaps_and_number_new_ones_after_the_o
     import pydicom
 
     from reporting.compose import compose_study
+    from reporting.facts import ModelFacts
     from tests.reporting_helpers import THRESHOLDS, phantom_case
 
-    facts = {"name": "chexd-test", "version": "0123456789abcdef", "weights_sha256": "ab" * 32, "synthetic": True,
-             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
-    settings = type("S", (), {"report_top_channels": 3, "exclusion_margin": 2.0})()
+    facts = ModelFacts(name="chexd-test", version="0123456789abcdef", weights_sha256="ab" * 32, synthetic=True,
+                       intended_use="tests", thresholds=THRESHOLDS)
     study = "1.2.826.0.1.3680043.8.498.15"
     cases = [phantom_case(index, findings={"Effusion": 0.9, "Cardiomegaly": 0.8}, size=128, study_uid=study)[1:]
              for index in (2, 3, 4)]
@@ -133,7 +133,7 @@ def test_three_revisions_keep_unchanged_heatmaps_and_number_new_ones_after_the_o
     for revision, (ds, image, prediction) in enumerate(cases, start=1):
         images.append((ds, image, prediction, facts))
         composed = compose_study(images=list(images), revision=revision, predecessors=[],
-                                 folder=tmp_path / f"r{revision}", settings=settings,
+                                 folder=tmp_path / f"r{revision}", top_channels=3,
                                  created_at=dt.datetime(2026, 12, revision, tzinfo=dt.UTC),
                                  pdf_predecessors=pdfs[-1:], earlier=list(earlier))
         revisions.append(composed.files)
@@ -166,10 +166,11 @@ def test_a_changed_heatmap_gets_a_new_uid_and_the_next_number(tmp_path: Path) ->
     import pydicom
 
     from reporting.compose import compose_study
+    from reporting.facts import ModelFacts
     from tests.reporting_helpers import THRESHOLDS, phantom_case
 
-    facts = {"name": "chexd-test", "version": "v1", "weights_sha256": "ab" * 32, "synthetic": True,
-             "intended_use": "tests", "thresholds": THRESHOLDS, "calibrated_at": None}
+    facts = ModelFacts(name="chexd-test", version="v1", weights_sha256="ab" * 32, synthetic=True, intended_use="tests",
+                       thresholds=THRESHOLDS)
     _, ds, image, prediction = phantom_case(findings={"Effusion": 0.9}, size=128)
     first = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
                           folder=tmp_path / "r1")
