@@ -21,6 +21,15 @@ The DICOM CIDs are those pydicom ships (``pydicom.sr._concepts_dict``, from PS3.
 against independent published value sets and code tables; for Pleural thickening the only id found (78381009) came
 from a single table that also mislabels another code, so it is NOT used: the private scheme ``99CHEXD`` (declared in
 every SR's CodingSchemeIdentificationSequence) stays for it until a SNOMED CT browser confirms an id.
+
+Searched again on 2026-12-02 (issue 15): pydicom's PS3.16 concept dictionary has no pleural thickening concept in
+any CID (only "Pleural effusion", "Pleural structure", "Subpleural line"); the SNOMED CT browser pages found
+(tx-dev.fhir.org and other Snowstorm-style browsers) hold no page for a "Pleural thickening" or "Thickening of pleura"
+concept; the nearest published SNOMED CT value set found (HL7 Lithuania lung IG, ValueSet incidental-finding, LDCT
+incidental chest findings) lists only neighbours - 301256004 "Pleura finding (finding)", 233659006 "Asbestos-induced
+pleural plaque (disorder)", 32931001 "Calcification of pleura (disorder)" - none of which means pleural thickening
+(the first is the parent of every pleural finding, pleural effusion included: coding with it would say less than the
+label). So no id is stated by a source we can cite, and the private code stays.
 """
 
 from __future__ import annotations
