@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -185,7 +185,7 @@ def correct(
         stdout.print("[bold]SYNTHETIC DEMO MODEL - NOT FOR DIAGNOSIS[/]")
 
 
-def _refuse(refusal: dict[str, Any], name: str, as_json: bool) -> None:
+def _refuse(refusal: dict[str, Any], name: str, as_json: bool) -> NoReturn:
     """Print what the refusal found and end with exit status :data:`REFUSED`, naming the rule and the cheapest
     alternative."""
     if as_json:
