@@ -29,6 +29,7 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: AE, no bac
 _DESTINATION = re.compile(r"^[^@]{1,16}@[A-Za-z0-9_.:\[\]-]+:\d{1,5}(\+tls)?$")  # +tls: DICOM TLS (daemon.edge.tls)
 _TLS_CLIENT_CERT = ("auto", "none", "optional", "required")
 APPLICABILITY_POLICIES = ("withhold", "flag", "off")
+ROLES = ("scp", "worker", "reports", "forward")  # what a node does (chexd serve --role); default: all
 
 
 class SettingsError(DaemonError, ValueError):
@@ -184,6 +185,13 @@ class Settings:
     tls_ca: str = ""  # CA bundle that peers' certificates must chain to (clients at the SCP, '+tls' destinations)
     tls_client_cert: str = "auto"  # none | optional | required; auto: required when tls_ca is set, else none
     tls_verify_hostname: bool = True  # a '+tls' destination's certificate must name the host/IP dialled
+    # several nodes on one PostgreSQL database (README "High availability"): what this node does, its name in the
+    # nodes table (empty: the host name), how often it says it is alive, and after how long without a word another
+    # node takes over what it held
+    roles: tuple[str, ...] = ROLES
+    node_name: str = ""
+    heartbeat_seconds: float = 5.0
+    node_timeout_seconds: float = 20.0
 
     @property
     def effective_model_threads(self) -> int:
@@ -264,6 +272,7 @@ class Settings:
                     "e.g. 'PACS@10.0.0.5:104'"
                 )
         self._check_tls()
+        self._check_nodes()
         for entry in self.allowed_calling_aes:
             _check_allowed_calling_ae(entry)
         _check_bind_address(self.bind_address)
@@ -294,6 +303,24 @@ class Settings:
                     f"Invalid tls_client_cert {self.tls_client_cert!r} without tls_ca - set tls_ca to the CA "
                     "bundle that client certificates must chain to"
                 )
+
+    def _check_nodes(self) -> None:
+        """Roles: a non-empty subset of :data:`ROLES`; a node name of at most 64 printable characters; a heartbeat
+        period and a node timeout of at least three heartbeats."""
+        unknown = [role for role in self.roles if role not in ROLES]
+        if unknown or not self.roles:
+            raise SettingsError(
+                f"Invalid roles {','.join(self.roles) or '(empty)'!r} - expected one or more of {', '.join(ROLES)}"
+            )
+        if len(self.node_name) > 64 or not self.node_name.isprintable():
+            raise SettingsError(f"Invalid node_name {self.node_name!r} - at most 64 printable characters")
+        if not math.isfinite(self.heartbeat_seconds) or not 0.1 <= self.heartbeat_seconds <= 600:
+            raise SettingsError(f"Invalid heartbeat_seconds {self.heartbeat_seconds} - must be in 0.1..600 seconds")
+        if not math.isfinite(self.node_timeout_seconds) or self.node_timeout_seconds < 3 * self.heartbeat_seconds:
+            raise SettingsError(
+                f"Invalid node_timeout_seconds {self.node_timeout_seconds} - must be at least 3 x heartbeat_seconds "
+                f"({3 * self.heartbeat_seconds:g} s): a node is taken over only after missing several heartbeats"
+            )
 
     @property
     def effective_tls_client_cert(self) -> str:

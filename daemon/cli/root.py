@@ -25,6 +25,7 @@ from daemon.cli import (
     feedback,
     finetune,
     forward,
+    health,
     model,
     paper_table,
     phantom,
@@ -74,6 +75,7 @@ def main(config: ConfigOption = None) -> None:
 app.command("serve")(serve.serve)
 app.command("config")(config.config_cmd)
 app.command("status")(status.status)
+app.command("health")(health.health)
 app.command("studies")(studies.studies)
 app.command("show")(show.show_cmd)
 app.command("reprocess")(reprocess.reprocess_cmd)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Annotated
+
+import typer
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.cli.console import err, fail
 from daemon.cli.context import settings
+from daemon.settings import SettingsError
 from daemon.store.db import DatabaseError
 
+RoleOption = Annotated[
+    str | None,
+    typer.Option(
+        "--role",
+        help="What this node does, comma-separated: scp, worker, reports, forward (default: the roles setting, all). "
+        "Anything but all needs PostgreSQL.",
+    ),
+]
 
-def serve() -> None:
+
+def serve(role: RoleOption = None) -> None:
     """Run the daemon: upgrade the database, recover, then accept DICOM associations until SIGTERM/SIGINT."""
     cfg = settings()  # before importing the daemon (torch: seconds), so a bad setting fails at once
+    if role is not None:
+        try:
+            cfg = dataclasses.replace(cfg, roles=tuple(r.strip() for r in role.split(",") if r.strip()))
+        except SettingsError as exc:
+            fail(str(exc).replace("Invalid roles", "Invalid --role"), 2)
     from daemon.service import Daemon, configure_logging
 
     configure_logging(cfg.log_level)
@@ -21,7 +40,7 @@ def serve() -> None:
         fail(str(exc))
     err.print(
         f"chexd: AE title {cfg.ae_title}, port {cfg.port}, data in {cfg.data_dir}, "
-        f"database {cfg.masked()['database_url']}",
+        f"database {cfg.masked()['database_url']}, roles {','.join(cfg.roles)}",
         highlight=False,
     )
     try:

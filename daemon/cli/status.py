@@ -17,7 +17,8 @@ from daemon.store import queries
 def status(as_json: JsonOption = False) -> None:
     """Queue by state, the last errors, and free disk in the spool."""
     cfg = settings()
-    summary = queries.queue_summary(sessions(cfg), forward_destinations=cfg.forward_destinations)
+    summary = queries.queue_summary(sessions(cfg), forward_destinations=cfg.forward_destinations,
+                                    node_timeout_s=cfg.node_timeout_seconds)
     spool_root = cfg.spool_dir if cfg.spool_dir.exists() else cfg.data_dir
     usage = shutil.disk_usage(spool_root if spool_root.exists() else Path.cwd())
     summary["disk"] = {
@@ -47,6 +48,7 @@ def status(as_json: JsonOption = False) -> None:
     warn = " [bold red]BELOW RESERVE - new images are refused (0xA700)[/]" if disk["below_reserve"] else ""
     out.print(f"free disk: {disk['free_mb']} MiB (reserve {disk['reserve_mb']} MiB){warn}")
     forward_cli.print_summary(summary["forwards"], out)
+    _print_nodes(summary["nodes"])
     if held:
         conflicts = Table(
             "SOP Instance UID", "Study Instance UID", "reason",
@@ -60,3 +62,20 @@ def status(as_json: JsonOption = False) -> None:
         for e in summary["last_errors"]:
             errors.add_row(e["sop_instance_uid"], e["state"], str(e["attempts"]), e["error"] or "")
         out.print(errors)
+
+
+def _print_nodes(nodes: list[dict]) -> None:
+    """The nodes sharing the database (several with PostgreSQL): roles, heartbeat age, state, what each holds. Nodes
+    that stopped cleanly are left out here (``--json`` lists them)."""
+    nodes = [node for node in nodes if node["state"] != "stopped"]
+    if not nodes:
+        return
+    table = Table("node", "host", "pid", "roles", "version", "heartbeat", "state", "jobs", "reports", "forwards",
+                  title="nodes")
+    colour = {"alive": "green", "silent": "bold red", "dead": "red", "stopped": "dim"}
+    for node in nodes:
+        holds, state = node["holds"], node["state"]
+        table.add_row(node["name"], node["host"], str(node["pid"]), ",".join(node["roles"]), node["version"],
+                      f"{node['heartbeat_age_s']:.0f} s ago", f"[{colour.get(state, 'white')}]{state}[/]",
+                      str(holds["jobs"]), str(holds["reports"]), str(holds["forwards"]))
+    out.print(table)

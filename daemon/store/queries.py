@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.errors import DaemonError
 from daemon.store.instances import audit
+from daemon.store.nodes import list_nodes
 from daemon.store.tables import (
     IdentityConflict,
     Instance,
@@ -35,10 +36,16 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def queue_summary(
-    sessions: sessionmaker[Session], *, last_errors: int = 10, forward_destinations: Sequence[str] = ()
+    sessions: sessionmaker[Session],
+    *,
+    last_errors: int = 10,
+    forward_destinations: Sequence[str] = (),
+    node_timeout_s: float = 20.0,
 ) -> dict[str, Any]:
-    """Jobs by state, the most recent errors (failed jobs, and queued ones waiting to retry), totals, and
-    forwarding by destination with its dead letters (see daemon.work.forward.forward_summary)."""
+    """Jobs by state, the most recent errors (failed jobs, and queued ones waiting to retry), totals, forwarding by
+    destination with its dead letters (see daemon.work.forward.forward_summary), and the nodes sharing the database
+    with what each holds (daemon.store.nodes.list_nodes; ``node_timeout_s``: after how long without a heartbeat a
+    node counts as silent)."""
     with sessions() as session:
         counts = {state.value: 0 for state in JobState}
         for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
@@ -58,6 +65,7 @@ def queue_summary(
             "reports": _report_counts(session),
             "applicability": applicability_counts(session),
             "forwards": forward_summary(sessions, configured=forward_destinations, last_errors=last_errors),
+            "nodes": list_nodes(session, node_timeout_s),
             "last_errors": [
                 {
                     "sop_instance_uid": uid,

@@ -397,3 +397,41 @@ class Forward(Base):
     available_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the node (its holder, host/pid) sending it now; NULL when not claimed (revision 0006: taken over when it dies)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class NodeState(enum.StrEnum):
+    ALIVE = "alive"  # heartbeating (or not yet noticed dead: see daemon.store.nodes.is_live)
+    STOPPED = "stopped"  # ended cleanly; held nothing
+    DEAD = "dead"  # missed its heartbeats for node_timeout_seconds: another node took over what it held
+
+
+class Node(Base):
+    """One ``chexd serve`` process sharing this database (revision 0006). ``holder`` (``host/pid``) prefixes every
+    lease it takes: jobs.leased_by (``holder/<thread>``), study_reports.error while WRITING, forwards.claimed_by.
+    Rows stay after a node stops or dies, for ``chexd status``; a new process with the same holder (a reused pid)
+    takes its row over."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    roles: Mapped[str] = mapped_column(String(64))  # comma-separated, daemon.settings.ROLES
+    version: Mapped[str] = mapped_column(String(32))  # chexd's
+    state: Mapped[NodeState] = mapped_column(
+        Enum(
+            NodeState,
+            name="node_state",
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+        ),
+        default=NodeState.ALIVE,
+    )
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # stopped, or declared dead

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.edge.tls import TLSFileError, client_handshake_error, forward_context
 from daemon.settings import Settings
+from daemon.store.nodes import this_holder
 from daemon.store.spool import DiskGuard, DiskPause
 from daemon.store.tables import Forward, ForwardState, ReportFile, utcnow
 from daemon.work.loop import Loop
@@ -405,6 +406,7 @@ class ForwardLoop(Loop):
         # share the disk, and what it would record is worthless if the report that follows cannot be written).
         super().__init__("chexd-forward", disk=DiskPause(
             guard or DiskGuard(settings.disk_reserve_mb * 2**20), self.data_dir, "forwards"))
+        self.holder = this_holder()  # forwards.claimed_by while this node sends them (taken over if it dies)
 
     def paused(self) -> bool:
         return bool(self.settings.forward_destinations) and super().paused()
@@ -449,7 +451,7 @@ class ForwardLoop(Loop):
             rows = session.execute(
                 update(Forward)
                 .where(Forward.id.in_(select(candidates.c.id)), *due)
-                .values(attempts=Forward.attempts + 1, available_at=now + LEASE)
+                .values(attempts=Forward.attempts + 1, available_at=now + LEASE, claimed_by=self.holder)
                 .returning(Forward.id, Forward.attempts, Forward.report_file_id)
                 .execution_options(synchronize_session=False)
             ).all()
@@ -517,7 +519,10 @@ class ForwardLoop(Loop):
                     delay = backoff_seconds(item.attempts, self.settings.forward_backoff_seconds)
                     values = {"last_error": outcome.note, "available_at": now + timedelta(seconds=delay)}
                 updated = session.execute(
-                    update(Forward).where(*owned).values(**values).execution_options(synchronize_session=False)
+                    update(Forward)
+                    .where(*owned)
+                    .values(**values, claimed_by=None)
+                    .execution_options(synchronize_session=False)
                 ).rowcount
                 self._log(item, outcome, values, bool(updated), limit)
 

@@ -28,6 +28,7 @@ TABLES = {
     "report_files",
     "forwards",
     "identity_conflicts",
+    "nodes",
 }
 
 
