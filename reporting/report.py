@@ -180,14 +180,6 @@ class ModelInfo:
         if self.weights_sha256 and not _HEX64.match(self.weights_sha256):
             raise ReportError(f"Invalid weights_sha256 {self.weights_sha256!r} - expected 64 lowercase hex digits")
 
-    @classmethod
-    def from_facts(cls, facts: Mapping[str, object]) -> ModelInfo:
-        """From the dict the daemon archives with each prediction (reporting.facts.ModelFacts.from_dict reads it).
-        Raises ReportError for facts without a version or with a malformed value."""
-        from reporting.facts import ModelFacts  # reporting.facts builds on this module
-
-        return ModelFacts.from_dict(facts).model_info()
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DomainCheck:

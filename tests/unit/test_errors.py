@@ -79,3 +79,27 @@ def test_a_bug_is_not_an_expected_error() -> None:
 )
 def test_each_refusal_has_one_c_store_status(exc: BaseException, status: int) -> None:
     assert store_status(exc) == Status(status)
+
+
+def test_json_output_is_standard_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from daemon.cli.context import emit_json
+
+    emit_json({"score": float("inf"), "rows": [1.5, float("nan")], "name": "x"})
+    assert json.loads(capsys.readouterr().out) == {"score": None, "rows": [1.5, None], "name": "x"}
+
+
+def test_read_only_commands_never_create_the_sqlite_database(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    monkeypatch.setenv("CHEXD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("CHEXD_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    status = runner.invoke(app, ["status"])
+    assert status.exit_code == 1 and "no database yet" in status.output
+    current = runner.invoke(app, ["db", "current", "--json"])
+    assert current.exit_code == 0
+    assert not list((tmp_path / "data").rglob("*.db")) and not list((tmp_path / "data").rglob("*.sqlite*"))

@@ -58,10 +58,12 @@ def test_source_image_reads_the_dicom_facts() -> None:
 
 
 def test_model_info_validates_and_reads_the_archived_facts() -> None:
-    info = ModelInfo.from_facts({"name": "demo", "version": "0011223344556677", "weights_sha256": "0f" * 32,
-                                 "synthetic": True, "calibrated_at": "2026-11-01T10:00:00+00:00"})
+    from reporting.facts import ModelFacts
+
+    info = ModelFacts.from_dict({"name": "demo", "version": "0011223344556677", "weights_sha256": "0f" * 32,
+                                 "synthetic": True, "calibrated_at": "2026-11-01T10:00:00+00:00"}).model_info()
     assert info.synthetic and info.calibrated_at == dt.datetime(2026, 11, 1, 10, tzinfo=dt.UTC)
-    assert ModelInfo.from_facts({"version": "abc", "calibrated_at": None}).calibrated_at is None
+    assert ModelFacts.from_dict({"version": "abc", "calibrated_at": None}).model_info().calibrated_at is None
     with pytest.raises(ValueError, match="weights_sha256"):
         ModelInfo(name="m", version="v1", weights_sha256="xyz")
     with pytest.raises(ValueError, match="version"):
