@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -628,6 +628,70 @@ def _alternatives(name: str, threshold: float, p_targets: np.ndarray, p_val: np.
     return alternatives
 
 
+def _channel_pool(phi_targets: np.ndarray, phi_tp_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score [C], channels pushing the logit up, search pool) from the channel contributions of the targets
+    ``phi_targets`` [T, C] and of the validation true positives ``phi_tp_all`` [n_tp, C]: the pool takes the best by
+    score (false-positive contribution over true-positive contribution) and by false-positive contribution alone."""
+    channels = phi_targets.shape[1]
+    phi_fp = phi_targets.mean(0)
+    phi_tp = phi_tp_all.mean(0) if len(phi_tp_all) else np.zeros(channels)
+    eps = 0.1 * float(np.abs(phi_tp).mean()) + 1e-6
+    score = np.where(phi_fp > 0, phi_fp / (np.maximum(phi_tp, 0.0) + eps), -np.inf)
+    helpful = np.flatnonzero(phi_fp > 0)
+    by_score = helpful[np.argsort(-score[helpful], kind="stable")]
+    by_fp = helpful[np.argsort(-phi_fp[helpful], kind="stable")]
+    pool = np.array(list(dict.fromkeys([*by_score[: _POOL * 2 // 3], *by_fp[:_POOL]]))[:_POOL], dtype=np.int64)
+    return score, helpful, pool
+
+
+def _search(
+    problem: _Problem,
+    pool: np.ndarray,
+    max_channels: int,
+    try_set: Callable[[tuple[int, ...]], CorrectionPlan | None],
+) -> tuple[CorrectionPlan | None, int]:
+    """Smallest sets first (exhaustive while a size has at most ``_EXHAUSTIVE_LIMIT`` subsets, then a beam), each
+    size's feasible sets best first, at most ``_MAX_VERIFY`` of them handed to ``try_set`` (the real classifier's
+    verification). Returns (the first plan that passed or None, sets tried)."""
+    limit = min(max_channels, len(pool))
+    beam_from = next((s for s in range(1, limit + 1) if math.comb(len(pool), s) > _EXHAUSTIVE_LIMIT), limit + 1)
+    beamed = _beam(problem, limit, beam_from) if beam_from <= limit else {}
+    tried = 0
+    for size in range(1, limit + 1):
+        found = _exhaustive(problem, size) if size < beam_from else beamed.get(size, [])
+        for _, positions in sorted(found, key=lambda f: (-f[0], f[1])):
+            if tried >= _MAX_VERIFY:
+                break
+            tried += 1
+            plan = try_set(tuple(sorted(int(pool[p]) for p in positions)))
+            if plan is not None:
+                return plan, tried
+    return None, tried
+
+
+def _refusal_reason(
+    name: str,
+    threshold: float,
+    max_channels: int,
+    bias: float,
+    helpful: int,
+    needed: list[int] | None,
+    lost: int | None,
+) -> str:
+    """Why no set of at most ``max_channels`` channels works: even all ``helpful`` channels are not enough (``needed``
+    None; ``bias``: the row's bias), the greedy set ``needed`` is too big, or it loses ``lost`` true positives."""
+    if needed is None:
+        bias_p = 1.0 / (1.0 + math.exp(-bias))
+        return (f"zeroing all {helpful} channels that push the {name} logit up still leaves the case(s) at or "
+                f"above the threshold {threshold:.4g} (the head's bias alone gives p={bias_p:.3f})")
+    if len(needed) > max_channels:
+        return (f"the false positive needs {len(needed)} channels (more than max_channels={max_channels}); "
+                f"zeroing them loses {_plural(lost, 'true positive')}")
+    return (f"every set of at most {max_channels} channels that brings the case(s) under the {name} "
+            f"threshold {threshold:.4g} loses validation true positives (the {len(needed)} channel(s) "
+            f"{sorted(needed)} lose {lost})")
+
+
 def plan_correction(
     weight: np.ndarray,
     bias: np.ndarray,
@@ -650,8 +714,8 @@ def plan_correction(
     Raises CorrectionError for unusable inputs (unknown finding, shapes, a target already below the threshold) and
     CorrectionRefused when no set within ``max_channels`` works (its ``alternatives`` name the cheapest other fix).
 
-    (One sequence kept whole, over 80 lines: the input checks, the channel scores, the search that verifies each
-    candidate set, and the explanation of a refusal share a dozen intermediate arrays.)
+    (Its body is about 70 lines, kept as one sequence: the input checks and the channel contributions share a dozen
+    intermediate arrays; the pool, the search and the refusal's reason are named steps.)
     """
     weight = np.asarray(weight, dtype=np.float32)
     bias = np.asarray(bias, dtype=np.float32)
@@ -687,14 +751,7 @@ def plan_correction(
     phi_targets = targets.astype(np.float64) * w  # [T, C]
     phi_tp_all = features.pooled[tp].astype(np.float64) * w  # [n_tp, C]
     z_tp = phi_tp_all.sum(1) + float(bias[row])
-    phi_fp = phi_targets.mean(0)
-    phi_tp = phi_tp_all.mean(0) if len(phi_tp_all) else np.zeros(channels)
-    eps = 0.1 * float(np.abs(phi_tp).mean()) + 1e-6
-    score = np.where(phi_fp > 0, phi_fp / (np.maximum(phi_tp, 0.0) + eps), -np.inf)
-    helpful = np.flatnonzero(phi_fp > 0)
-    by_score = helpful[np.argsort(-score[helpful], kind="stable")]
-    by_fp = helpful[np.argsort(-phi_fp[helpful], kind="stable")]
-    pool = np.array(list(dict.fromkeys([*by_score[: _POOL * 2 // 3], *by_fp[:_POOL]]))[:_POOL], dtype=np.int64)
+    score, helpful, pool = _channel_pool(phi_targets, phi_tp_all)
     need = z_targets - tau + _MARGIN
     room = z_tp - tau - _MARGIN
     details: dict[str, Any] = {
@@ -705,52 +762,33 @@ def plan_correction(
     }
     if len(pool):
         problem = _Problem(phi_t=phi_targets[:, pool], phi_p=phi_tp_all[:, pool], need=need, room=room)
-        limit = min(max_channels, len(pool))
-        beam_from = next((s for s in range(1, limit + 1) if math.comb(len(pool), s) > _EXHAUSTIVE_LIMIT), limit + 1)
-        beamed = _beam(problem, limit, beam_from) if beam_from <= limit else {}
-        tried = 0
-        for size in range(1, limit + 1):
-            found = _exhaustive(problem, size) if size < beam_from else beamed.get(size, [])
-            for _, positions in sorted(found, key=lambda f: (-f[0], f[1])):
-                if tried >= _MAX_VERIFY:
-                    break
-                tried += 1
-                chosen = tuple(sorted(int(pool[p]) for p in positions))
-                edited = weight.copy()
-                edited[row, list(chosen)] = 0.0
-                verification = verify_correction(head, _linear(edited, bias), finding=name, thresholds=thresholds,
-                                                  features=features, target_features=targets, target_ids=ids,
-                                                  labels=labels)
-                if verification.passed:
-                    return CorrectionPlan(
-                        finding=name,
-                        class_index=row,
-                        channels=chosen,
-                        original_weights=tuple(float(weight[row, k]) for k in chosen),
-                        scores=tuple(float(score[k]) for k in chosen),
-                        max_channels=max_channels,
-                        pool=tuple(int(k) for k in pool),
-                        verification=verification,
-                    )
+
+        def try_set(chosen: tuple[int, ...]) -> CorrectionPlan | None:
+            edited = weight.copy()
+            edited[row, list(chosen)] = 0.0
+            verification = verify_correction(head, _linear(edited, bias), finding=name, thresholds=thresholds,
+                                              features=features, target_features=targets, target_ids=ids,
+                                              labels=labels)
+            if not verification.passed:
+                return None
+            return CorrectionPlan(finding=name, class_index=row, channels=chosen,
+                                  original_weights=tuple(float(weight[row, k]) for k in chosen),
+                                  scores=tuple(float(score[k]) for k in chosen), max_channels=max_channels,
+                                  pool=tuple(int(k) for k in pool), verification=verification)
+
+        plan, tried = _search(problem, pool, max_channels, try_set)
+        if plan is not None:
+            return plan
         details["feasible_sets_rejected_by_verification"] = tried
 
     alternatives = _alternatives(name, threshold, p_targets, p_val, tp)
     needed = _greedy_needed(phi_targets, need)
-    if needed is None:
-        bias_p = 1.0 / (1.0 + math.exp(-float(bias[row])))
-        reason = (f"zeroing all {len(helpful)} channels that push the {name} logit up still leaves the case(s) at or "
-                  f"above the threshold {threshold:.4g} (the head's bias alone gives p={bias_p:.3f})")
-    else:
+    lost = None
+    if needed is not None:
         lost = int(((z_tp - phi_tp_all[:, needed].sum(1)) < tau).sum())
         details["channels_needed"] = sorted(needed)
         details["true_positives_lost_by_those"] = lost
-        if len(needed) > max_channels:
-            reason = (f"the false positive needs {len(needed)} channels (more than max_channels={max_channels}); "
-                      f"zeroing them loses {_plural(lost, 'true positive')}")
-        else:
-            reason = (f"every set of at most {max_channels} channels that brings the case(s) under the {name} "
-                      f"threshold {threshold:.4g} loses validation true positives (the {len(needed)} channel(s) "
-                      f"{sorted(needed)} lose {lost})")
+    reason = _refusal_reason(name, threshold, max_channels, float(bias[row]), len(helpful), needed, lost)
     options = " or ".join(a["description"] for a in alternatives)
     raise CorrectionRefused(f"{reason}. Alternatives, cheapest first: {options}", finding=name,
                             alternatives=alternatives, details=details)
