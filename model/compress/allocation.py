@@ -13,9 +13,7 @@ import numpy as np
 from model.complexity import Complexity, complexity
 from model.compress.compressor import _Compressor
 from model.compress.report import CompressionError, log
-from model.compress.tensors import (
-    _round_channels,
-)
+from model.compress.tensors import _round_channels
 from model.network import Architecture, LayerSpec, TransitionSpec
 
 

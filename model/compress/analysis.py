@@ -14,11 +14,7 @@ from torch import Tensor, nn
 
 from model.compress.algebra import _eliminate, _Stats
 from model.compress.compressor import _Compressor
-from model.compress.tensors import (
-    _class_scale,
-    _positions,
-    _Sample,
-)
+from model.compress.tensors import _class_scale, _positions, _Sample
 
 
 def _gains(job: _Compressor, images: int = 16, draws: int = 2, rho: float = 1e-3) -> dict[tuple[Any, ...], float]:

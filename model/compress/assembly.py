@@ -8,10 +8,7 @@ import torch
 from torch import Tensor
 
 from model.compress.compressor import _Compressor
-from model.compress.tensors import (
-    _LayerPlan,
-    _ReaderPlan,
-)
+from model.compress.tensors import _LayerPlan, _ReaderPlan
 from model.network import Architecture, DenseNet, LayerSpec, TransitionSpec
 
 

@@ -1,5 +1,6 @@
-"""The compressor's state: the original network, its calibration images and settings, and the per-block activations
-every stage starts from. The stages are functions of it: :mod:`~model.compress.analysis` (error curves and gains),
+"""The compressor's state: the original network, its calibration images and settings, what the stages record (unit
+reports, the greedy bottleneck order) and the helpers every stage uses (stem maps, block tensors, reader and BatchNorm
+scales). The stages are functions of it: :mod:`~model.compress.analysis` (error curves and gains),
 :mod:`~model.compress.allocation` (channels per conv), :mod:`~model.compress.refit` (selection and least-squares
 refit) and :mod:`~model.compress.assembly` (the smaller network).
 """
@@ -11,16 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from model.compress.report import Progress, UnitReport
-from model.compress.tensors import (
-    _CHUNK,
-    _blocks,
-    _stem,
-)
+from model.compress.tensors import _CHUNK, _blocks, _stem
 from model.network import DenseNet
 
 
 # ---------------------------------------------------------------------------------------------------- the compressor
 class _Compressor:
+    """One compression run over ``model`` (eval mode) with calibration ``images`` [N, C, S, S]."""
+
     def __init__(
         self,
         model: DenseNet,

@@ -14,15 +14,7 @@ from torch import Tensor, nn
 from model.compress.algebra import _select, _Stats
 from model.compress.compressor import _Compressor
 from model.compress.report import UnitReport
-from model.compress.tensors import (
-    _bn,
-    _bn_relu,
-    _class_scale,
-    _LayerPlan,
-    _positions,
-    _ReaderPlan,
-    _Sample,
-)
+from model.compress.tensors import _bn, _bn_relu, _class_scale, _LayerPlan, _positions, _ReaderPlan, _Sample
 
 
 def _unit(
