@@ -4,11 +4,13 @@ its roles, then the Storage SCP (role ``scp``). Several processes may share one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 from sqlalchemy import text
@@ -32,7 +34,7 @@ from daemon.work.worker import Processor, WorkerPool, decode_statistics
 log = logging.getLogger(__name__)
 
 STOP_SECONDS = 8.0  # SIGTERM to exit: the whole shutdown fits in this (a service manager's kill usually waits 10 s)
-_MIGRATION_LOCK = 0x63686578  # PostgreSQL advisory lock key ("chex"): nodes starting together upgrade one at a time
+_START_LOCK = 0x63686578  # PostgreSQL advisory lock key ("chex"): nodes starting together start one at a time
 
 
 def configure_logging(level: str) -> None:
@@ -90,17 +92,19 @@ class Daemon:
     def start(self) -> None:
         """Raises daemon.store.nodes.NodeRefusedError (exit 2) when this node may not join the database (roles or a
         second node on SQLite, a node name in use), OSError when the port is taken."""
-        revision = self._upgrade()
-        log.info("database at revision %s", revision)
-        self.holder = register(self.sessions, self.settings)
-        self._audit_start()  # before any job, report or forward: the model they are made with is on record
+        with self._one_node_at_a_time():
+            revision = upgrade_to_head(self.engine)
+            log.info("database at revision %s", revision)
+            self.holder = register(self.sessions, self.settings)
+            self._audit_start()  # before any job, report or forward: the model they are made with is on record
+        # at once: recovery and loading the model take seconds, longer than other nodes wait for a heartbeat
+        self.heartbeat = HeartbeatLoop(self.sessions, self.settings, self.holder, on_takeover=self._wake_all)
+        self.heartbeat.start()
         others = others_live(self.sessions, self.settings.node_timeout_seconds)
         self.recovery = recover(self.spool, self.sessions, self.settings.data_dir, pixel_limits(self.settings),
                                 shared=others > 0)
         if isinstance(self.processor, ActiveModelProcessor):
             self.processor.load()
-        self.heartbeat = HeartbeatLoop(self.sessions, self.settings, self.holder, on_takeover=self._wake_all)
-        self.heartbeat.start()
         for _role, loop in self._loops():
             loop.start()
         if "scp" in self.roles:
@@ -108,17 +112,21 @@ class Daemon:
         log.info("chexd node %s started with roles %s (%d other live node(s))", self.holder,
                  ",".join(sorted(self.roles)), others)
 
-    def _upgrade(self) -> str:
-        """Upgrade the database to head; on PostgreSQL under an advisory lock, so nodes starting at once on a new
-        database do not run the same migration together."""
+    @contextlib.contextmanager
+    def _one_node_at_a_time(self) -> Iterator[None]:
+        """On PostgreSQL, hold an advisory lock: nodes starting together on one database upgrade it, join the nodes
+        table and register the baseline model (a row and a copy in the shared data dir) one after the other."""
         if self.engine.dialect.name != "postgresql":
-            return upgrade_to_head(self.engine)
+            yield
+            return
         with self.engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _START_LOCK})
+            conn.commit()
             try:
-                return upgrade_to_head(self.engine)
+                yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _START_LOCK})
+                conn.commit()
 
     def _audit_start(self) -> None:
         """Register the served model as the active baseline when nothing is active yet, and audit the start."""

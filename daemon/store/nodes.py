@@ -194,20 +194,19 @@ def heartbeat(sessions: sessionmaker[Session], holder: str) -> bool:
     """Say that ``holder`` is alive (one UPDATE). False when its row was no longer ALIVE: another node declared it
     dead (it missed heartbeats for the node timeout: a stall, a network partition) and took over its work; the row
     is ALIVE again, and what this node still finishes of the lost work is refused by the lease fences."""
-    now = utcnow()
     with sessions.begin() as session:
         kept = session.execute(
             update(Node)
             .where(Node.holder == holder, Node.state == NodeState.ALIVE)
-            .values(heartbeat_at=now)
+            .values(heartbeat_at=utcnow())
             .execution_options(synchronize_session=False)
         ).rowcount
         if kept:
             return True
-        session.execute(
+        session.execute(  # the time taken now, not before the first statement: a stalled process must not look older
             update(Node)
             .where(Node.holder == holder)
-            .values(heartbeat_at=now, state=NodeState.ALIVE, ended_at=None)
+            .values(heartbeat_at=utcnow(), state=NodeState.ALIVE, ended_at=None)
             .execution_options(synchronize_session=False)
         )
     log.error("this node (%s) had been declared dead by another node and its work taken over; alive again", holder)
@@ -218,15 +217,18 @@ def sweep(sessions: sessionmaker[Session], holder: str, timeout_s: float) -> dic
     """Take over every node other than ``holder`` whose heartbeat is older than ``timeout_s``: mark it DEAD and
     :func:`release` what it held, one transaction per dead node; returns {dead holder: what was released}. Two nodes
     sweeping at once take each dead node over once (the DEAD marking is conditional)."""
-    now = utcnow()
-    cutoff = now - timedelta(seconds=timeout_s)
+    limit = timedelta(seconds=timeout_s)
     dead = {}
     with sessions() as session:
         stale = session.scalars(
-            select(Node.holder).where(Node.state == NodeState.ALIVE, Node.heartbeat_at < cutoff, Node.holder != holder)
+            select(Node.holder).where(
+                Node.state == NodeState.ALIVE, Node.heartbeat_at < utcnow() - limit, Node.holder != holder
+            )
         ).all()
     for other in stale:
         with sessions.begin() as session:
+            now = utcnow()  # taken again: this process may have been stalled since the look-up
+            cutoff = now - limit
             taken = session.execute(
                 update(Node)
                 .where(Node.holder == other, Node.state == NodeState.ALIVE, Node.heartbeat_at < cutoff)
