@@ -21,7 +21,8 @@ Run: ``.venv/bin/python bench/report_pipeline.py --count 40``. Needs dcmtk's sto
 ``--parts``: no daemon and no storescu - where ``reporting.compose.compose_study`` spends its CPU for single-image
 studies of the same phantoms (the model's predictions made in-process first, untimed): CPU ms per study for the SR,
 Parametric Maps, heatmap SCs, the PDF, the Encapsulated PDF, the DICOM file writes, the lung fields and the rest of the
-assembly, beside the total (``time.process_time``, the median of ``--repeat`` passes over all studies).
+assembly, beside the total (``time.process_time``; of ``--repeat`` passes over all studies, the one with the median
+total).
 ``--baseline DIR`` times the ``compose_study`` of another checkout (e.g. ``git worktree add /tmp/base <commit>``) on the
 same inputs in the same run, passes alternating, for before/after on the same machine load.
 """
@@ -298,11 +299,10 @@ def _prepare_parts(files: list[Path], model: Path, folder: Path) -> Path:
 
 def _time_parts(inputs_path: Path, repeat: int) -> dict[str, object]:
     """CPU ms per study by part of ``compose_study`` (the one importable from ``sys.path``) over the pickled inputs:
-    the median over ``repeat`` passes of each part's mean. One pass first, untimed (imports, caches)."""
+    the parts of the pass (of ``repeat``) with the median total. One pass first, untimed (imports, caches)."""
     import datetime as dt
     import importlib
     import pickle
-    import statistics
     import tempfile
 
     import pydicom
@@ -335,12 +335,8 @@ def _time_parts(inputs_path: Path, repeat: int) -> dict[str, object]:
         if hasattr(module, name):
             wrap(module, name, part)
     compose = importlib.import_module("reporting.compose")
-    try:  # the typed model facts (issue 17); a tree from before them takes the archive's dict
-        from reporting.facts import ModelFacts
-
-        typed = ModelFacts.from_dict
-    except ImportError:
-        typed = dict
+    # the typed model facts (issue 17); the compose_study of a tree from before them takes the archive's dict
+    typed = compose.ModelFacts.from_dict if hasattr(compose, "ModelFacts") else dict
     studies = []
     for path, prediction, facts in inputs:
         ds = pydicom.dcmread(path)
@@ -359,8 +355,8 @@ def _time_parts(inputs_path: Path, repeat: int) -> dict[str, object]:
             total = time.process_time() - start
             if k:
                 passes.append({"total": total, **acc})
-    parts = {name: 1000 * statistics.median(p.get(name, 0.0) for p in passes) / len(studies)
-             for name in ["total", *(part for _, _, part in PARTS)]}
+    median = sorted(passes, key=lambda p: p["total"])[len(passes) // 2]  # the pass with the median total
+    parts = {name: 1000 * median.get(name, 0.0) / len(studies) for name in ["total", *(part for _, _, part in PARTS)]}
     parts["other (compose_study itself)"] = parts["total"] - sum(parts[part] for _, _, part in PARTS)
     return {"studies": len(studies), "positive_findings": positives, "cpu_ms": parts}
 
