@@ -119,6 +119,7 @@ def cluster(tmp: Path, url: str, model: Path, workers: int, **settings: str) -> 
     from tests.integration import test_ha
 
     test_ha.SETTINGS.update(settings)
+    tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "data"
     nodes = {"scp": test_ha.ChexdNode("scp", "scp", data, url, model)}
     for i in range(workers):
@@ -209,7 +210,7 @@ def takeover(admin: str, tmp: Path, model: Path) -> dict[str, Any]:
 
 _EXTRA = [
     ("study lock", re.compile(r"FROM studies\s+WHERE studies\.id = \S+ FOR UPDATE", re.S)),
-    ("writer fence", re.compile(r"UPDATE study_reports SET finished_at=\S+ WHERE .*study_reports\.error = ", re.S)),
+    ("writer fence", re.compile(r"UPDATE study_reports SET finished_at=[^,]*? WHERE .*study_reports\.error = ", re.S)),
     ("heartbeat/sweep", re.compile(r"\bnodes\b")),
 ]
 

@@ -5,6 +5,8 @@ node settings. SQLite and PostgreSQL alike (the ``db_url`` fixture)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from daemon.store.tables import (
     utcnow,
 )
 from daemon.work.reports import ReportLeaseLostError, ReportLoop, mark_pending
+from tests.conftest import CHEXD, REPO, free_port
 from tests.unit.test_store import make_meta, rel_of
 
 OTHER = "elsewhere.example/4242"  # a node on another host: only its heartbeat says whether it lives
@@ -311,3 +314,53 @@ def test_an_image_after_the_claim_opens_the_next_revision(env: Env) -> None:
 def test_node_settings_are_checked(values: dict, rule: str, tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=rule):
         Settings(data_dir=tmp_path, **values)
+
+
+def _health(env: Env, **values: object) -> dict[str, tuple[bool, str]]:
+    from daemon.cli.health import health_checks
+
+    settings = dataclasses.replace(env.settings, **values)  # type: ignore[arg-type]
+    return {check.name: (check.ok, check.detail) for check in health_checks(settings)}
+
+
+def test_health_is_ok_with_a_fresh_heartbeat_of_this_hosts_node_and_says_why_not(env: Env) -> None:
+    env.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    assert _health(env)["node"] == (False, f"no node named {HOST} on {HOST} has started (chexd serve)")
+    parent = os.getppid()  # a live process of this host stands for the node (chexd health runs beside it)
+    add_node(env, f"{HOST}/{parent}", age_s=1, name=HOST)
+    with env.sessions.begin() as session:
+        session.execute(update(Node).values(roles="worker,reports,forward"))
+    checks = _health(env)
+    assert {name: ok for name, (ok, _) in checks.items()} == {"database": True, "node": True, "disk": True}
+    with env.sessions.begin() as session:
+        session.execute(update(Node).values(roles="scp", heartbeat_at=utcnow() - timedelta(seconds=60)))
+    checks = _health(env)
+    assert checks["node"][0] is False and "last heartbeat 6" in checks["node"][1]
+    assert "scp" not in checks, "the port is checked only for a live scp node"
+    with env.sessions.begin() as session:
+        session.execute(update(Node).values(heartbeat_at=utcnow()))
+    checks = _health(env, port=free_port())
+    assert checks["scp"][0] is False and "does not accept connections" in checks["scp"][1]
+    assert _health(env, disk_reserve_mb=2**30)["disk"][0] is False
+
+
+def test_health_fails_on_a_database_below_head(db_url: str, tmp_path: Path) -> None:
+    from daemon.cli.health import health_checks
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, disk_reserve_mb=0)
+    settings.data_dir.mkdir(parents=True)
+    checks = {check.name: check for check in health_checks(settings)}
+    assert not checks["database"].ok and "(empty)" in checks["database"].detail
+    assert not checks["node"].ok
+
+
+def test_serve_refuses_a_partial_role_on_sqlite_with_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHEXD_")}
+    env.update(CHEXD_DATA_DIR=str(tmp_path / "data"), CHEXD_PORT=str(free_port()), CHEXD_BIND_ADDRESS="127.0.0.1")
+    result = subprocess.run([*CHEXD, "serve", "--role", "worker"], env=env, capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "error: roles worker need PostgreSQL" in result.stderr
+    bad = subprocess.run([*CHEXD, "serve", "--role", "scp,pacs"], env=env, capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert bad.returncode == 2 and "Invalid --role 'scp,pacs'" in bad.stderr
