@@ -394,12 +394,14 @@ def pointing_game(findings: list[tuple], start: int, count: int, size: int) -> d
     baseline, over findings drawn in the phantom that chexd reported present."""
     from model.phantom import generate, to_dicom
     from model.types import LABELS
-    from reporting.regions import OUTSIDE, ZONES, estimate_lung_fields
+    from reporting.regions import OUTSIDE, OUTSIDE_TEXT, ZONES, estimate_lung_fields
 
     reported: dict[tuple[str, str], str] = {}
     for uid, label, status, region in findings:
         if status == "present" and region:
-            reported[(uid, label)] = region
+            # the stored text says the share too: "left lower zone (34% of heat)", "outside the lung fields (58% ...)"
+            zone = region.split(" (")[0]
+            reported[(uid, label)] = OUTSIDE if zone == OUTSIDE_TEXT else zone
     hits: dict[str, list[tuple[bool, bool]]] = {}
     for index in range(start, start + count):
         sample = generate(0, index, size=size)
