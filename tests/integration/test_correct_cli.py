@@ -47,10 +47,11 @@ from tests.unit.test_correct import (
 )
 
 E = LABELS.index("Effusion")
-# The small grid model detects 8 of the 17 held-out Effusion positives of 300 phantom images; the default minimum of
+# The small grid model detects 7-8 of the 17 held-out Effusion positives of 300 phantom images (which, depends on the
+# tests run before it in the process - tracked as an issue); the default minimum of
 # held-out true positives (10) would refuse every edit, and with more images the channel search loses selection TPs.
 # The mechanics are under test here, so these runs lower the minimum explicitly (the refusal itself is tested below).
-FEW = ("--min-positives", "8")
+FEW = ("--min-positives", "6")
 
 
 @pytest.fixture(scope="module", autouse=True)
