@@ -17,7 +17,6 @@ import codecs
 import functools
 import os
 import struct
-from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 
@@ -193,8 +192,8 @@ def _pydicom(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
-def save(ds: Dataset, path: Path, *, encoder: Callable[[Dataset], bytes] = encode) -> None:
-    """Write ``ds`` to ``path`` atomically: a temporary file beside it, then renamed over ``path``."""
+def save(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` (:func:`encode`) to ``path`` atomically: a temporary file beside it, then renamed over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(encoder(ds))
+    tmp.write_bytes(encode(ds))
     os.replace(tmp, path)
