@@ -33,8 +33,6 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 __all__ = ["encode", "save"]
 
 _ITEM = b"\xfe\xff\x00\xe0"
-_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
-_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _LONG = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)  # 2 reserved bytes and a 4-byte length
 _NUMBERS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 _PLAIN = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UR"})  # pydicom's write_string (DA/DT/TM: str values)
