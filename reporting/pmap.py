@@ -35,9 +35,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from reporting.equipment import set_equipment, software_versions, source_header
 from reporting.errors import ReportError
 from reporting.report import Finding, ImageResult, StudyReport
-from reporting.sr import _clean_evidence, set_equipment, software_versions
 from reporting.uids import content_uid, derived_uid, series_uid
 
 __all__ = ["MAX_SIDE", "PM_SERIES_NUMBER", "build_pm", "pm_grid"]
@@ -90,7 +90,7 @@ def _orientation(ds: Dataset) -> list[float]:
 
 def _geometry(source: Dataset) -> Dataset:
     """A header copy of ``source`` carrying the geometry highdicom needs for a PM (see the module docstring)."""
-    geo = _clean_evidence(source)
+    geo = source_header(source)
     own = not (
         "FrameOfReferenceUID" in source
         and "ImagePositionPatient" in source

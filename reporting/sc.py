@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
+from reporting.equipment import MANUFACTURER, set_equipment, source_header
 from reporting.errors import ReportError
 from reporting.render import colour_bar, draw_peak, font, overlay
 from reporting.report import Finding, ImageResult, StudyReport
-from reporting.sr import MANUFACTURER, _clean_evidence, set_equipment
 from reporting.uids import content_uid, instance_uid, series_uid
 
 __all__ = ["SC_BANNER", "SC_SERIES_NUMBER", "PDF_SERIES_NUMBER", "build_encapsulated_pdf", "build_sc",
@@ -103,7 +103,7 @@ def build_sc(report: StudyReport, result: ImageResult, finding: Finding, source:
     if str(source.SOPInstanceUID) != result.source.sop_instance_uid:
         raise ReportError(f"Invalid source {source.SOPInstanceUID} - the result is for "
                           f"{result.source.sop_instance_uid}")
-    ref = _clean_evidence(source)
+    ref = source_header(source)
     pixels = render_sc(report, result, finding)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
@@ -179,7 +179,7 @@ def build_encapsulated_pdf(report: StudyReport, pdf: bytes, sources: Sequence[py
         raise ReportError("Invalid pdf - the bytes do not start with %PDF-")
     if not sources:
         raise ReportError("Invalid sources - need at least one source image dataset")
-    ref = _clean_evidence(sources[0])
+    ref = source_header(sources[0])
     ds = hd.SOPClass(
         study_instance_uid=report.study_instance_uid,
         series_instance_uid=series_uid("pdf", report.study_instance_uid),

@@ -47,9 +47,7 @@ and no finding groups at all.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 from collections.abc import Mapping, Sequence
-from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -62,6 +60,7 @@ from pydicom.uid import UID, Comprehensive3DSRStorage
 from scipy import ndimage
 
 from reporting.codes import FINDING_CODES, PRIVATE_SCHEME
+from reporting.equipment import MANUFACTURER, set_equipment, software_versions, source_header  # noqa: F401
 from reporting.errors import ReportError
 from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, DomainCheck, Finding, ImageResult, StudyReport
 from reporting.uids import derived_uid, instance_uid, series_uid
@@ -70,7 +69,6 @@ __all__ = ["APPLICABILITY", "FINDING_CODES", "IN_DOMAIN", "OUT_OF_DOMAIN", "PRIV
            "build_sr", "heat_box", "set_equipment", "software_versions"]
 
 SR_SERIES_NUMBER = 9001
-MANUFACTURER = "chexd"
 
 PROBABILITY = Code("122157", "DCM", "Probability")
 IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
@@ -87,11 +85,6 @@ IMAGE_QUALITY_RATING = Code("111029", "DCM", "Image Quality Rating")
 QUALITY_UNUSABLE = Code("111235", "DCM", "Unusable - Quality renders image unusable")
 QUALITY_BELOW_STANDARD = Code("111236", "DCM", "Usable - Does not meet the quality control standard")
 
-# Patient/study attributes whose source value may violate its VR (seen in the wild: AS "62"); such values are
-# left out of the SR rather than copied.
-_AGE_LENGTH = 4
-
-
 # highdicom converts every pydicom Code it is given into a CodedConcept (validated, hashed): convert ours once.
 _CONCEPTS = {label: hd.sr.CodedConcept.from_code(code) for label, code in FINDING_CODES.items()}
 _PROBABILITY = hd.sr.CodedConcept.from_code(PROBABILITY)
@@ -106,49 +99,6 @@ def _code(label: str) -> hd.sr.CodedConcept:
         return _CONCEPTS[label]
     except KeyError:
         raise ReportError(f"No code for finding {label!r} - known: {sorted(FINDING_CODES)}") from None
-
-
-def _clean_evidence(ds: Dataset) -> Dataset:
-    """A header-only copy of a source dataset with the Type 2 patient/study attributes present (possibly empty) and
-    an invalid Patient's Age removed, so the SR's copied modules are valid."""
-    out = Dataset()
-    for elem in ds:
-        if elem.tag.group == 0x7FE0 or 0x6000 <= elem.tag.group <= 0x60FF:  # pixels and overlays
-            continue
-        out.add(deepcopy(elem))
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
-        if keyword not in out:
-            setattr(out, keyword, "")
-    age = str(out.get("PatientAge", ""))
-    # an invalid age is left out, not repaired: "62" -> "062Y" would differ from the source (dcentvfy: an error)
-    if "PatientAge" in out and (len(age) != _AGE_LENGTH or not age[:3].isdigit() or age[3] not in "DWMY"):
-        del out.PatientAge
-    return out
-
-
-@functools.cache
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("chexd")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def software_versions(report: StudyReport) -> list[str]:
-    """Software Versions of every object chexd writes: ["chexd <package version>", "model <model version>"]."""
-    return [f"chexd {_package_version()}"[:64], f"model {report.model.version}"[:64]]
-
-
-def set_equipment(ds: Dataset, report: StudyReport) -> None:
-    """The General Equipment module of every object chexd writes (SR, SC, Parametric Map, Encapsulated PDF):
-    Manufacturer "chexd", Manufacturer's Model Name = the model's name, Software Versions (:func:`software_versions`)
-    and Device Serial Number = the model version id (it identifies the weights, thresholds and preprocessing that
-    made the object; chexd keeps no per-install id)."""
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = report.model.name[:64]
-    ds.SoftwareVersions = software_versions(report)
-    ds.DeviceSerialNumber = report.model.version[:64]
 
 
 def _algorithm(report: StudyReport, finding: Finding) -> hd.sr.AlgorithmIdentification:
@@ -360,7 +310,7 @@ def build_sr(
         if str(ds.SOPInstanceUID) != result.source.sop_instance_uid:
             raise ReportError(f"Invalid sources - dataset {ds.SOPInstanceUID} is not report image "
                              f"{result.source.sop_instance_uid} (same order required)")
-        evidence.append(_clean_evidence(ds))
+        evidence.append(source_header(ds))
     groups = [
         group
         for n, (result, ds) in enumerate(zip(report.images, evidence, strict=True), start=1)
