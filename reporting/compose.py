@@ -24,6 +24,7 @@ from reporting.exclusions import ExclusionRules
 from reporting.facts import ModelFacts
 from reporting.pdf import write_pdf
 from reporting.pmap import build_pm
+from reporting.regions import LungFields
 from reporting.report import Finding, SourceImage, StudyReport, assemble, study_report
 from reporting.sc import build_encapsulated_pdf, build_sc
 from reporting.sr import build_sr
@@ -136,6 +137,7 @@ def compose_study(
     pdf_predecessors: Sequence[str] = (),
     earlier: Sequence[Path] = (),
     superseded: tuple[int, dt.datetime | None] | None = None,
+    lung_fields: Sequence[LungFields | None] = (),
 ) -> ComposedStudy:
     """Assemble and write one study report revision into ``folder`` (created if needed).
 
@@ -146,6 +148,9 @@ def compose_study(
     ``top_channels``: channel evidence rows per positive finding (>= 1); ``exclusion_margin``: how much more
     confident a mutually exclusive partner must be to exclude a finding (reporting.exclusions, >= 1).
     ``superseded``: (revision, created_at) of the report revision this one replaces (the PDF names it), if known.
+    ``lung_fields``: per image (aligned with ``images``; empty or None entries: estimated here), the lung fields the
+    inference worker already estimated for its input checks (reporting.regions.estimate_lung_fields of the same
+    decoded image), so they are not estimated twice.
 
     Writes report.pdf, report-pdf.dcm (Encapsulated PDF), sr.dcm and per present or excluded finding one
     sc-<image>-<finding>.dcm (heatmap SC) and one pm-<image>-<finding>.dcm (Parametric Map, referenced by the SR).
@@ -162,12 +167,15 @@ def compose_study(
         raise ReportError(f"Invalid top_channels {top_channels} - must be >= 1")
     rules = ExclusionRules(margin=float(exclusion_margin))
     results = []
-    for ds, pixels, prediction, facts in images:
+    fields = list(lung_fields) + [None] * (len(images) - len(lung_fields))
+    for (ds, pixels, prediction, facts), known_fields in zip(images, fields, strict=False):
         if not isinstance(facts, ModelFacts):
             raise TypeError(f"Invalid model facts {type(facts).__name__} - expected reporting.facts.ModelFacts")
+        if known_fields is not None and tuple(known_fields.image_shape) != tuple(np.shape(pixels)):
+            known_fields = None  # estimated on another decode of the image: estimate again rather than misplace
         results.append(assemble(prediction, pixels, SourceImage.from_dataset(ds), thresholds=facts.thresholds,
                                 rules=rules, top_k=int(top_channels), recipe=facts.preprocessing,
-                                domain=facts.domain))
+                                domain=facts.domain, lung_fields=known_fields))
     report = study_report(results, images[-1][3].model_info(), revision=revision,
                           predecessors=tuple(predecessors), created_at=created_at,
                           superseded_revision=superseded[0] if superseded else None,

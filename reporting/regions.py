@@ -126,6 +126,28 @@ class LungFields:
         cols = np.minimum((np.arange(shape[1]) + 0.5) * lungs.shape[1] / shape[1], lungs.shape[1] - 1).astype(int)
         return lungs[np.ix_(rows, cols)]
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fields as plain arrays (for an .npz archive: no pickling); :meth:`from_arrays` reads them back."""
+        return {"method": np.array(self.method), "note": np.array(self.note), "zones": self.zones,
+                "right_lung": self.right_lung, "left_lung": self.left_lung,
+                "image_shape": np.array(self.image_shape, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> LungFields:
+        """Fields written by :meth:`to_arrays`. Raises ReportError when the arrays do not describe lung fields."""
+        try:
+            method = str(arrays["method"])
+            zones = np.asarray(arrays["zones"], dtype=np.int8)
+            right, left = np.asarray(arrays["right_lung"], dtype=bool), np.asarray(arrays["left_lung"], dtype=bool)
+            rows, columns = (int(v) for v in np.asarray(arrays["image_shape"]).ravel())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"Invalid archived lung fields - {exc}") from None
+        if method not in ("image", "grid") or zones.ndim != 2 or not right.shape == left.shape == zones.shape:
+            raise ReportError(f"Invalid archived lung fields - method {method!r}, zones {zones.shape}, lungs "
+                              f"{right.shape}/{left.shape}")
+        return cls(method=method, note=str(arrays.get("note", "")), zones=zones, right_lung=right,  # type: ignore[arg-type]
+                   left_lung=left, image_shape=(rows, columns))
+
 
 # ------------------------------------------------------------------------------------------- CAM -> image geometry
 

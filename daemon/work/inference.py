@@ -31,12 +31,14 @@ from model.types import QualityIssue
 
 log = logging.getLogger(__name__)
 
-def input_quality(image: Any, photometric: str, *, min_side: int = 224) -> tuple[QualityIssue, ...]:
+def input_checks(image: Any, photometric: str, *, min_side: int = 224) -> tuple[tuple[QualityIssue, ...], Any]:
     """Input-quality issues of a decoded image (float [rows, columns] in [0, 1], bright = dense): the pixel checks of
     ``model.quality.check_pixels`` (inverted for its photometric interpretation, nearly constant, saturated, too few
     pixels) and "lungs_not_found" when reporting's lung-field estimate finds no plausible pair of lung fields (the
     estimate the report's zones come from; it then falls back to a fixed grid). ``min_side``: the model's input side
-    in pixels; a shorter image side is "too few pixels"."""
+    in pixels; a shorter image side is "too few pixels". Returns (issues, the lung fields: a
+    reporting.regions.LungFields, or None when the pixel checks already ruled the image out) - the report reuses the
+    fields instead of estimating them again."""
     from model.quality import check_pixels
     from reporting.regions import estimate_lung_fields
 
@@ -46,12 +48,18 @@ def input_quality(image: Any, photometric: str, *, min_side: int = 224) -> tuple
                                min_side=min_side)
     except ValueError as exc:  # the checks could not judge the image: say so rather than pass it
         issues.append(QualityIssue(code="unchecked_pixels", reason=f"the pixel checks could not run: {exc}"))
+    fields = None
     if not any(issue.code in ("lungs_not_found", "constant", "too_few_pixels") for issue in issues):
         fields = estimate_lung_fields(image)
         if fields.method == "grid":
             issues.append(QualityIssue(code="lungs_not_found",
                                        reason=f"no lung fields found in the image: {fields.note}"))
-    return tuple(issues)
+    return tuple(issues), fields
+
+
+def input_quality(image: Any, photometric: str, *, min_side: int = 224) -> tuple[QualityIssue, ...]:
+    """The issues of :func:`input_checks` alone."""
+    return input_checks(image, photometric, min_side=min_side)[0]
 
 
 class ModelProcessor:
@@ -110,12 +118,14 @@ class ModelProcessor:
             prediction = self.batcher.submit(image).result()
         except ModelError as exc:
             raise PermanentJobError(f"the model cannot use this image: {exc}") from exc
-        domain = None
+        domain = fields = None
         if self.policy != "off":
             from reporting.report import domain_check
 
-            quality = prediction.quality or input_quality(image, str(ds.get("PhotometricInterpretation", "")),
-                                                          min_side=self.manifest.preprocessing.input_size)
+            quality = prediction.quality
+            if not quality:
+                quality, fields = input_checks(image, str(ds.get("PhotometricInterpretation", "")),
+                                               min_side=self.manifest.preprocessing.input_size)
             domain = domain_check(prediction.applicability, quality, self.policy)
             if domain.status in ("withheld", "flagged"):
                 log.info("image %s by the applicability gate sop_instance_uid=%s: %s", domain.status,
@@ -127,6 +137,7 @@ class ModelProcessor:
             synthetic_model=self.manifest.synthetic,
             manifest=self.manifest,
             domain=domain,
+            lung_fields=fields,
         )
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ from daemon.work.loop import Loop
 from daemon.work.worker import HOST, ClaimedJob, JobResult, PermanentJobError, pid_alive, read_stored_image
 from model.manifest import sha256_file
 from model.types import Prediction
+from reporting.regions import LungFields
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ArchivedPrediction:
     prediction: Prediction
     model: dict[str, Any]  # name, version, weights_sha256, synthetic, intended_use, thresholds, calibrated_at,
     # and "domain": the applicability gate's verdict (reporting.report.DomainCheck.to_dict(); absent when it was off)
+    lung_fields: LungFields | None = None  # the worker's estimate (archived when the gate ran), reused by the report
 
 
 def archive_path(data_dir: Path, sop_instance_uid: str, version: str) -> Path:
@@ -137,8 +139,10 @@ def _manifest_facts(result: JobResult) -> dict[str, Any]:
     }
 
 
-def save_archive(path: Path, prediction: Prediction, model: dict[str, Any], *, guard: DiskGuard | None = None) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half archive.
+def save_archive(path: Path, prediction: Prediction, model: dict[str, Any], *, guard: DiskGuard | None = None,
+                 lung_fields: LungFields | None = None) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves a half archive. ``lung_fields``: archived beside
+    the prediction (arrays ``lung_*``) so the report does not estimate them again.
 
     With ``guard``, raises DiskReserveError before writing when the archive (at most its uncompressed size) would take
     the disk below the reserve; any failure (e.g. ENOSPC) removes the temp file and leaves no archive."""
@@ -158,6 +162,7 @@ def save_archive(path: Path, prediction: Prediction, model: dict[str, Any], *, g
             bias=prediction.bias,
             **({} if prediction.evidence_total is None else {"evidence_total": prediction.evidence_total}),
             model=np.array(json.dumps(model)),
+            **({} if lung_fields is None else {f"lung_{k}": v for k, v in lung_fields.to_arrays().items()}),
         )
         tmp.replace(path)
     except BaseException:
@@ -180,7 +185,9 @@ def load_archive(path: Path) -> ArchivedPrediction:
             model_version=model["version"],
             evidence_total=data["evidence_total"] if "evidence_total" in data.files else None,
         )
-    return ArchivedPrediction(prediction=prediction, model=model)
+        lung = {k.removeprefix("lung_"): data[k] for k in data.files if k.startswith("lung_")}
+    fields = LungFields.from_arrays(lung) if lung else None
+    return ArchivedPrediction(prediction=prediction, model=model, lung_fields=fields)
 
 
 # --- scheduling -----------------------------------------------------------------------------------------------------
@@ -230,6 +237,7 @@ class ReportScheduler:
             result.prediction,
             _model_facts(result),
             guard=self.guard,
+            lung_fields=result.lung_fields,
         )
 
     def record(self, session: Session, job: ClaimedJob, result: JobResult) -> None:
@@ -352,15 +360,17 @@ def compose_files(
 
     exit_if_orphaned()
     try:
-        inputs = []
+        inputs, fields = [], []
         for image_path, archive_file in images:
             ds, pixels = read_stored_image(image_path)
             archived = load_archive(archive_file)
             inputs.append((ds, pixels, archived.prediction, ModelFacts.from_dict(archived.model)))
+            fields.append(archived.lung_fields)
         # last line of defence (the store never merges two patients): one report, one patient, one study
         check_one_patient([(str(ds.get("SOPInstanceUID", "")), ds) for ds, *_ in inputs])
         composed = compose_study(
             images=inputs,
+            lung_fields=fields,
             revision=revision,
             predecessors=predecessors,
             folder=folder,

@@ -31,6 +31,7 @@ from model.errors import ImageDecodeError
 from model.manifest import Manifest
 from model.preprocess import DEFAULT_LIMITS, PixelLimits, decode_image, read_dicom, stats_of
 from model.types import Prediction
+from reporting.regions import LungFields
 from reporting.report import DomainCheck
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class JobResult:
     synthetic_model: bool = False
     manifest: Manifest | None = None  # the model that made the prediction
     domain: DomainCheck | None = None  # the applicability gate's verdict
+    lung_fields: LungFields | None = None  # estimated for the input checks; the report reuses them
 
 
 class ResultSink(Protocol):

@@ -194,3 +194,42 @@ def test_report_folders_are_named_by_study_instance_uid(tmp_path: Path) -> None:
     # not a UID (a hostile or broken header): the database id, never a path from the header
     for bad in ("../../etc", "1.2.3/4", "", "1..2", "01.2", "1." + "2" * 70):
         assert study_folder(tmp_path, bad, 7) == tmp_path / "reports" / "study-7"
+
+
+def test_lung_fields_estimated_by_the_worker_are_archived_and_not_estimated_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inference worker estimates the lung fields for its input checks; the archive carries them and the report
+    reuses them: the same documents, without a second estimate (about 50 CPU-ms per image)."""
+    import datetime as dt
+
+    import reporting.report
+    from daemon.work.inference import input_checks
+    from reporting.compose import compose_study
+    from reporting.facts import ModelFacts
+    from tests.reporting_helpers import THRESHOLDS, phantom_case
+
+    _, ds, image, prediction = phantom_case(2, findings={"Effusion": 0.9}, size=128)
+    issues, fields = input_checks(image, "MONOCHROME2", min_side=64)
+    assert fields is not None and fields.method == "image" and not issues
+    path = tmp_path / "archive.npz"
+    save_archive(path, prediction, {"version": prediction.model_version}, lung_fields=fields)
+    back = load_archive(path).lung_fields
+    assert back is not None and back.method == fields.method and back.image_shape == fields.image_shape
+    assert np.array_equal(back.zones, fields.zones) and np.array_equal(back.left_lung, fields.left_lung)
+
+    facts = ModelFacts(name="chexd-test", version="0123456789abcdef", weights_sha256="ab" * 32, synthetic=True,
+                       intended_use="tests", thresholds=THRESHOLDS)
+    when = dt.datetime(2026, 12, 2, tzinfo=dt.UTC)
+    estimated = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
+                              folder=tmp_path / "estimated", created_at=when)
+
+    def no_second_estimate(_image: np.ndarray) -> None:
+        raise AssertionError("lung fields estimated again")
+
+    monkeypatch.setattr(reporting.report, "estimate_lung_fields", no_second_estimate)
+    reused = compose_study(images=[(ds, image, prediction, facts)], revision=1, predecessors=[],
+                           folder=tmp_path / "reused", created_at=when, lung_fields=[back])
+    assert [(f.kind, f.sop_instance_uid) for f in reused.files] == [(f.kind, f.sop_instance_uid)
+                                                                    for f in estimated.files]
+    assert (tmp_path / "reused" / "report.pdf").read_bytes() == (tmp_path / "estimated" / "report.pdf").read_bytes()
