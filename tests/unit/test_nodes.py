@@ -364,3 +364,26 @@ def test_serve_refuses_a_partial_role_on_sqlite_with_exit_2(tmp_path: Path) -> N
     bad = subprocess.run([*CHEXD, "serve", "--role", "scp,pacs"], env=env, capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert bad.returncode == 2 and "Invalid --role 'scp,pacs'" in bad.stderr
+
+
+def test_a_failing_heartbeat_is_one_error_line_then_one_line_when_it_works_again(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.work import heartbeat as module
+
+    holder = register(env.sessions, env.settings)
+    loop = module.HeartbeatLoop(env.sessions, env.settings, holder)
+    real = module.heartbeat
+
+    def full(*_args: object) -> bool:
+        raise OSError(28, "database or disk is full")
+
+    monkeypatch.setattr(module, "heartbeat", full)
+    with caplog.at_level("INFO", logger="daemon.work.heartbeat"):
+        assert loop.step(0) is False and loop.step(0) is False
+        monkeypatch.setattr(module, "heartbeat", real)
+        loop.step(0)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["ERROR", "INFO"], lines
+    assert "disk is full" in lines[0][1] and not any(r.exc_info for r in caplog.records)
+    assert loop.beats == 1
