@@ -1,12 +1,19 @@
-"""Shared fixtures: databases (SQLite and a real PostgreSQL server) and a chexd daemon run as a subprocess.
+"""Shared fixtures: databases (SQLite and a real PostgreSQL server), a chexd daemon run as a subprocess, one Orthanc
+PACS per session and the session's trained or tiny models. tests/README.md says what each costs.
 
 PostgreSQL: ``CHEXD_TEST_POSTGRES_URL`` (an admin URL, set by ``.ci/run``) names a running server; without it the
 fixture starts a throw-away cluster with the installed PostgreSQL binaries. Neither available is a test failure,
-not a skip: the suite promises PostgreSQL coverage.
+not a skip: the suite promises PostgreSQL coverage. Each test gets its own database on the one server.
+
+Daemons run a tiny random-weight model (tests/nets.py) unless a test asks for the bundled demo DenseNet121
+(``make_daemon(model="demo")``, ``running_daemon(..., model="demo")``): tests of storage, networking and the CLI do
+not need a model that finds anything, and the tiny one costs milliseconds per image instead of seconds.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import glob
 import os
 import re
@@ -22,15 +29,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+if TYPE_CHECKING:
+    from tests.integration.orthanc import OrthancServer
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_CXR = SHARED_DATA / "real-cxr"
 CHEXD = [sys.executable, "-m", "daemon"]
+Model = Literal["tiny", "demo"]
 
 
 # Patient names and IDs that the suite's datasets carry - tests/dicomgen.py's defaults, the phantom's (model/phantom.py:
@@ -48,12 +60,44 @@ PHI_IN_TEST_DATA = (
 PHI_PATTERNS = re.compile(r"PHANTOM\^|\bPH\d+-\d{8}\b")
 
 
+# A test whose fixtures include one of these is marked ``slow`` at collection (tests/README.md): make_daemon (and
+# daemon, here and in test_disk_full/test_hostile_datasets), chexd (test_tls, test_hostile_network, test_identity) and
+# syntax_daemon (test_storage_scp) start ``chexd serve`` subprocesses (5-10 s each, idle); grid_model trains a network
+# (20-60 s, once per session). Name a new daemon fixture like these, or mark its tests ``slow`` yourself.
+SLOW_FIXTURES = frozenset({"make_daemon", "daemon", "chexd", "syntax_daemon", "grid_model"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that uses a fixture in :data:`SLOW_FIXTURES`."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """Run this process's torch work on one intra-op thread (test modules that use torch imported it at collection;
+    daemons and other subprocesses choose their own). The suite's networks are tiny: on a busy 2-core machine two
+    OpenMP threads were measured 3x the CPU time and 2x the wall time of one (test_compress, load average 8)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def phi_in_log(text: str) -> list[str]:
     """The test patients' names and IDs found in ``text`` (a daemon's log)."""
     return [value for value in PHI_IN_TEST_DATA if value in text] + PHI_PATTERNS.findall(text)
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it, so parallel workers do not collide)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -103,6 +147,7 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 def new_postgres_database(admin_url: str) -> str:
+    """A new, empty database on the server of ``admin_url`` (unique name); its URL."""
     name = f"chexd_test_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
@@ -111,9 +156,9 @@ def new_postgres_database(admin_url: str) -> str:
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database of each supported kind."""
+    """An empty database of each supported kind (the ``postgresql`` case carries the ``postgres`` mark)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'db' / 'chexd.db'}"
     return new_postgres_database(request.getfixturevalue("postgres_admin_url"))
@@ -214,16 +259,46 @@ class DaemonProcess:
         return create_db_engine(self.database_url)
 
 
+@functools.cache
+def tiny_model_path() -> Path:
+    """Manifest of the tiny model artifact (tests/nets.py :func:`save_tiny_artifact`), written once per test process
+    into a temp folder removed at exit."""
+    from tests.nets import save_tiny_artifact  # torch: imported only by sessions that start a daemon
+
+    folder = Path(tempfile.mkdtemp(prefix="chexd-tiny-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return save_tiny_artifact(folder / "tiny")
+
+
+def daemon_env(settings: dict[str, str], model: Model) -> dict[str, str]:
+    """``CHEXD_*`` variables for ``settings`` (``name=value``); ``model_path`` set to the tiny model unless ``model``
+    is ``"demo"`` (the bundled demo) or ``settings`` names one."""
+    if model not in ("tiny", "demo"):
+        raise ValueError(f"model must be 'tiny' or 'demo', not {model!r}")
+    if model == "tiny" and "model_path" not in settings:
+        settings = {**settings, "model_path": str(tiny_model_path())}
+    return {f"CHEXD_{k.upper()}": v for k, v in settings.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny model's manifest (see :func:`tiny_model_path`); the model every test daemon runs by default."""
+    return tiny_model_path()
+
+
 @contextmanager
-def running_daemon(data_dir: Path, database_url: str | None = None, **settings: str) -> Iterator[DaemonProcess]:
+def running_daemon(
+    data_dir: Path, database_url: str | None = None, *, model: Model = "tiny", **settings: str
+) -> Iterator[DaemonProcess]:
     """Start one ``chexd serve`` (SQLite in ``data_dir`` unless ``database_url`` is given; ``settings`` as
-    ``name=value``, e.g. ``report_workers="0"``) and stop it afterwards, with the log's PHI check. For module-scoped
-    fixtures that run many cases against one daemon, which keeps the suite's daemon start-ups few."""
+    ``name=value``, e.g. ``report_workers="0"``; the tiny model unless ``model="demo"``) and stop it afterwards, with
+    the log's PHI check. For module-scoped fixtures that run many cases against one daemon, which keeps the suite's
+    daemon start-ups few."""
     daemon = DaemonProcess(
         data_dir=data_dir,
         database_url=database_url or f"sqlite:///{data_dir / 'chexd.db'}",
         port=free_port(),
-        extra_env={f"CHEXD_{k.upper()}": v for k, v in settings.items()},
+        extra_env=daemon_env(settings, model),
     )
     daemon.start()
     try:
@@ -234,15 +309,17 @@ def running_daemon(data_dir: Path, database_url: str | None = None, **settings: 
 
 @pytest.fixture
 def make_daemon(tmp_path: Path, db_url: str) -> Iterator:
-    """Factory: ``make_daemon(**env)`` starts a daemon on the parametrised database; all are stopped at the end."""
+    """Factory: ``make_daemon(start=True, model="tiny", **settings)`` starts a daemon on the parametrised database
+    (settings as ``name=value`` strings; ``model="demo"`` runs the bundled demo DenseNet121 instead of the tiny
+    model); all are stopped at the end, each log checked for patient data."""
     started: list[DaemonProcess] = []
 
-    def factory(start: bool = True, **env: str) -> DaemonProcess:
+    def factory(start: bool = True, model: Model = "tiny", **env: str) -> DaemonProcess:
         daemon = DaemonProcess(
             data_dir=tmp_path / f"data{len(started)}",
             database_url=db_url,
             port=free_port(),
-            extra_env={f"CHEXD_{k.upper()}": v for k, v in env.items()},
+            extra_env=daemon_env(env, model),
         )
         started.append(daemon)
         return daemon.start() if start else daemon
@@ -261,3 +338,39 @@ def make_daemon(tmp_path: Path, db_url: str) -> Iterator:
 @pytest.fixture
 def daemon(make_daemon) -> DaemonProcess:  # type: ignore[no-untyped-def]
     return make_daemon()
+
+
+# --- one Orthanc per session ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """The session's Orthanc (started once, ~0.2 s); tests use :func:`orthanc`, which empties it first."""
+    from tests.integration.orthanc import OrthancServer
+
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_server: OrthancServer) -> OrthancServer:
+    """The session's Orthanc, empty: every patient (and so every study, series and instance) of earlier tests is
+    deleted through the REST API before the test, so tests stay independent. Restarted if a test stopped it."""
+    orthanc_server.start()
+    orthanc_server.clear()
+    return orthanc_server
+
+
+# --- trained models, once per session ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def grid_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """(fp16 artifact manifest, injected channel) of tests/gridmodel.py's grid-line model, trained once per session
+    (20-60 s of CPU) for the correction unit and CLI tests. Treat it as read-only."""
+    from tests.gridmodel import save_grid_model
+
+    return save_grid_model(tmp_path_factory.mktemp("grid") / "grid")

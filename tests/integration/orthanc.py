@@ -2,7 +2,11 @@
 
 Each server has its own generated configuration in a temp folder: free DICOM and HTTP ports on 127.0.0.1, storage
 and index in that folder, AE title ORTHANC, any calling AE may store, no plugins, no authentication (localhost
-only). The system service, if any, is never used. Usage::
+only). The system service, if any, is never used.
+
+Tests take the session's server from the ``orthanc`` fixture (tests/conftest.py: one server per session, emptied
+before each test with :meth:`OrthancServer.clear`); a test that needs a server of its own (e.g. one that is down
+first and comes up later on the same ports) makes one::
 
     with OrthancServer(tmp_path / "orthanc") as pacs:      # or pacs = OrthancServer(...); pacs.start(); pacs.stop()
         ...C-STORE to ORTHANC@127.0.0.1:pacs.dicom_port...
@@ -151,6 +155,18 @@ class OrthancServer:
 
     def get(self, path: str) -> Any:
         return self._request("GET", path)
+
+    def delete(self, path: str) -> Any:
+        return self._request("DELETE", path)
+
+    def clear(self) -> None:
+        """Delete every patient (with its studies, series and instances) through the REST API; afterwards
+        ``statistics()`` counts nothing. Raises OrthancError when something is left."""
+        for patient in self.get("/patients"):
+            self.delete(f"/patients/{patient}")
+        left = self.statistics()
+        if left["CountInstances"] or left["CountStudies"] or left["CountPatients"]:
+            raise OrthancError(f"Orthanc still holds data after deleting every patient: {left}")
 
     def post(self, path: str, body: Any) -> Any:
         return self._request("POST", path, body)

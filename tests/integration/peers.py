@@ -1,4 +1,4 @@
-"""Helpers for integration tests: a raw C-STORE sender and database/spool inspection."""
+"""Helpers for integration tests: a raw C-STORE sender and database/spool inspection (jobs, study reports)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import Engine, func, select
 
-from daemon.store.tables import Instance, Job, JobState
+from daemon.store.tables import Instance, Job, JobState, ReportFile, StudyReportRow
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -100,3 +100,24 @@ def propose_flag(transfer_syntax: str) -> list[str]:
     """storescu option that proposes ``transfer_syntax`` (storescu proposes only uncompressed ones by default)."""
     flag = _PROPOSE.get(str(transfer_syntax))
     return [flag] if flag else []
+
+
+def wait_for_reports(engine: Engine, timeout: float = 90, *, n: int = 1, state: str = "DONE") -> list[StudyReportRow]:
+    """Every study report row (by revision) once ``n`` are in ``state``, or when ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(select(StudyReportRow).order_by(StudyReportRow.revision)).all()
+        if sum(r.state == state for r in rows) >= n or time.monotonic() > deadline:
+            return list(rows)
+        time.sleep(0.3)
+
+
+def report_files(engine: Engine, report_id: int) -> dict[str, list[str]]:
+    """Kind (pdf, sr, sc, pm, epdf) -> paths relative to the data dir of one report's files."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(ReportFile.kind, ReportFile.path).where(ReportFile.report_id == report_id)).all()
+    out: dict[str, list[str]] = {}
+    for kind, path in rows:
+        out.setdefault(kind, []).append(path)
+    return out

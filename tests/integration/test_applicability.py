@@ -27,6 +27,8 @@ from reporting.report import DomainCheck
 from tests.conftest import REAL_CXR, DaemonProcess, running_daemon
 from tests.integration.peers import wait_until_processed
 
+pytestmark = pytest.mark.slow  # a daemon with the demo model per policy
+
 SIIM = REAL_CXR / "siim-ptx-1.2.276.0.7230010.3.1.4.8323329.6904.dcm"
 HEADLINE = "outside the model's validated domain — no AI findings for this image"
 
@@ -85,7 +87,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     phantom = folder / "phantom.dcm"
     to_dicom(generate(0, 0, size=384, force={"Effusion": True})).save_as(phantom, enforce_file_format=True)
     with running_daemon(
-        folder / "data", applicability=policy, report_quiet_seconds="0.3", report_workers="0", model_device="cpu"
+        folder / "data", applicability=policy, report_quiet_seconds="0.3", report_workers="0", model_device="cpu",
+        model="demo",
     ) as daemon:
         assert daemon.storescu("-xy", str(SIIM)).returncode == 0  # JPEG baseline, sent as it is
         assert daemon.storescu(str(phantom)).returncode == 0

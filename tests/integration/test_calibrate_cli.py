@@ -19,7 +19,7 @@ from model.artifact import read_manifest, save_artifact
 from model.phantom import generate, to_dicom
 from model.types import LABELS, PreprocessRecipe
 from tests.conftest import CHEXD
-from tests.unit.test_network import tiny
+from tests.nets import tiny
 
 DATA = Path(__file__).parents[2].parent / "shared" / "data"
 PREDS = DATA / "chexnet-preds" / "preds.csv"

@@ -1,7 +1,8 @@
 """``chexd correct`` and ``chexd finetune`` against a real registry, spool and database.
 
-The model is the unit tests' small phantom-trained DenseNet with an injected grid-line false positive (see
-tests/unit/test_correct.py); it is the configured model (``CHEXD_MODEL_PATH``), so it is the active baseline.
+The model is the unit tests' small phantom-trained DenseNet with an injected grid-line false positive
+(tests/gridmodel.py, trained once per session by tests/conftest.py's ``grid_model``); it is the configured model
+(``CHEXD_MODEL_PATH``), so it is the active baseline.
 False positives are given as a PNG file and as the SOP Instance UID of a DICOM image stored in the spool.
 """
 
@@ -35,16 +36,8 @@ from model.phantom import generate
 from model.preprocess import decode_file
 from model.types import LABELS
 from tests.dicomgen import make_dataset, write_dataset
-from tests.unit.test_correct import (
-    RECIPE,
-    RENDER,
-    USE,
-    grid_lines,
-    inject_grid_false_positive,
-    one_thread,
-    phantom_indices,
-    train_grid_model,
-)
+from tests.gridmodel import RECIPE, RENDER, USE, grid_lines, phantom_indices
+from tests.nets import one_thread
 
 E = LABELS.index("Effusion")
 # The small grid model detects 7-8 of the 17 held-out Effusion positives of 300 phantom images (which, depends on the
@@ -58,14 +51,6 @@ FEW = ("--min-positives", "6")
 def _single_thread() -> Iterator[None]:
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def grid_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    injected, channel, _ = inject_grid_false_positive(train_grid_model())
-    path = save_artifact(injected, tmp_path_factory.mktemp("grid") / "grid", name="grid", preprocessing=RECIPE,
-                         intended_use=USE, synthetic=True, dtype="float16")
-    return path, channel
 
 
 @pytest.fixture

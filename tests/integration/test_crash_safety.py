@@ -142,7 +142,7 @@ def test_kill_9_ends_the_report_workers_and_their_reports_resume_at_start_up(mak
     report file after the kill; the restarted daemon writes the interrupted reports at once (not after the 5-minute
     lease). Then SIGTERM while a report is being written: the daemon is gone within 10 s, its last line says so, and
     the report is PENDING for the next start, never FAILED."""
-    daemon = make_daemon(report_quiet_seconds="0.2", model_device="cpu", report_workers="1")
+    daemon = make_daemon(report_quiet_seconds="0.2", model_device="cpu", report_workers="1", model="demo")
     engine = daemon.engine()
     batch = _studies(tmp_path / "batch", 0, 3)
     result = daemon.storescu(*map(str, batch))

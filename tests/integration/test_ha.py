@@ -40,7 +40,7 @@ from model.artifact import save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.conftest import CHEXD, REPO, free_port, new_postgres_database, phi_in_log
 from tests.dicomgen import make_dataset
-from tests.unit.test_network import tiny
+from tests.nets import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

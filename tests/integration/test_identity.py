@@ -1,4 +1,4 @@
-"""Patient identity end to end: dcmtk storescu -> one chexd daemon (with the demo model, reports in-process) for the
+"""Patient identity end to end: dcmtk storescu -> one chexd daemon (the tiny model, reports in-process) for the
 whole module. Every hostile case is acknowledged (0x0000: the bytes are kept), held and never merged, and is followed
 by a normal C-ECHO + C-STORE that succeeds; reports only ever name one patient; logs name none."""
 

@@ -15,7 +15,7 @@ from model.artifact import save_artifact
 from model.types import LABELS, PreprocessRecipe
 from tests.dicomgen import make_dataset, write_dataset
 from tests.integration.peers import wait_until_processed
-from tests.unit.test_network import tiny
+from tests.nets import tiny
 
 
 def _artifact(tmp_path: Path) -> Path:

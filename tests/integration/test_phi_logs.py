@@ -21,8 +21,7 @@ from daemon.logsafety import REDACTED
 from daemon.store.tables import ReportFile, StudyReportRow
 from model.phantom import generate, to_dicom
 from tests.conftest import phi_in_log
-from tests.integration.peers import wait_until_processed
-from tests.integration.test_reports import _reports
+from tests.integration.peers import wait_for_reports, wait_until_processed
 
 LONG_NAME = "LANGERNAME" * 1000  # 10,000 characters, one component
 CASES = {
@@ -49,13 +48,14 @@ def _hostile(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_hostile_names_reach_no_log_and_every_report_is_written(make_daemon, tmp_path: Path) -> None:
-    daemon = make_daemon(report_quiet_seconds="0.3", model_device="cpu", log_level="DEBUG", report_workers="2")
+    daemon = make_daemon(report_quiet_seconds="0.3", model_device="cpu", log_level="DEBUG", report_workers="2",
+                         model="demo")
     files = _hostile(tmp_path)
     sent = daemon.storescu(*map(str, files.values()))
     assert sent.returncode == 0, sent.stderr
     engine = daemon.engine()
     assert sorted(wait_until_processed(engine, len(files), timeout=120).values()) == ["DONE"] * len(files)
-    reports = _reports(engine, timeout=120, n=len(files))
+    reports = wait_for_reports(engine, timeout=120, n=len(files))
     assert [(r.state, r.error) for r in reports] == [("DONE", None)] * len(files)
 
     with engine.connect() as conn:

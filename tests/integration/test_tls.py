@@ -27,7 +27,7 @@ from daemon.store.tables import AuditEvent, Instance
 from daemon.work.forward import ClaimedForward, Destination, ForwardLoop, deliver
 from tests.conftest import DaemonProcess, free_port, running_daemon
 from tests.dicomgen import make_dataset, write_dataset
-from tests.integration.test_forward import make_study
+from tests.integration.forward_study import make_study
 from tests.pki import PKI, Issued, make_pki
 
 

@@ -16,7 +16,7 @@ from model.engine import Engine
 from model.network import Architecture
 from model.train import fit_applicability_on, pooled_of
 from model.types import Applicability, Prediction, PreprocessRecipe
-from tests.unit.test_network import image, tiny
+from tests.nets import image, tiny
 
 SMALL = PreprocessRecipe(input_size=64, resize=None)
 SCALES = np.linspace(3.0, 0.1, 48)
@@ -186,7 +186,7 @@ def test_import_fits_on_a_dicom_validation_folder_and_says_when_none_was_given(t
 
     from daemon.cli.model import model_app
     from daemon.cli.phantom import phantom
-    from tests.unit.test_checkpoints import torchvision_tiny
+    from tests.nets import torchvision_tiny
 
     app = typer.Typer()
     app.add_typer(model_app, name="model")

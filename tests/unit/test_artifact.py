@@ -24,7 +24,7 @@ from model.artifact import (
 )
 from model.errors import ModelError
 from model.types import CHEXNET_RECIPE, LABELS, PreprocessRecipe
-from tests.unit.test_network import image, tiny
+from tests.nets import image, tiny
 
 SMALL = PreprocessRecipe(input_size=64, resize=None)
 USE = "Research use only."

@@ -26,13 +26,8 @@ from model.checkpoints import XRV_PATHOLOGIES, CheckpointError, detect_format, i
 from model.errors import ModelError
 from model.network import Architecture, DenseNet, LayerSpec, TransitionSpec
 from model.types import CHEXNET_RECIPE, LABELS, XRV_RECIPE, PreprocessRecipe
-from tests.unit.test_network import image, randomize
-
-TINY = {"growth_rate": 4, "block_config": (2, 2, 2, 2), "num_init_features": 8, "bn_size": 2}
-
-
-def torchvision_tiny(num_classes: int = 14, seed: int = 0) -> nn.Module:
-    return randomize(torchvision.models.DenseNet(**TINY, num_classes=num_classes), seed)
+from tests.nets import TORCHVISION_TINY as TINY
+from tests.nets import image, randomize, torchvision_tiny
 
 
 class CheXNet121(nn.Module):

@@ -4,13 +4,13 @@ check, and end to end on a small DenseNet trained on the phantom with an injecte
 The end-to-end pattern: anti-scatter grid lines (bright rows every 4 px). A faulty label source marked every
 training image with grid lines as Hernia, so the network learned a grid-line detector; a spurious weight from that
 detector's most selective channel into the Effusion row (the "injected" pattern) then makes every image with grid
-lines an Effusion false positive. The correction must remove it on held-out images with grid lines, lose no
-validation true positive, and leave the other 13 findings' logits bit-identical through an fp16 save/load.
+lines an Effusion false positive (tests/gridmodel.py; trained once per session). The correction must remove it on
+held-out images with grid lines, lose no validation true positive, and leave the other 13 findings' logits
+bit-identical through an fp16 save/load.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 from collections.abc import Iterator
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.artifact import load_artifact, save_artifact
 from model.compress import compress
@@ -34,119 +33,16 @@ from model.correct import (
 from model.engine import prepare
 from model.features import FeatureSet, compute_features
 from model.network import Architecture, DenseNet
-from model.phantom import generate, sample_labels
-from model.train import render_split, split_of
+from model.train import render_split
 from model.types import LABELS, PreprocessRecipe
-
-E = LABELS.index("Effusion")
-HERNIA = LABELS.index("Hernia")
-RECIPE = PreprocessRecipe(input_size=32, resize=None)
-RENDER = 64
-USE = "synthetic demo model, not for diagnosis (test fixture)"
-ARCH = Architecture.densenet((2, 2, 2, 2), growth_rate=8, bn_size=2, stem_channels=16)  # 32 final channels
-
-
-# ----------------------------------------------------------------------------------- helpers shared with the CLI test
-
-
-def grid_lines(image: np.ndarray) -> np.ndarray:
-    """The artefact: a bright row every 4 pixels (anti-scatter grid lines)."""
-    out = image.copy()
-    out[::4, :] = 1.0
-    return out
-
-
-def phantom_indices(split: str, count: int, seed: int = 0) -> list[int]:
-    found, index = [], 0
-    while len(found) < count:
-        if split_of(sample_labels(seed, index).patient_id) == split:
-            found.append(index)
-        index += 1
-    return found
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: these networks are tiny, and on a busy 2-core machine two OpenMP threads were
-    measured 50-100x slower than one (threads waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from tests.gridmodel import HERNIA, RECIPE, RENDER, USE, E, images
+from tests.nets import one_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread() -> Iterator[None]:
     with one_thread():
         yield
-
-
-def train_grid_model(n_train: int = 500, epochs: int = 8) -> DenseNet:
-    """A small DenseNet trained on phantom images where 15% carry grid lines and are labelled Hernia."""
-    rng = np.random.default_rng(0)
-    xs, ys = [], []
-    for index in phantom_indices("train", n_train):
-        sample = generate(0, index, size=RENDER)
-        image, labels = sample.image, sample.labels.astype(np.float32).copy()
-        if rng.random() < 0.15:
-            image, labels[HERNIA] = grid_lines(image), 1.0
-        xs.append(prepare(image, RECIPE))
-        ys.append(labels)
-    x, y = torch.stack(xs), torch.from_numpy(np.stack(ys))
-    torch.manual_seed(0)
-    model = DenseNet(ARCH)
-    steps = epochs * ((n_train + 31) // 32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps, pct_start=0.2)
-    prevalence = y.mean(0).clamp(1e-2, 0.5)
-    pos_weight = ((1 - prevalence) / prevalence).sqrt()
-    generator = torch.Generator().manual_seed(0)
-    with one_thread():
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(n_train, generator=generator)
-            for start in range(0, n_train, 32):
-                idx = order[start : start + 32]
-                loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx], pos_weight=pos_weight)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    return model.eval()
-
-
-def images(split: str, count: int, *, skip: int = 0, marked: bool) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    for index in phantom_indices(split, skip + count)[skip:]:
-        sample = generate(0, index, size=RENDER)
-        yield f"{split}:{index}", sample.patient_id, grid_lines(sample.image) if marked else sample.image, sample.labels
-
-
-def inject_grid_false_positive(model: DenseNet) -> tuple[DenseNet, int, float]:
-    """Copy of ``model`` with a spurious weight from its most grid-selective channel into the Effusion row.
-
-    The channel is chosen on 60 training-split images the model never saw (not on validation or test images):
-    largest mean gain with grid lines relative to its 99th percentile without. The weight adds about 4 logits to
-    an image with grid lines."""
-    held_clean = compute_features(model, images("train", 60, skip=500, marked=False), recipe=RECIPE)
-    held_marked = compute_features(model, images("train", 60, skip=500, marked=True), recipe=RECIPE)
-    gain = (held_marked.pooled - held_clean.pooled).mean(0)
-    k = int(np.argmax(gain / (np.quantile(held_clean.pooled, 0.99, axis=0) + 0.05)))
-    alpha = float(4.0 / held_marked.pooled[:, k].mean())
-    injected = copy.deepcopy(model)
-    with torch.no_grad():
-        injected.classifier.weight[E, k] += alpha
-    return injected, k, alpha
-
-
-@pytest.fixture(scope="module")
-def grid_parent(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """(fp16 artifact of the injected model, injected channel)."""
-    injected, channel, _ = inject_grid_false_positive(train_grid_model())
-    path = save_artifact(injected, tmp_path_factory.mktemp("grid") / "parent", name="grid-parent", preprocessing=RECIPE,
-                         intended_use=USE, synthetic=True, dtype="float16")
-    return path, channel
 
 
 # ------------------------------------------------------------------------------------ constructed feature problems
@@ -348,9 +244,9 @@ def test_apply_changes_only_the_planned_weights_of_a_real_network() -> None:
 
 
 @pytest.fixture(scope="module")
-def compressed_grid_parent(grid_parent: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def compressed_grid_parent(grid_model: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The injected model compressed by chexd compress (calibrated on images with and without grid lines)."""
-    parent, _ = load_artifact(grid_parent[0])
+    parent, _ = load_artifact(grid_model[0])
     shown = itertools.chain(images("train", 150, skip=600, marked=False), images("train", 50, skip=750, marked=True))
     calibration = torch.stack([prepare(image, RECIPE) for _, _, image, _ in shown])
     with one_thread():
@@ -361,9 +257,9 @@ def compressed_grid_parent(grid_parent: tuple[Path, int], tmp_path_factory: pyte
 
 
 def test_correction_removes_an_injected_false_positive_pattern_end_to_end(
-    grid_parent: tuple[Path, int], tmp_path: Path
+    grid_model: tuple[Path, int], tmp_path: Path
 ) -> None:
-    _correct_end_to_end(*grid_parent, tmp_path)
+    _correct_end_to_end(*grid_model, tmp_path)
 
 
 def test_correction_works_the_same_on_a_compressed_network(compressed_grid_parent: Path, tmp_path: Path) -> None:

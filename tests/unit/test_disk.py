@@ -42,7 +42,7 @@ from daemon.work.reports import (
 )
 from daemon.work.worker import HOST, JobResult, Worker
 from model.types import Prediction
-from tests.unit.test_store import make_meta
+from tests.storegen import make_meta
 
 MiB = 2**20
 DEAD_PID = 4_000_000  # above pid_max's ceiling (4194304 is the most Linux allows; none is that high here)

@@ -166,7 +166,7 @@ def test_dynamic_batcher_batches_concurrent_requests_and_isolates_bad_images(eng
 
 def test_engine_runs_chexd_densenets_including_pruned_heads() -> None:
     from model.network import Architecture, DenseNet
-    from tests.unit.test_network import randomize
+    from tests.nets import randomize
 
     base = Architecture.tiny()
     pruned = Architecture.from_dict({**base.to_dict(), "head_inputs": list(range(0, base.feature_channels, 2))})

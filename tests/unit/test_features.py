@@ -24,7 +24,7 @@ from model.features import (
 )
 from model.network import Architecture, DenseNet
 from model.types import PreprocessRecipe
-from tests.unit.test_correct import one_thread
+from tests.nets import one_thread
 
 RECIPE = PreprocessRecipe(input_size=64, resize=None)
 

@@ -13,7 +13,7 @@ from model.features import FeatureSet
 from model.finetune import FinetuneError, finetune_head, head_aurocs, pos_weights, with_head
 from model.network import Architecture, DenseNet
 from model.types import LABELS
-from tests.unit.test_correct import one_thread
+from tests.nets import one_thread
 
 
 @pytest.fixture(scope="module", autouse=True)

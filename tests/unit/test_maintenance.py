@@ -27,7 +27,7 @@ from daemon.store.registry import list_versions, registry_sessions
 from daemon.store.tables import AdminJob
 from model.artifact import load_artifact, read_manifest, save_artifact
 from model.types import LABELS, PreprocessRecipe
-from tests.unit.test_network import tiny
+from tests.nets import tiny
 
 RECIPE = PreprocessRecipe(input_size=64, resize=None)
 USE = "synthetic demo model, not for diagnosis (test fixture)"

@@ -8,37 +8,9 @@ import json
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from model.network import Architecture, DenseNet, LayerSpec, TransitionSpec
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BatchNorm statistics (a fresh net's BN is near identity, which hides mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            elif isinstance(module, nn.Conv2d | nn.Linear):
-                module.weight.copy_(
-                    torch.randn(module.weight.shape, generator=gen) * (2 / module.weight[0].numel()) ** 0.5
-                )
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
-def tiny(seed: int = 0, arch: Architecture | None = None) -> DenseNet:
-    return randomize(DenseNet(arch or Architecture.tiny()), seed)  # type: ignore[return-value]
-
-
-def image(batch: int = 2, channels: int = 3, size: int = 64, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+from tests.nets import image, randomize, tiny
 
 
 def test_densenet121_has_the_papers_parameter_count() -> None:

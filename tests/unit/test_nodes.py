@@ -48,7 +48,7 @@ from daemon.store.tables import (
 )
 from daemon.work.reports import ReportLeaseLostError, ReportLoop, mark_pending
 from tests.conftest import CHEXD, REPO, free_port
-from tests.unit.test_store import make_meta, rel_of
+from tests.storegen import make_meta, rel_of
 
 OTHER = "elsewhere.example/4242"  # a node on another host: only its heartbeat says whether it lives
 

@@ -31,7 +31,7 @@ from model.paper import (
     routing_row,
 )
 from model.types import LABELS
-from tests.unit.test_correct import one_thread
+from tests.nets import one_thread
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,7 @@ from daemon.store.registry import (
 from daemon.store.tables import AdminJob, AuditEvent, ModelVersion
 from model.artifact import diff_artifacts, load_artifact, provenance_entry, read_manifest, save_artifact
 from model.types import LABELS, PreprocessRecipe
-from tests.unit.test_network import tiny
+from tests.nets import tiny
 
 RECIPE = PreprocessRecipe(input_size=64, resize=None)
 USE = "synthetic demo model, not for diagnosis (test fixture)"

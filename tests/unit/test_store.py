@@ -18,14 +18,14 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.store.instances
-from daemon.edge.intake import InstanceMeta, inspect
+from daemon.edge.intake import inspect
 from daemon.store import spool as spool_module
 from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.store.instances import InstanceStore, StoreOutcome
 from daemon.store.spool import Spool
 from daemon.store.tables import Instance, Job, JobState, Series, Study
+from tests.storegen import ROOT, make_meta, rel_of
 
-ROOT = "1.2.826.0.1.3680043.10.9999"
 PAYLOAD = b"\x00" * 128 + b"DICM" + bytes(range(200))
 
 
@@ -54,25 +54,6 @@ def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
     yield Env(engine, sessions, spool, InstanceStore(spool, sessions))
     engine.dispose()
-
-
-def make_meta(n: int = 1, *, series: int = 1, skip_reason: str | None = None) -> InstanceMeta:
-    return InstanceMeta(
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        sop_instance_uid=f"{ROOT}.1.{series}.{n}",
-        study_instance_uid=f"{ROOT}.1",
-        series_instance_uid=f"{ROOT}.1.{series}",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality="DX",
-        body_part="CHEST",
-        view_position="PA",
-        study_date="20240101",
-        skip_reason=skip_reason,
-    )
-
-
-def rel_of(meta: InstanceMeta) -> str:
-    return f"{meta.study_instance_uid}/{meta.series_instance_uid}/{meta.sop_instance_uid}.dcm"
 
 
 def test_save_stores_file_rows_and_a_queued_job(env: Env) -> None:

@@ -22,7 +22,7 @@ from daemon.store.spool import Spool, SpooledFile
 from daemon.store.tables import Instance, Job, JobState, utcnow
 from daemon.work.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
 from model.errors import ImageTooLargeError
-from tests.unit.test_store import (
+from tests.storegen import (
     ROOT,
     make_meta,
     rel_of,
