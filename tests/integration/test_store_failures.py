@@ -25,9 +25,10 @@ from tests.integration.peers import counts, send_raw, spool_files, temp_files
 
 
 @pytest.fixture
-def scp(tmp_path: Path, db_url: str) -> Iterator[StorageSCP]:
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, port=free_port(), bind_address="127.0.0.1")
-    engine = create_db_engine(db_url)
+def scp(tmp_path: Path, head_db_url: str) -> Iterator[StorageSCP]:
+    settings = Settings(data_dir=tmp_path / "data", database_url=head_db_url, port=free_port(),
+                        bind_address="127.0.0.1")
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
     spool = Spool(settings.spool_dir, settings.quarantine_dir)
     server = StorageSCP(settings, InstanceStore(spool, session_factory(engine)))

@@ -220,10 +220,10 @@ class Env:
 
 
 @pytest.fixture
-def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
-    engine = create_db_engine(db_url)
+def env(head_db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, disk_reserve_mb=0, report_workers=0)
+    settings = Settings(data_dir=tmp_path / "data", database_url=head_db_url, disk_reserve_mb=0, report_workers=0)
     yield Env(
         session_factory(engine),
         settings,

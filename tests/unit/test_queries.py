@@ -88,8 +88,8 @@ class Env:
 
 
 @pytest.fixture
-def env(db_url: str) -> Iterator[Env]:
-    engine = create_db_engine(db_url)
+def env(head_db_url: str) -> Iterator[Env]:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
     yield Env(engine, session_factory(engine))
     engine.dispose()

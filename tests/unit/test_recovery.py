@@ -37,8 +37,8 @@ class Env:
 
 
 @pytest.fixture
-def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
-    engine = create_db_engine(db_url)
+def env(head_db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
     yield Env(engine, session_factory(engine), Spool(tmp_path / "spool", tmp_path / "quarantine"))
     engine.dispose()

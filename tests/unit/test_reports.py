@@ -18,10 +18,10 @@ from model.types import LABELS, Prediction
 
 
 @pytest.fixture
-def loop(tmp_path: Path, db_url: str) -> ReportLoop:
-    engine = create_db_engine(db_url)
+def loop(tmp_path: Path, head_db_url: str) -> ReportLoop:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=head_db_url)
     spool = Spool(settings.spool_dir, settings.quarantine_dir, 0)
     return ReportLoop(session_factory(engine), spool, settings)
 

@@ -47,8 +47,8 @@ class Env:
 
 
 @pytest.fixture
-def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
-    engine = create_db_engine(db_url)
+def env(head_db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
     sessions = session_factory(engine)
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")

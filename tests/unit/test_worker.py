@@ -59,11 +59,12 @@ class Env:
 
 
 @pytest.fixture
-def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
-    engine = create_db_engine(db_url)
+def env(head_db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = create_db_engine(head_db_url)
     upgrade_to_head(engine)
     settings = Settings(
-        data_dir=tmp_path / "data", database_url=db_url, job_max_attempts=2, job_lease_seconds=60, disk_reserve_mb=0
+        data_dir=tmp_path / "data", database_url=head_db_url, job_max_attempts=2, job_lease_seconds=60,
+        disk_reserve_mb=0,
     )
     yield Env(engine, session_factory(engine), settings, Spool(settings.spool_dir, settings.quarantine_dir))
     engine.dispose()
