@@ -8,7 +8,6 @@ import typer
 
 from daemon.cli.console import fail, out
 from daemon.cli.context import TLS_HELP, tls_client_context
-from daemon.edge import scu
 
 
 def echo_cmd(
@@ -20,6 +19,8 @@ def echo_cmd(
     tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """C-ECHO a DICOM node (verification)."""
+    from daemon.edge import scu  # pynetdicom: only when the command runs
+
     try:
         context = tls_client_context() if tls else None
         status_code = scu.echo(host, port, called_ae=called_ae, calling_ae=calling_ae, timeout=timeout, tls=context)

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from daemon.cli.console import fail, out
 from daemon.settings import Settings
-from daemon.work.forward import Destination, forward_summary, retry_dead
 
 
 def print_summary(summary: dict[str, Any], console: Console = out, *, errors: bool = True) -> None:
@@ -78,6 +77,7 @@ def forward(
 ) -> None:
     """Forwarding of SR, SC and PDF results to the configured destinations: queue, dead letters, --retry."""
     from daemon.cli.context import emit_json, sessions, settings
+    from daemon.work.forward import Destination, forward_summary, retry_dead  # pydicom, pynetdicom: when run
 
     if destination is not None:
         try:

@@ -15,7 +15,6 @@ import typer
 
 from daemon.cli.console import err, fail
 from daemon.cli.progress import counter
-from model.phantom import generate, to_dicom
 from model.types import LABELS
 
 __all__ = ["LABELS_CSV", "phantom"]
@@ -38,6 +37,8 @@ def phantom(
     row per file: file, index, sop_instance_uid, patient_id and the 14 NLP-like (noisy) labels, 0/1. Existing files
     of the same names are overwritten. SYNTHETIC PHANTOM - NOT A PATIENT.
     """
+    from model.phantom import generate, to_dicom  # scipy: only when the command runs
+
     if count < 1:
         fail(f"invalid --count {count} - must be >= 1", 2)
     if not _MIN_SIZE <= size <= _MAX_SIZE:

@@ -11,7 +11,6 @@ from daemon.cli.console import err, fail, out
 from daemon.cli.context import TLS_HELP, emit_json, settings, tls_client_context
 from daemon.cli.options import JsonOption
 from daemon.cli.progress import counter
-from daemon.edge import scu
 
 
 def send_cmd(
@@ -26,6 +25,8 @@ def send_cmd(
     tls: Annotated[bool, typer.Option("--tls", help=TLS_HELP)] = False,
 ) -> None:
     """C-STORE DICOM files or folders (default: to this chexd), with a progress bar; exit 1 if any file failed."""
+    from daemon.edge import scu  # pynetdicom: only when the command runs
+
     cfg = settings()
     context = tls_client_context() if tls else None
     port = cfg.port if port is None else port
