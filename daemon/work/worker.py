@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.errors import DaemonError
 from daemon.settings import Settings
+from daemon.store.nodes import HOST, pid_alive
 from daemon.store.spool import DiskPause, Spool, is_disk_full
 from daemon.store.tables import Instance, Job, JobState, PredictionRow, utcnow
 from daemon.work.loop import Loop
@@ -61,7 +61,6 @@ class ResultSink(Protocol):
 
 
 Processor = Callable[[Path], "JobResult | dict[str, Any]"]
-HOST = socket.gethostname()
 
 
 class PermanentJobError(DaemonError):
@@ -141,17 +140,6 @@ def store_prediction(session: Session, instance_id: int, result: JobResult) -> N
 
 def worker_identity(index: int) -> str:
     return f"{HOST}/{os.getpid()}/{index}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (signal 0; a process of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _pid_alive = pid_alive
