@@ -430,7 +430,7 @@ def _model(path: Path | None, input_size: int | None, work: Path) -> Path:
     """The artifact to run: ``path`` or the bundled demo, re-saved with ``input_size`` when one is given."""
     import dataclasses
 
-    from daemon.work.inference import bundled_demo_model
+    from daemon.store.registry import bundled_demo_model
     from model.artifact import load_artifact, save_artifact
 
     chosen = path or bundled_demo_model("full")

@@ -22,7 +22,7 @@ What a Parametric Map holds:
 - **Identity**: SOP Instance UID from the content (reporting.uids.content_uid: "pm:<finding>", source, model version,
   the heat values, which fix both the stored pixels and the slope), so an unchanged map keeps its UID across
   revisions; one PM series per study (reporting.uids.series_uid "pm", Series Number :data:`PM_SERIES_NUMBER`);
-  equipment as every chexd object (reporting.sr.set_equipment); patient and study copied from the source.
+  equipment as every chexd object (reporting.equipment.set_equipment); patient and study copied from the source.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
   ``SOPClass`` with the patient and study copied from the first source image.
 
 Both are in one series per study and kind, with deterministic SOP Instance UIDs (reporting.uids), and carry the
-equipment module of every chexd object (reporting.sr.set_equipment). The heatmaps are also written as Parametric Maps
+equipment module of every chexd object (reporting.equipment). The heatmaps are also written as Parametric Maps
 (reporting.pmap) for viewers that overlay them; the SC stays for viewers that cannot.
 """
 

@@ -60,13 +60,13 @@ from pydicom.uid import UID, Comprehensive3DSRStorage
 from scipy import ndimage
 
 from reporting.codes import FINDING_CODES, PRIVATE_SCHEME
-from reporting.equipment import MANUFACTURER, set_equipment, software_versions, source_header  # noqa: F401
+from reporting.equipment import MANUFACTURER, set_equipment, source_header
 from reporting.errors import ReportError
 from reporting.report import DOMAIN_HEADLINE, FLAG_HEADLINE, DomainCheck, Finding, ImageResult, StudyReport
 from reporting.uids import derived_uid, instance_uid, series_uid
 
 __all__ = ["APPLICABILITY", "FINDING_CODES", "IN_DOMAIN", "OUT_OF_DOMAIN", "PRIVATE_SCHEME", "SR_SERIES_NUMBER",
-           "build_sr", "heat_box", "set_equipment", "software_versions"]
+           "build_sr", "heat_box"]
 
 SR_SERIES_NUMBER = 9001
 

@@ -80,18 +80,16 @@ def _print_table(data: dict[str, Any]) -> None:
     table.add_column("verdict", max_width=14)
     table.add_column("why", min_width=60, ratio=1)
     for r in data["rows"]:
-        unit = f" ({r['unit']})" if r["unit"] and r["value"] is not None else ""
-        table.add_row(
-            r["claim"],
-            _fmt(r["value"]) + unit,
-            _ci(r["ci"]),
-            _fmt(r["paper_value"]),
-            r["data"],
-            f"[{_COLOURS[r['verdict']]}]{r['verdict']}[/]",
-            r["reason"],
-        )
+        table.add_row(*_cells(r, f"[{_COLOURS[r['verdict']]}]{r['verdict']}[/]"))
     console.print(table)
     console.print(data["note"], highlight=False)
+
+
+def _cells(r: dict[str, Any], verdict: str) -> tuple[str, ...]:
+    """One row's cells, the same in the terminal table and in Markdown (``verdict`` already styled)."""
+    unit = f" ({r['unit']})" if r["unit"] and r["value"] is not None else ""
+    return (r["claim"], _fmt(r["value"]) + unit, _ci(r["ci"]), _fmt(r["paper_value"]), r["data"], verdict,
+            r["reason"])
 
 
 def _markdown(data: dict[str, Any]) -> str:
@@ -103,23 +101,7 @@ def _markdown(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        unit = f" ({r['unit']})" if r["unit"] and r["value"] is not None else ""
-        lines.append(
-            "| "
-            + " | ".join(
-                cell(x)
-                for x in (
-                    r["claim"],
-                    _fmt(r["value"]) + unit,
-                    _ci(r["ci"]),
-                    _fmt(r["paper_value"]),
-                    r["data"],
-                    f"**{r['verdict']}**",
-                    r["reason"],
-                )
-            )
-            + " |"
-        )
+        lines.append("| " + " | ".join(cell(x) for x in _cells(r, f"**{r['verdict']}**")) + " |")
     return "\n".join(lines) + f"\n\n{data['note']}\n"
 
 

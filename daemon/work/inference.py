@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.edge.intake import pixel_limits
 from daemon.settings import Settings
-from daemon.store.registry import BUNDLED, bundled_demo_model, resolve_model_path  # noqa: F401 (re-exported)
+from daemon.store.registry import resolve_model_path
 from daemon.work.worker import JobResult, PermanentJobError, read_stored_image
 from model.errors import ModelError
 from model.preprocess import DEFAULT_LIMITS, PixelLimits, stats_of

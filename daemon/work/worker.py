@@ -142,8 +142,6 @@ def worker_identity(index: int) -> str:
     return f"{HOST}/{os.getpid()}/{index}"
 
 
-_pid_alive = pid_alive
-
 
 def holder_gone(holder: str | None) -> bool:
     """At start-up: whether a lease holder ``host/pid[/…]`` was a process of this host that is gone. A holder with

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.settings import Settings
 from daemon.store.db import create_db_engine, session_factory, upgrade_to_head
 from daemon.store.instances import record_instance
+from daemon.store.nodes import pid_alive
 from daemon.store.spool import Spool, SpooledFile
 from daemon.store.tables import Instance, Job, JobState, utcnow
-from daemon.work.worker import HOST, PermanentJobError, Worker, _pid_alive, requeue_expired, worker_identity
+from daemon.work.worker import HOST, PermanentJobError, Worker, requeue_expired, worker_identity
 from model.errors import ImageTooLargeError
 from tests.storegen import (
     ROOT,
@@ -271,7 +272,7 @@ def test_requeue_expired_returns_an_expired_lease_to_the_queue(env: Env) -> None
 
 
 def test_requeue_at_startup_takes_back_a_lease_of_a_dead_process_on_this_host(env: Env) -> None:
-    assert not _pid_alive(DEAD_PID)
+    assert not pid_alive(DEAD_PID)
     job_id = add_job(env, 1)
     set_lease(env, job_id, f"{socket.gethostname()}/{DEAD_PID}/0", timedelta(seconds=300))
     assert requeue_expired(env.sessions) == 0  # periodic recovery trusts an unexpired lease
